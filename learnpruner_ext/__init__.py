@@ -1,0 +1,19 @@
+"""LearnPruner: two-stage visual-token pruning for LLaVA-family models, and the methods it is compared to."""
+
+from .config import BudgetError, PruningConfig, TokenPlan
+from .lpm import LearnablePruningModule
+from .methods import available_methods, create_method, register_method
+from .modeling import PrunableLlavaForConditionalGeneration, PruningTrace, apply_pruning
+
+__all__ = [
+    "BudgetError",
+    "LearnablePruningModule",
+    "PrunableLlavaForConditionalGeneration",
+    "PruningConfig",
+    "PruningTrace",
+    "TokenPlan",
+    "apply_pruning",
+    "available_methods",
+    "create_method",
+    "register_method",
+]

@@ -1,0 +1,161 @@
+"""Pruning configuration and the token-budget convention shared by every method.
+
+A budget ``T`` is always the *average number of vision tokens per LLM layer*.  A method that
+prunes before the LLM keeps ``T`` tokens in every layer; a method that prunes inside the LLM at
+layer ``k`` keeps ``R1`` tokens in layers ``[0, k)`` and ``R2`` in ``[k, L)`` with
+``(k * R1 + (L - k) * R2) / L ~= T``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+POSITION_MODES = ("contiguous", "original")
+
+
+class BudgetError(ValueError):
+    """A budget that cannot be met (too small, too large, or infeasible for the method)."""
+
+
+@dataclass
+class PruningConfig:
+    """Everything that defines a pruning run; explicit, serialisable, no environment variables.
+
+    Attributes:
+        method: registered method name (``learnpruner_ext.available_methods()``).
+        budget: ``T``, the average number of vision tokens per LLM layer. ``None`` = no pruning.
+        layer: decoder layer ``k`` of the in-LLM stage. ``None`` = the method's default
+            (LearnPruner: the layer at relative depth 12/32, FastV/DART: 2).
+        ratio: ``rho = R1 / R2`` for two-stage methods (LearnPruner: 3).
+        diversity: ``lambda``, share of ``R1`` filled by max-min diversity tokens (LearnPruner: 0.1).
+        position_mode: ``"contiguous"`` (kept tokens get consecutive positions, as upstream LLaVA builds
+            sequences) or ``"original"`` (every token keeps its unpruned position).
+        lpm_path: trained LPM (folder with ``lpm.safetensors`` + ``lpm_config.json``), LearnPruner only.
+        seed: seed for stochastic methods (``random``).
+        options: method hyper-parameters, e.g. ``{"important_ratio": 0.5}`` for VisPruner.
+    """
+
+    method: str = "none"
+    budget: int | None = None
+    layer: int | None = None
+    ratio: float = 3.0
+    diversity: float = 0.1
+    position_mode: str = "contiguous"
+    lpm_path: str | None = None
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.budget is not None and (not isinstance(self.budget, int) or self.budget <= 0):
+            raise BudgetError(
+                f"visual token budget must be a positive integer, got {self.budget!r}; "
+                "pass e.g. --visual-token-budget 64 (or omit it / use method 'none' for no pruning)"
+            )
+        if self.ratio < 1:
+            raise ValueError(f"ratio R1/R2 must be >= 1, got {self.ratio}")
+        if not 0.0 <= self.diversity <= 1.0:
+            raise ValueError(f"diversity share lambda must be in [0, 1], got {self.diversity}")
+        if self.position_mode not in POSITION_MODES:
+            raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {self.position_mode!r}")
+
+
+@dataclass(frozen=True)
+class TokenPlan:
+    """How many vision tokens each LLM layer processes, per image.
+
+    ``r1`` tokens enter the LLM; if ``layer`` is set, layers ``[layer, num_layers)`` keep ``r2``.
+    """
+
+    num_vision_tokens: int  # N, tokens the vision encoder produces per image
+    num_layers: int  # L, LLM decoder layers
+    r1: int
+    r2: int | None = None
+    layer: int | None = None
+    convention: str = "average"  # how the budget was mapped; recorded in every answers line
+
+    @property
+    def tokens_per_layer(self) -> list[int]:
+        if self.layer is None:
+            return [self.r1] * self.num_layers
+        return [self.r1] * self.layer + [self.r2] * (self.num_layers - self.layer)
+
+    @property
+    def average(self) -> float:
+        return sum(self.tokens_per_layer) / self.num_layers
+
+
+def check_budget(budget: int | None, num_vision_tokens: int) -> int:
+    """Resolve ``None`` to "all tokens" and reject budgets outside ``(0, N]``."""
+    if budget is None:
+        return num_vision_tokens
+    if budget <= 0:
+        raise BudgetError(f"visual token budget must be > 0, got {budget}")
+    if budget > num_vision_tokens:
+        raise BudgetError(
+            f"visual token budget {budget} exceeds the {num_vision_tokens} vision tokens this model produces "
+            f"per image; use a budget <= {num_vision_tokens} (a budget of {num_vision_tokens} means no pruning)"
+        )
+    return budget
+
+
+def check_layer(layer: int, num_layers: int, what: str = "pruning layer k") -> int:
+    if not 0 < layer < num_layers:
+        raise ValueError(f"{what} must satisfy 0 < k < {num_layers} (the LLM has {num_layers} layers), got {layer}")
+    return layer
+
+
+def default_stage2_layer(num_layers: int) -> int:
+    """LearnPruner's k=12 of 32 layers, at the same relative depth for other depths."""
+    return max(1, min(num_layers - 1, round(num_layers * 12 / 32)))
+
+
+def two_stage_plan(budget: int | None, num_vision_tokens: int, num_layers: int, layer: int, ratio: float) -> TokenPlan:
+    """LearnPruner's budget mapping (SPEC §1, reproduces Table 7a).
+
+    ``R2 = ceil(T*L / (k*rho + L - k))`` and ``R1 = rho*R2``; when ``R1`` would exceed the ``N``
+    available tokens, ``R1 = N`` and ``R2 = ceil((T*L - k*N) / (L - k))``, so ``T = N`` is no pruning.
+    """
+    n, big_l = num_vision_tokens, num_layers
+    t = check_budget(budget, n)
+    k = check_layer(layer, big_l)
+    r2 = math.ceil(t * big_l / (k * ratio + big_l - k))
+    r1 = round(ratio * r2)
+    if r1 > n:
+        r1 = n
+        r2 = math.ceil((t * big_l - k * n) / (big_l - k))
+    return TokenPlan(n, big_l, r1=r1, r2=r2, layer=k)
+
+
+def in_llm_plan(
+    budget: int | None, num_vision_tokens: int, num_layers: int, layer: int, mode: str = "average"
+) -> TokenPlan:
+    """Budget mapping for methods that see all ``N`` tokens up to layer ``K`` and prune there (FastV, DART).
+
+    ``mode="average"``: ``R2 = ceil((T*L - K*N) / (L - K))`` so the per-layer average meets ``T``;
+    infeasible when ``T < K*N/L`` (FastV at K=2 on LLaVA-1.5 needs T >= 36).
+    ``mode="after_layer"``: ``R2 = T``, i.e. only the tokens kept after layer K are counted, as some
+    papers report FastV; the measured average is then larger than ``T`` and the row says so.
+    """
+    n, big_l = num_vision_tokens, num_layers
+    t = check_budget(budget, n)
+    k = check_layer(layer, big_l, "pruning layer K")
+    if mode == "after_layer":
+        return TokenPlan(n, big_l, r1=n, r2=t, layer=k, convention="after_layer")
+    if mode != "average":
+        raise ValueError(f"budget mode must be 'average' or 'after_layer', got {mode!r}")
+    r2 = math.ceil((t * big_l - k * n) / (big_l - k))
+    if r2 < 1:
+        need = math.ceil((k * n + (big_l - k)) / big_l)
+        raise BudgetError(
+            f"an average of {t} vision tokens per layer is infeasible when pruning at layer K={k}: layers [0, {k}) "
+            f"already process all {n} tokens, so the average is at least {need}. Use a budget >= {need}, a smaller K, "
+            "or the explicit option budget_mode='after_layer' (counts only tokens kept after layer K)"
+        )
+    return TokenPlan(n, big_l, r1=n, r2=r2, layer=k)
+
+
+def single_stage_plan(budget: int | None, num_vision_tokens: int, num_layers: int) -> TokenPlan:
+    """Methods that prune before the LLM keep ``T`` tokens in every layer."""
+    return TokenPlan(num_vision_tokens, num_layers, r1=check_budget(budget, num_vision_tokens))

@@ -1,0 +1,25 @@
+"""Registered pruning methods. Importing this package registers all of them."""
+
+from .base import (
+    DecoderContext,
+    PruningMethod,
+    VisionContext,
+    VisionSelection,
+    available_methods,
+    create_method,
+    get_method_class,
+    register_method,
+)
+from . import none, learnpruner  # noqa: F401  (registration side effect)
+from . import cls_attention, dart, divprune, fastv, random_pruning, vispruner, visionzip  # noqa: F401
+
+__all__ = [
+    "DecoderContext",
+    "PruningMethod",
+    "VisionContext",
+    "VisionSelection",
+    "available_methods",
+    "create_method",
+    "get_method_class",
+    "register_method",
+]

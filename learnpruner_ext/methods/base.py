@@ -1,0 +1,232 @@
+"""The method interface and registry.
+
+A method is a declaration (where it acts, which signals it reads, its hyper-parameters with the
+papers' defaults, how it maps the budget) plus pure selection functions. The mechanics of applying a
+selection (gathering tokens, positions, masks, KV cache, batches) live in ``learnpruner_ext.modeling``
+and are shared by every method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from .. import scoring
+from ..config import PruningConfig, TokenPlan
+
+# Signals a method may declare; contexts refuse to compute undeclared ones so declarations stay honest.
+SIGNALS = ("cls_attention", "vision_features", "projected_features", "text_attention", "keys", "hidden_states")
+ACTS_AT = ("nowhere", "vision", "decoder", "vision+decoder")
+
+_REGISTRY: dict[str, type["PruningMethod"]] = {}
+
+
+def register_method(cls: type["PruningMethod"]) -> type["PruningMethod"]:
+    """Class decorator: make ``cls`` available as ``--pruning-method cls.name``."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"pruning method {cls.name!r} is registered twice")
+    unknown = set(cls.signals) - set(SIGNALS)
+    if unknown or cls.acts_at not in ACTS_AT:
+        raise ValueError(f"{cls.__name__}: unknown signals {unknown} or acts_at {cls.acts_at!r}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method_class(name: str) -> type["PruningMethod"]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown pruning method {name!r}; valid methods: {', '.join(available_methods())}")
+    return _REGISTRY[name]
+
+
+def create_method(config: PruningConfig, *, num_vision_tokens: int, num_layers: int, vision_dim: int) -> "PruningMethod":
+    """Instantiate the method named by ``config.method`` for a model of the given geometry."""
+    return get_method_class(config.method)(config, num_vision_tokens, num_layers, vision_dim)
+
+
+@dataclass
+class VisionSelection:
+    """Result of a vision-stage method for a batch of images."""
+
+    index: torch.Tensor  # [B, R1] patch indices, ascending (for merged tokens: a representative patch)
+    tokens: torch.Tensor | None = None  # [B, R1, D] replacement tokens (merging methods); None = gather
+    is_diverse: torch.Tensor | None = None  # [B, R1] bool, tokens picked for diversity (for figures)
+
+
+@dataclass
+class VisionContext:
+    """Signals available after the vision encoder, computed lazily on first use."""
+
+    method: "PruningMethod"
+    features: torch.Tensor  # [B, N, Dv] selected-layer patch features (the projector's input)
+    projected: torch.Tensor  # [B, N, D] projector output
+    encoder_layer: nn.Module  # the encoder layer that produced `features`
+    encoder_layer_input: torch.Tensor  # [B, T, Dv] its input (T = N + 1 with [CLS])
+    has_cls: bool
+    generator: torch.Generator | None = None
+    # the model's projector: [B, R, Dv] vision features -> [B, R, D] LLM tokens (for merging methods)
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def _check(self, signal: str) -> None:
+        if signal not in self.method.signals:
+            raise RuntimeError(f"method {self.method.name!r} reads {signal!r} but does not declare it in `signals`")
+
+    def keys(self) -> torch.Tensor:
+        """[B, N, d] head-averaged key states of the patch tokens in the feature layer (VisionZip's metric):
+        ``self_attn.k_proj(layer_norm1(encoder_layer_input))``, [CLS] row dropped."""
+        self._check("keys")
+        if "_keys" not in self.__dict__:
+            k = scoring.encoder_keys(self.encoder_layer, self.encoder_layer_input)
+            self.__dict__["_keys"] = k[:, 1:] if self.has_cls else k
+        return self.__dict__["_keys"]
+
+    @cached_property
+    def cls_attention(self) -> torch.Tensor:
+        """[B, N] head-averaged [CLS] -> patch attention of the feature layer (mean received attention if no [CLS])."""
+        self._check("cls_attention")
+        if self.has_cls:
+            return scoring.cls_attention(self.encoder_layer, self.encoder_layer_input)
+        return scoring.mean_received_attention(self.encoder_layer, self.encoder_layer_input)
+
+    @cached_property
+    def vision_features(self) -> torch.Tensor:
+        self._check("vision_features")
+        return self.features
+
+    @cached_property
+    def projected_features(self) -> torch.Tensor:
+        self._check("projected_features")
+        return self.projected
+
+
+@dataclass
+class DecoderContext:
+    """Signals available at the in-LLM stage, computed from the scoring layer's input."""
+
+    method: "PruningMethod"
+    layer: nn.Module  # decoder layer whose attention is used for scoring
+    hidden_in: torch.Tensor  # [B, S, D] that layer's input
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    vision_index: torch.Tensor  # [B, Nv] sequence positions of the vision tokens, ascending
+    key_valid: torch.Tensor | None  # [B, S] bool, False on padding
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def _check(self, signal: str) -> None:
+        if signal not in self.method.signals:
+            raise RuntimeError(f"method {self.method.name!r} reads {signal!r} but does not declare it in `signals`")
+
+    def query_rows(self, rows: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence indices [B, Q] and validity [B, Q] of the query rows.
+
+        ``after_image``: the text after the last vision token (the instruction; LearnPruner Eq. 5);
+        ``last``: the last position; ``all``: every non-padding position.
+        """
+        batch, seq = self.hidden_in.shape[:2]
+        device = self.hidden_in.device
+        positions = torch.arange(seq, device=device).expand(batch, -1)
+        valid = self.key_valid if self.key_valid is not None else torch.ones(batch, seq, dtype=torch.bool, device=device)
+        if rows == "last":
+            return positions[:, -1:], valid[:, -1:]
+        if rows == "all":
+            return positions, valid
+        if rows != "after_image":
+            raise ValueError(f"query rows must be 'after_image', 'last' or 'all', got {rows!r}")
+        first = int(self.vision_index[:, -1].min()) + 1  # rows from here on; earlier rows are masked per sample
+        rows_idx = positions[:, first:]
+        rows_valid = valid[:, first:] & (rows_idx > self.vision_index[:, -1:])
+        if rows_idx.shape[1] == 0 or not bool(rows_valid.any(-1).all()):
+            raise ValueError("text-guided pruning needs text after the image in every prompt; put <image> before the question")
+        return rows_idx, rows_valid
+
+    def text_attention(self, rows: str = "after_image") -> torch.Tensor:
+        """[B, Nv] mean attention each vision token receives from the query rows (exact softmax over all keys)."""
+        self._check("text_attention")
+        index, valid = self.query_rows(rows)
+        return scoring.text_to_vision_attention(
+            self.layer, self.hidden_in, self.position_embeddings, index, valid, self.vision_index, self.key_valid
+        )
+
+    def keys(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, Hkv, Q, d] post-RoPE keys of the scoring layer at sequence positions ``index`` [B, Q]
+        (default: the vision tokens, Q = Nv)."""
+        self._check("keys")
+        if "_keys" not in self.extras:
+            self.extras["_keys"] = scoring.key_states(self.layer, self.hidden_in, self.position_embeddings)
+        k = self.extras["_keys"]
+        index = self.vision_index if index is None else index
+        idx = index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+        return k.gather(2, idx)
+
+    def vision_hidden_states(self) -> torch.Tensor:
+        """[B, Nv, D] the vision tokens' hidden states entering the scoring layer."""
+        self._check("hidden_states")
+        return self.hidden_in.gather(1, self.vision_index[..., None].expand(-1, -1, self.hidden_in.shape[-1]))
+
+    def stage_hidden_states(self) -> torch.Tensor:
+        """[B, S, D] hidden states entering the pruning layer ``k`` (the output of layer k-1), every position.
+
+        Equals ``hidden_in`` when the method scores with layer k itself; the model passes it in
+        ``extras["stage_input"]``."""
+        self._check("hidden_states")
+        if "stage_input" in self.extras:
+            return self.extras["stage_input"]
+        if self.method.score_layer != self.method.decoder_layer:
+            raise RuntimeError("stage_hidden_states: the model did not pass extras['stage_input']")
+        return self.hidden_in
+
+
+class PruningMethod(nn.Module):
+    """Base class. Subclasses set the class attributes and override ``make_plan`` and one or both
+    of ``select_vision`` / ``select_decoder``."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str] = ""
+    acts_at: ClassVar[str] = "nowhere"
+    signals: ClassVar[tuple[str, ...]] = ()
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, config: PruningConfig, num_vision_tokens: int, num_layers: int, vision_dim: int):
+        super().__init__()
+        unknown = set(config.options) - set(self.defaults)
+        if unknown:
+            valid = ", ".join(sorted(self.defaults)) or "none"
+            raise ValueError(f"method {self.name!r} has no option(s) {sorted(unknown)}; valid options: {valid}")
+        self.config = config
+        self.options = {**self.defaults, **config.options}
+        self.vision_dim = vision_dim
+        self.validate_options()
+        self.plan: TokenPlan = self.make_plan(num_vision_tokens, num_layers)
+
+    def validate_options(self) -> None:
+        """Raise ValueError for bad hyper-parameters."""
+
+    def make_plan(self, num_vision_tokens: int, num_layers: int) -> TokenPlan:
+        raise NotImplementedError
+
+    @property
+    def decoder_layer(self) -> int | None:
+        """Layer index ``k``: layers ``[k, L)`` see the reduced vision tokens."""
+        return self.plan.layer
+
+    @property
+    def score_layer(self) -> int | None:
+        """Layer whose attention scores the in-LLM selection (default: the pruning layer itself)."""
+        return self.plan.layer
+
+    def select_vision(self, ctx: VisionContext) -> VisionSelection | None:
+        """Pick ``plan.r1`` tokens per image; None keeps all."""
+        return None
+
+    def select_decoder(self, ctx: DecoderContext) -> torch.Tensor:
+        """Pick ``plan.r2`` of the ``Nv`` vision tokens: indices [B, R2] into ``ctx.vision_index``."""
+        raise NotImplementedError(f"{self.name} does not prune inside the LLM")
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}, plan={self.plan}"

@@ -1,0 +1,38 @@
+"""DivPrune (Alvar et al., CVPR 2025; SPEC §4): greedy max-min diversity on the projected tokens.
+
+Before the LLM, keep ``T`` tokens chosen by the greedy solution of the Max-Min Diversity Problem with
+cosine distance on the projector's output: the first pick is the token whose largest similarity to any
+other token is smallest, then repeatedly the token whose largest similarity to the picked set is
+smallest (:func:`learnpruner_ext.selection.max_min_diversity` with an empty start). No options.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import TokenPlan
+from ..selection import max_min_diversity
+from ._common import vision_only_plan
+from .base import PruningMethod, VisionContext, VisionSelection, register_method
+
+
+def divprune_select(features: torch.Tensor, keep: int) -> torch.Tensor:
+    """features [B, N, D] -> indices [B, keep] ascending."""
+    empty = torch.zeros(features.shape[:2], dtype=torch.bool, device=features.device)
+    return max_min_diversity(features, empty, keep).sort(dim=1).values
+
+
+@register_method
+class DivPrune(PruningMethod):
+    name = "divprune"
+    paper = "DivPrune (Alvar et al., CVPR 2025)"
+    acts_at = "vision"
+    signals = ("projected_features",)
+
+    def make_plan(self, num_vision_tokens: int, num_layers: int) -> TokenPlan:
+        return vision_only_plan(self, num_vision_tokens, num_layers)
+
+    def select_vision(self, ctx: VisionContext) -> VisionSelection | None:
+        if self.plan.r1 == self.plan.num_vision_tokens:
+            return None
+        return VisionSelection(index=divprune_select(ctx.projected_features, self.plan.r1))

@@ -1,0 +1,54 @@
+"""FastV (Chen et al., "An image is worth 1/2 tokens after layer 2"; SPEC §4).
+
+Inside the LLM: layers ``[0, K)`` process all ``N`` vision tokens; before layer ``K`` the ``R2`` vision
+tokens that receive the most attention are kept and layers ``[K, L)`` see only them.
+
+* **Score.** Head-averaged attention each vision token receives from the last position (``query="last"``,
+  FastV's default) or averaged over every non-padding position (``query="all"``).
+* **Which layer's attention.** FastV ranks with the attention weights of layer ``K-1``, the last layer
+  that still sees every token (its reference code keeps the previous layer's ``output_attentions``). We
+  recompute exactly those rows from layer ``K-1``'s own input (``score_layer = K-1``;
+  ``score_with="previous"``, default). ``score_with="current"`` scores with layer ``K``'s attention instead.
+* **Budget.** ``budget_mode="average"`` (default): ``R2 = ceil((T*L - K*N) / (L - K))`` so the average over
+  all ``L`` layers is ``T``; a ``T`` below ``K*N/L`` is infeasible and raises (K=2, N=576, L=32 needs
+  ``T >= 36``). ``budget_mode="after_layer"`` counts only the tokens kept after layer ``K`` (``R2 = T``), the
+  way FastV's own paper reports it; the plan records ``convention="after_layer"``. Nothing is adjusted
+  silently.
+* ``K`` is ``PruningConfig.layer`` (``--pruning-layer``), default 2.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import TokenPlan
+from ..selection import topk_indices
+from ._common import BUDGET_MODES, check_choice, decoder_plan
+from .base import DecoderContext, PruningMethod, register_method
+
+DEFAULT_LAYER = 2
+
+
+@register_method
+class FastV(PruningMethod):
+    name = "fastv"
+    paper = "FastV (Chen et al., ECCV 2024)"
+    acts_at = "decoder"
+    signals = ("text_attention",)
+    defaults = {"query": "last", "budget_mode": "average", "score_with": "previous"}
+
+    def validate_options(self) -> None:
+        check_choice(self.name, "query", self.options["query"], ("last", "all"))
+        check_choice(self.name, "budget_mode", self.options["budget_mode"], BUDGET_MODES)
+        check_choice(self.name, "score_with", self.options["score_with"], ("previous", "current"))
+
+    def make_plan(self, num_vision_tokens: int, num_layers: int) -> TokenPlan:
+        return decoder_plan(self, num_vision_tokens, num_layers, DEFAULT_LAYER)
+
+    @property
+    def score_layer(self) -> int | None:
+        """Layer ``K-1`` (FastV) or ``K`` (``score_with="current"``)."""
+        return self.plan.layer - 1 if self.options["score_with"] == "previous" else self.plan.layer
+
+    def select_decoder(self, ctx: DecoderContext) -> torch.Tensor:
+        return topk_indices(ctx.text_attention(self.options["query"]), self.plan.r2)

@@ -1,0 +1,15 @@
+"""No pruning: the unpruned model, the reference every table row is compared to."""
+
+from ..config import TokenPlan, check_budget
+from .base import PruningMethod, register_method
+
+
+@register_method
+class NoPruning(PruningMethod):
+    name = "none"
+    paper = "-"
+    acts_at = "nowhere"
+
+    def make_plan(self, num_vision_tokens: int, num_layers: int) -> TokenPlan:
+        check_budget(self.config.budget, num_vision_tokens)  # still reject nonsense budgets
+        return TokenPlan(num_vision_tokens, num_layers, r1=num_vision_tokens)

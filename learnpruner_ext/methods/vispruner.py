@@ -1,0 +1,64 @@
+"""VisPruner (paper: vispruner.txt, SPEC §2): important tokens by [CLS] attention plus diverse tokens.
+
+Before the LLM, keep ``T`` tokens per image:
+
+* ``T_imp = int(T * r)`` *important* tokens with the highest [CLS] -> patch attention of the feature
+  layer (CLIP's penultimate layer, head-averaged; mean received attention for encoders without [CLS]);
+* ``T - T_imp`` *diverse* tokens: the remaining tokens, sorted by descending attention, go through the
+  similarity-based duplication removal of Algorithm 1 (:func:`learnpruner_ext.selection.remove_duplicates`)
+  on the normalised vision-encoder features (the projector's input, as the reference code does) until
+  ``T - T_imp`` are left.
+
+Options: ``important_ratio`` (``r``, default 0.5 — the paper leaves it a hyper-parameter; the reference
+README runs 128 tokens with 0.5), ``removal_step`` (tokens removed per iteration, 8 as in the reference).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import TokenPlan
+from ..selection import remove_duplicates
+from ._common import check_int, check_unit_interval, vision_only_plan
+from .base import PruningMethod, VisionContext, VisionSelection, register_method
+
+
+def vispruner_select(
+    attention: torch.Tensor, features: torch.Tensor, keep: int, important_ratio: float, step: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """attention [B, N], features [B, N, C] -> (indices [B, keep] ascending, is_diverse [B, keep] bool)."""
+    batch, n = attention.shape
+    num_important = int(keep * important_ratio)
+    order = attention.argsort(dim=-1, descending=True, stable=True)
+    important, residual = order[:, :num_important], order[:, num_important:]
+    residual_features = features.gather(1, residual[..., None].expand(-1, -1, features.shape[-1]))
+    diverse = residual.gather(1, remove_duplicates(residual_features, keep - num_important, step))
+    index = torch.cat([important, diverse], dim=1).sort(dim=1).values
+    is_diverse = torch.zeros(batch, n, dtype=torch.bool, device=attention.device)
+    is_diverse.scatter_(1, diverse, True)
+    return index, is_diverse.gather(1, index)
+
+
+@register_method
+class VisPruner(PruningMethod):
+    name = "vispruner"
+    paper = "VisPruner (vispruner.txt)"
+    acts_at = "vision"
+    signals = ("cls_attention", "vision_features")
+    defaults = {"important_ratio": 0.5, "removal_step": 8}
+
+    def validate_options(self) -> None:
+        check_unit_interval(self.name, "important_ratio", self.options["important_ratio"])
+        check_int(self.name, "removal_step", self.options["removal_step"], minimum=1)
+
+    def make_plan(self, num_vision_tokens: int, num_layers: int) -> TokenPlan:
+        return vision_only_plan(self, num_vision_tokens, num_layers)
+
+    def select_vision(self, ctx: VisionContext) -> VisionSelection | None:
+        if self.plan.r1 == self.plan.num_vision_tokens:
+            return None
+        index, is_diverse = vispruner_select(
+            ctx.cls_attention, ctx.vision_features, self.plan.r1, self.options["important_ratio"],
+            self.options["removal_step"],
+        )  # fmt: skip
+        return VisionSelection(index=index, is_diverse=is_diverse)

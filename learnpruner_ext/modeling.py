@@ -1,0 +1,477 @@
+"""LLaVA with pluggable visual-token pruning, built on transformers' native LLaVA classes.
+
+Data flow (one image per prompt, any batch size, left padding):
+
+    pixel_values -> vision tower -> feature layer [B, N, Dv] -> VISION STAGE (method picks R1 indices)
+      -> projector on the kept tokens [B, R1, D] -> written into the R1 ``<image>`` placeholders
+      -> LLM layers [0, k) see R1 vision tokens
+      -> DECODER STAGE at layer k (method picks R2 of them; hidden states, positions, RoPE, masks sliced)
+      -> LLM layers [k, L) see R2 vision tokens, and their KV cache holds only what they saw.
+
+The parameter names are those of ``LlavaForConditionalGeneration``, so ``from_pretrained`` loads
+llava-hf checkpoints unchanged; pruning is attached explicitly with :func:`apply_pruning`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field, asdict
+
+import torch
+from transformers import AutoModel, DynamicCache, LlavaConfig, LlavaForConditionalGeneration
+from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.models.llama.modeling_llama import LlamaModel
+from transformers.models.llava.modeling_llava import (
+    LlavaModel,
+    LlavaModelOutputWithPast,
+    LlavaMultiModalProjector,
+    LlavaPreTrainedModel,
+)
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .config import PruningConfig
+from .methods import DecoderContext, PruningMethod, VisionContext, create_method
+
+
+@dataclass
+class PruningTrace:
+    """Token accounting of the last prefill: what each stage kept, per image in the batch."""
+
+    method: str
+    budget: int | None
+    num_vision_tokens: int
+    r1: int
+    r2: int | None
+    layer: int | None
+    convention: str
+    vision_tokens_per_layer: list[int] = field(default_factory=list)  # measured from the tensors each layer got
+    stage1_index: torch.Tensor | None = None  # [B, R1] patch indices entering the LLM
+    stage1_diverse: torch.Tensor | None = None  # [B, R1] bool, diversity tokens among them
+    stage2_index: torch.Tensor | None = None  # [B, R2] patch indices kept from layer k on
+
+    @property
+    def average_vision_tokens(self) -> float:
+        return sum(self.vision_tokens_per_layer) / max(len(self.vision_tokens_per_layer), 1)
+
+    def summary(self) -> dict:
+        """JSON-friendly accounting (no tensors)."""
+        out = {k: v for k, v in asdict(self).items() if not isinstance(v, torch.Tensor) and v is not None}
+        out["average_vision_tokens"] = self.average_vision_tokens
+        return out
+
+
+@dataclass
+class VisionStageOutput(ModelOutput):
+    """Output of the vision stage: the tokens that enter the LLM and which patches they came from."""
+
+    pooler_output: torch.Tensor | None = None  # [B, R1, D] projected tokens
+    patch_index: torch.Tensor | None = None  # [B, R1] patch indices
+    is_diverse: torch.Tensor | None = None  # [B, R1] bool or None
+
+
+@dataclass
+class _SequenceState:
+    """What a cached generation must remember between forward calls (kept per cache object)."""
+
+    position_offset: torch.Tensor | None = None  # [B] added to decode positions ("original" positions)
+    stage2_keep: torch.Tensor | None = None  # [B, S'] prefill positions layers >= k kept
+    prefill_length: int = 0
+    vision_tokens_per_layer: list[int] = field(default_factory=list)
+    stage2_vision_keep: torch.Tensor | None = None  # [B, R2] indices into the R1 vision tokens
+
+
+def _gather_seq(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B or 1, S, ...] gathered along dim 1 with index [B, S'] -> [B, S', ...]."""
+    x = x.expand(index.shape[0], *x.shape[1:])
+    idx = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, idx)
+
+
+class PrunableLlamaModel(LlamaModel):
+    """``LlamaModel`` whose layer loop can run a method's decoder stage at layer ``k``."""
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        vision_mask: torch.Tensor | None = None,
+        pruner: PruningMethod | None = None,
+        sequence_state: _SequenceState | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+
+        stage_layer = pruner.decoder_layer if pruner is not None else None
+        prefill = vision_mask is not None and bool(vision_mask.any())
+        num_vision = int(vision_mask.sum(-1).max()) if prefill else 0
+        counts, score_input = [], None
+        for idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+            if stage_layer is not None and prefill and idx == pruner.score_layer:
+                score_input = hidden_states
+            if stage_layer is not None and idx == stage_layer:
+                if prefill and pruner.plan.r2 < num_vision:
+                    hidden_states, position_ids, position_embeddings, attention_mask, vision_mask = self._prune(
+                        pruner, idx, score_input, hidden_states, position_ids, position_embeddings,
+                        attention_mask, vision_mask, past_key_values, sequence_state,
+                    )  # fmt: skip
+                    num_vision = pruner.plan.r2
+                    causal_mask = create_causal_mask(
+                        self.config, hidden_states, attention_mask, past_key_values, position_ids=None, layer_idx=idx
+                    )
+                elif not prefill and sequence_state is not None and sequence_state.stage2_keep is not None:
+                    causal_mask = create_causal_mask(
+                        self.config, hidden_states, self._decode_mask(attention_mask, sequence_state),
+                        past_key_values, position_ids=None, layer_idx=idx,
+                    )  # fmt: skip
+            counts.append(num_vision)
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        if prefill and sequence_state is not None:
+            sequence_state.vision_tokens_per_layer = counts
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+    def _prune(self, pruner, idx, score_input, hidden_states, position_ids, position_embeddings,
+               attention_mask, vision_mask, past_key_values, state):  # fmt: skip
+        """Decoder stage: score, keep R2 vision tokens, slice everything that is indexed by sequence position."""
+        batch, seq = vision_mask.shape
+        per_sample = vision_mask.sum(-1)
+        if bool((per_sample != per_sample[0]).any()):
+            raise ValueError(
+                "in-LLM pruning needs the same number of vision tokens in every prompt of a batch "
+                f"(got {per_sample.tolist()}); batch text-only prompts separately"
+            )
+        if past_key_values is not None and past_key_values.get_seq_length(idx) > 0:
+            raise ValueError("in-LLM pruning runs at prefill and needs an empty KV cache for this prompt")
+        num_vision = int(per_sample[0])
+        vision_index = vision_mask.nonzero()[:, 1].view(batch, num_vision)
+        text_index = (~vision_mask).nonzero()[:, 1].view(batch, seq - num_vision)
+        key_valid = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
+        ctx = DecoderContext(
+            pruner, self.layers[pruner.score_layer], score_input, position_embeddings, vision_index, key_valid,
+            extras={"stage_input": hidden_states, "final_norm": self.norm},  # layer k's input (DART)
+        )  # fmt: skip
+        keep_vision = pruner.select_decoder(ctx)  # [B, R2] into the Nv vision tokens
+        keep = torch.cat([text_index, vision_index.gather(1, keep_vision)], dim=1).sort(dim=1).values  # [B, S']
+        if state is not None:
+            state.stage2_vision_keep = keep_vision
+            if past_key_values is not None:
+                state.stage2_keep, state.prefill_length = keep, seq
+        cos, sin = position_embeddings
+        return (
+            _gather_seq(hidden_states, keep),
+            _gather_seq(position_ids, keep),
+            (_gather_seq(cos, keep), _gather_seq(sin, keep)),
+            _gather_seq(attention_mask, keep) if key_valid is not None else None,
+            _gather_seq(vision_mask, keep),
+        )
+
+    @staticmethod
+    def _decode_mask(attention_mask: torch.Tensor | None, state: _SequenceState) -> torch.Tensor | None:
+        """The 2D padding mask as layers >= k see it: kept prefill columns, then every later column."""
+        if attention_mask is None or attention_mask.dim() != 2:
+            return attention_mask
+        prefill = attention_mask[:, : state.prefill_length].gather(1, state.stage2_keep)
+        return torch.cat([prefill, attention_mask[:, state.prefill_length :]], dim=1)
+
+
+class PrunableLlavaModel(LlavaModel):
+    """``LlavaModel`` with a vision stage after the encoder and a decoder stage inside the LLM."""
+
+    def __init__(self, config: LlavaConfig):
+        LlavaPreTrainedModel.__init__(self, config)
+        if config.text_config.model_type != "llama":
+            raise NotImplementedError(
+                f"pruning supports Llama-family language models (LLaVA-1.5/Vicuna); got {config.text_config.model_type!r}"
+            )
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = LlavaMultiModalProjector(config)
+        self.language_model = PrunableLlamaModel(config.text_config)
+        self.pruner: PruningMethod | None = None
+        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.last_trace: PruningTrace | None = None
+        self.post_init()
+
+    # -- geometry ------------------------------------------------------------------------------
+    @property
+    def has_cls_token(self) -> bool:
+        return self.config.vision_config.model_type in ("clip_vision_model", "clip")
+
+    @property
+    def num_vision_tokens(self) -> int:
+        """N: tokens per image that reach the projector (patch tokens; [CLS] dropped by strategy 'default')."""
+        vc = self.config.vision_config
+        grid = (vc.image_size // vc.patch_size) ** 2
+        if self.has_cls_token and self.config.vision_feature_select_strategy != "default":
+            raise NotImplementedError("pruning needs vision_feature_select_strategy='default' for CLIP towers")
+        return grid
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholder tokens each ``<image>`` must expand to: R1 under the current pruner, else N."""
+        return self.pruner.plan.r1 if self.pruner is not None else self.num_vision_tokens
+
+    def _encoder_layers(self):
+        tower = self.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers
+
+    # -- vision stage ----------------------------------------------------------------------------
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> VisionStageOutput:
+        """The vision stage; ``generate()`` calls it once before prefill and hands the result to ``forward``."""
+        tokens, index, diverse = self.encode_images(pixel_values)
+        return VisionStageOutput(pooler_output=tokens, patch_index=index, is_diverse=diverse)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """pixel_values [B, 3, H, W] -> (tokens [B, R1, D], patch index [B, R1], is_diverse [B, R1] or None)."""
+        layer = self.config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise NotImplementedError("pruning supports a single vision_feature_layer")
+        tower_dtype = next(self.vision_tower.parameters()).dtype
+        out = self.vision_tower(pixel_values.to(tower_dtype), output_hidden_states=True, return_dict=True)
+        hidden = out.hidden_states  # embeddings, then the output of every encoder layer
+        feature_idx = layer % len(hidden)
+        features = hidden[feature_idx]
+        patches = features[:, 1:] if self.has_cls_token else features  # [B, N, Dv]
+        batch, n = patches.shape[:2]
+        all_index = torch.arange(n, device=patches.device).expand(batch, -1)
+        pruner = self.pruner
+        if pruner is None or "vision" not in pruner.acts_at:
+            return self.multi_modal_projector(patches), all_index, None
+
+        projected = {}  # project all N lazily: only methods that read projected features pay for it
+
+        def project_all():
+            if "all" not in projected:
+                projected["all"] = self.multi_modal_projector(patches)
+            return projected["all"]
+
+        ctx = _LazyVisionContext(
+            method=pruner,
+            features=patches,
+            projected=None,
+            encoder_layer=self._encoder_layers()[feature_idx - 1],
+            encoder_layer_input=hidden[feature_idx - 1],
+            has_cls=self.has_cls_token,
+            project=self.multi_modal_projector,  # merging methods (VisionZip) project their own tokens
+            project_all=project_all,
+        )
+        selection = pruner.select_vision(ctx)
+        if selection is None:
+            return project_all(), all_index, None
+        if selection.tokens is not None:
+            tokens = selection.tokens
+        elif "all" in projected:
+            tokens = _gather_seq(projected["all"], selection.index)
+        else:
+            tokens = self.multi_modal_projector(_gather_seq(patches, selection.index))
+        return tokens, selection.index, selection.is_diverse
+
+    # -- forward ---------------------------------------------------------------------------------
+    def set_pruner(self, pruner: PruningMethod | None) -> None:
+        self.pruner = pruner
+        self._states = weakref.WeakKeyDictionary()
+        self.last_trace = None
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer=None,
+        vision_feature_select_strategy=None,
+        image_sizes=None,
+        mm_encoder_outputs=None,
+        **kwargs,
+    ) -> LlavaModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if image_sizes is not None:
+            raise NotImplementedError("image_sizes (LLaVA-NeXT tiling) is not supported by this model class")
+        if pixel_values is not None and mm_encoder_outputs:
+            raise ValueError("pass either pixel_values or mm_encoder_outputs, not both")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if kwargs.get("use_cache") and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config.text_config)
+
+        image_mask, image_tokens = None, None
+        vision = (mm_encoder_outputs or {}).get("image")
+        if vision is None and pixel_values is not None:
+            vision = self.get_image_features(pixel_values)
+        if vision is not None:
+            if input_ids is None:
+                raise ValueError("pass input_ids with pixel_values: image placeholders are found by token id")
+            image_mask = input_ids == self.config.image_token_id
+            image_tokens, index, diverse = vision.pooler_output, vision.patch_index, vision.is_diverse
+            self._check_placeholders(image_mask, image_tokens)
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], image_tokens.to(inputs_embeds.dtype))
+            state = _SequenceState()
+            if past_key_values is not None:
+                self._states[past_key_values] = state
+            if self.pruner is not None and self.pruner.config.position_mode == "original":
+                position_ids = self._original_positions(image_mask, index, attention_mask, position_ids, state)
+        else:
+            state = self._states.get(past_key_values) if past_key_values is not None else None
+            if state is not None and state.position_offset is not None:
+                if position_ids is None:
+                    start = past_key_values.get_seq_length()
+                    position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + start)[None]
+                position_ids = position_ids + state.position_offset[:, None]
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            vision_mask=image_mask,
+            pruner=self.pruner,
+            sequence_state=state,
+            **kwargs,
+        )
+        if vision is not None:
+            self.last_trace = self._trace(state, index, diverse)
+        return LlavaModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_tokens,
+        )
+
+    def _check_placeholders(self, image_mask: torch.Tensor, image_tokens: torch.Tensor) -> None:
+        per_sample = image_mask.sum(-1)
+        with_image = per_sample > 0
+        expected = image_tokens.shape[1]
+        if int(with_image.sum()) != image_tokens.shape[0] or bool((per_sample[with_image] != expected).any()):
+            raise ValueError(
+                f"each prompt needs exactly one image expanded to {expected} <image> placeholder tokens "
+                f"(got {per_sample.tolist()} placeholders for {image_tokens.shape[0]} images); tokenize with "
+                "llava.mm_utils.tokenizer_image_token(..., num_image_tokens=model.num_image_tokens)"
+            )
+
+    def _original_positions(self, image_mask, index, attention_mask, position_ids, state) -> torch.Tensor:
+        """Give every kept token the position it has in the unpruned sequence (SPEC §1, optional mode)."""
+        batch, seq = image_mask.shape
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            else:
+                position_ids = torch.arange(seq, device=image_mask.device).expand(batch, -1)
+        removed = self.num_vision_tokens - index.shape[1]
+        seen = image_mask.long().cumsum(-1)
+        after_image = (seen == index.shape[1]) & ~image_mask & (seen > 0)
+        offset = after_image.long() * removed
+        rows = image_mask.any(-1)
+        shift = index - torch.arange(index.shape[1], device=index.device)  # [B_img, R1]
+        offset[image_mask] = shift.reshape(-1)
+        state.position_offset = rows.long() * removed
+        return position_ids.expand(batch, -1) + offset
+
+    def _trace(self, state: _SequenceState, index: torch.Tensor, diverse: torch.Tensor | None) -> PruningTrace:
+        pruner, n = self.pruner, self.num_vision_tokens
+        plan = pruner.plan if pruner is not None else None
+        stage2 = index.gather(1, state.stage2_vision_keep) if state.stage2_vision_keep is not None else None
+        return PruningTrace(
+            method=pruner.name if pruner is not None else "none",
+            budget=pruner.config.budget if pruner is not None else None,
+            num_vision_tokens=n,
+            r1=plan.r1 if plan else n,
+            r2=plan.r2 if plan else None,
+            layer=plan.layer if plan else None,
+            convention=plan.convention if plan else "average",
+            vision_tokens_per_layer=state.vision_tokens_per_layer,
+            stage1_index=index,
+            stage1_diverse=diverse,
+            stage2_index=stage2,
+        )
+
+
+@dataclass
+class _LazyVisionContext(VisionContext):
+    project_all: object = None
+
+    @property
+    def projected_features(self) -> torch.Tensor:  # type: ignore[override]
+        self._check("projected_features")
+        return self.project_all()
+
+
+class PrunableLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """Drop-in ``LlavaForConditionalGeneration``; ``generate()`` returns the standard types."""
+
+    def __init__(self, config: LlavaConfig):
+        LlavaPreTrainedModel.__init__(self, config)
+        self.model = PrunableLlavaModel(config)
+        self.lm_head = torch.nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.model.num_image_tokens
+
+    @property
+    def num_vision_tokens(self) -> int:
+        return self.model.num_vision_tokens
+
+    @property
+    def pruner(self) -> PruningMethod | None:
+        return self.model.pruner
+
+    def last_pruning_trace(self) -> PruningTrace | None:
+        """Accounting of the most recent prefill (R1, R2, tokens per layer, kept patches)."""
+        return self.model.last_trace
+
+
+def apply_pruning(model: PrunableLlavaForConditionalGeneration, config: PruningConfig) -> PruningMethod:
+    """Attach the method described by ``config`` to ``model`` (replacing any previous one)."""
+    if not isinstance(model, PrunableLlavaForConditionalGeneration):
+        raise TypeError(
+            f"apply_pruning needs a PrunableLlavaForConditionalGeneration, got {type(model).__name__}; load the "
+            "checkpoint with llava.model.builder.load_pretrained_model or PrunableLlavaForConditionalGeneration.from_pretrained"
+        )
+    method = create_method(
+        config,
+        num_vision_tokens=model.num_vision_tokens,
+        num_layers=model.config.text_config.num_hidden_layers,
+        vision_dim=model.config.vision_config.hidden_size,
+    )
+    method.to(model.device)
+    model.model.set_pruner(method)
+    return method

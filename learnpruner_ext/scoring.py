@@ -1,0 +1,120 @@
+"""Exact attention rows without switching a model to eager attention.
+
+Pruning needs a few rows of an attention matrix ([CLS] -> patches, text -> vision). Asking the model
+for ``output_attentions`` would force eager attention everywhere and materialise ``[B, H, S, S]`` for
+every layer. Instead we recompute only the needed query rows from the layer's own input, with the
+layer's own projections, RoPE, causal and padding masks, and normalise over *all* keys, exactly as the
+real softmax does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[B, S, H*d] -> [B, H, S, d]"""
+    return x.view(*x.shape[:2], -1, head_dim).transpose(1, 2)
+
+
+def encoder_attention_rows(layer: nn.Module, hidden_in: torch.Tensor, query_index: torch.Tensor | None) -> torch.Tensor:
+    """Attention probabilities of a (non-causal) ViT encoder layer, e.g. CLIP / SigLIP.
+
+    Args:
+        layer: the encoder layer (has ``layer_norm1`` and ``self_attn`` with q/k projections).
+        hidden_in: [B, T, D] the layer's input hidden states.
+        query_index: [Q] query rows to compute, or None for all rows.
+    Returns:
+        [B, H, Q, T] fp32 probabilities.
+    """
+    attn = layer.self_attn
+    normed = layer.layer_norm1(hidden_in)
+    queries = normed if query_index is None else normed[:, query_index]
+    q = _heads(attn.q_proj(queries), attn.head_dim).float()
+    k = _heads(attn.k_proj(normed), attn.head_dim).float()
+    return (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
+
+
+def cls_attention(layer: nn.Module, hidden_in: torch.Tensor) -> torch.Tensor:
+    """[CLS] -> patch attention, head-averaged: [B, T] input with CLS at 0 -> [B, T-1]."""
+    probs = encoder_attention_rows(layer, hidden_in, torch.tensor([0], device=hidden_in.device))
+    return probs[:, :, 0, 1:].mean(1)
+
+
+def mean_received_attention(layer: nn.Module, hidden_in: torch.Tensor) -> torch.Tensor:
+    """For encoders with no [CLS] (SigLIP): attention each token receives, averaged over queries and heads."""
+    return encoder_attention_rows(layer, hidden_in, None).mean(dim=(1, 2))
+
+
+def encoder_keys(layer: nn.Module, hidden_in: torch.Tensor) -> torch.Tensor:
+    """Key states of a ViT encoder layer averaged over heads: [B, T, D] input -> [B, T, d] (VisionZip's metric)."""
+    attn = layer.self_attn
+    k = _heads(attn.k_proj(layer.layer_norm1(hidden_in)), attn.head_dim)  # [B, H, T, d]
+    return k.float().mean(1)
+
+
+def decoder_attention_rows(
+    layer: nn.Module,
+    hidden_in: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    query_index: torch.Tensor,
+    key_valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """Exact causal attention probabilities of selected rows of a Llama-style decoder layer.
+
+    Args:
+        layer: decoder layer with ``input_layernorm`` and ``self_attn`` (q/k projections, RoPE, GQA).
+        hidden_in: [B, S, D] the layer's input.
+        position_embeddings: RoPE ``(cos, sin)``, each [B or 1, S, d], as the layer receives them.
+        query_index: [B, Q] sequence index of each query row (rows may repeat for padding).
+        key_valid: [B, S] bool, False for padding keys; None if there is no padding.
+    Returns:
+        [B, H, Q, S] fp32 probabilities, normalised over every key the real attention sees.
+    """
+    attn = layer.self_attn
+    normed = layer.input_layernorm(hidden_in)
+    batch, seq = normed.shape[:2]
+    cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
+    rows = query_index[..., None]
+    q_in = normed.gather(1, rows.expand(-1, -1, normed.shape[-1]))
+    q = _heads(attn.q_proj(q_in), attn.head_dim)
+    k = _heads(attn.k_proj(normed), attn.head_dim)
+    q, _ = apply_rotary_pos_emb(q, q, cos.gather(1, rows.expand(-1, -1, cos.shape[-1])), sin.gather(1, rows.expand(-1, -1, sin.shape[-1])))
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    k = k.repeat_interleave(attn.num_key_value_groups, dim=1)
+    logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling  # [B, H, Q, S]
+    allowed = torch.arange(seq, device=normed.device)[None, None, :] <= query_index[..., None]  # causal
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, :]
+    logits = logits.masked_fill(~allowed[:, None], torch.finfo(logits.dtype).min)
+    return logits.softmax(-1)
+
+
+def text_to_vision_attention(
+    layer: nn.Module,
+    hidden_in: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    query_index: torch.Tensor,
+    query_valid: torch.Tensor,
+    vision_index: torch.Tensor,
+    key_valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """LearnPruner Eq. 5: attention each vision token receives from the query rows, averaged over
+    valid rows and all heads. ``vision_index`` [B, Nv] -> scores [B, Nv]."""
+    probs = decoder_attention_rows(layer, hidden_in, position_embeddings, query_index, key_valid)
+    probs = probs.mean(1)  # heads -> [B, Q, S]
+    weights = query_valid.float() / query_valid.sum(-1, keepdim=True).clamp(min=1)
+    received = (weights[..., None] * probs).sum(1)  # [B, S]
+    return received.gather(1, vision_index)
+
+
+def key_states(layer: nn.Module, hidden_in: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Post-RoPE key states of a decoder layer, [B, Hkv, S, d] (DART's K-norm signal)."""
+    attn = layer.self_attn
+    normed = layer.input_layernorm(hidden_in)
+    k = _heads(attn.k_proj(normed), attn.head_dim)
+    cos, sin = position_embeddings
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    return k

@@ -1,0 +1,66 @@
+"""Answer one question about one image, optionally with visual-token pruning.
+
+    python -m llava.eval.run_llava --model-path P --image-file F --query Q \
+        --pruning-method learnpruner --visual-token-budget 64 --lpm-path L [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from learnpruner_ext.cli import add_pruning_args, pruning_config_from_args
+
+from ..inference import GenerationSettings, generate_answers
+from ..mm_utils import load_image
+from ..model.builder import load_pretrained_model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-path", default=None, help="checkpoint folder (default: the built-in toy model)")
+    parser.add_argument("--model-base", default=None)
+    parser.add_argument("--image-file", required=True)
+    parser.add_argument("--query", required=True)
+    parser.add_argument("--conv-mode", default="vicuna_v1")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--num_beams", type=int, default=1)
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--json", action="store_true", help="print one JSON object with the answer and accounting")
+    add_pruning_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    pruning = pruning_config_from_args(args)
+    try:
+        image = load_image(args.image_file)
+        tokenizer, model, processor, _ = load_pretrained_model(
+            args.model_path, args.model_base, device=args.device, dtype=args.dtype, pruning=pruning
+        )
+        settings = GenerationSettings(args.temperature, args.top_p, args.num_beams, args.max_new_tokens)
+        [answer] = generate_answers(model, tokenizer, processor, [image], [args.query], args.conv_mode, settings)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    trace = model.last_pruning_trace()
+    result = {"answer": answer, "method": pruning.method, "budget": pruning.budget, **trace.summary()}
+    result["method"] = pruning.method
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(answer)
+        print(
+            f"[{pruning.method}] R1={result['r1']} R2={result['r2']} k={result['layer']} "
+            f"avg vision tokens/layer={result['average_vision_tokens']:.1f} of {result['num_vision_tokens']}",
+            file=sys.stderr,
+        )
+    return result
+
+
+if __name__ == "__main__":
+    main()

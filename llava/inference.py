@@ -1,0 +1,80 @@
+"""Batched question answering shared by run_llava, the eval answer generators and the demo."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from .constants import DEFAULT_IMAGE_TOKEN
+from .conversation import get_conv_template
+from .mm_utils import process_images, tokenizer_image_token
+
+
+def build_prompt(question: str, conv_mode: str = "vicuna_v1") -> str:
+    """One user turn with the image first (unless the question already places ``<image>``)."""
+    if DEFAULT_IMAGE_TOKEN not in question:
+        question = DEFAULT_IMAGE_TOKEN + "\n" + question
+    conv = get_conv_template(conv_mode)
+    conv.append_message(conv.roles[0], question)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt()
+
+
+def prepare_batch(model, tokenizer, image_processor, images: list[Image.Image], prompts: list[str]) -> dict:
+    """Left-padded ``input_ids``/``attention_mask`` with each ``<image>`` expanded to ``model.num_image_tokens``."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+    ids = [
+        tokenizer_image_token(p, tokenizer, model.config.image_token_id, num_image_tokens=model.num_image_tokens, expected_images=1)
+        for p in prompts
+    ]
+    width = max(len(x) for x in ids)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, x in enumerate(ids):
+        input_ids[row, width - len(x) :] = torch.tensor(x)
+        attention_mask[row, width - len(x) :] = 1
+    pixel_values = process_images(images, image_processor, model.config)
+    dtype = next(model.parameters()).dtype
+    return {
+        "input_ids": input_ids.to(model.device),
+        "attention_mask": attention_mask.to(model.device),
+        "pixel_values": pixel_values.to(model.device, dtype),
+    }
+
+
+@dataclass
+class GenerationSettings:
+    temperature: float = 0.0
+    top_p: float | None = None
+    num_beams: int = 1
+    max_new_tokens: int = 128
+
+    def kwargs(self, tokenizer) -> dict:
+        sampling = self.temperature > 0
+        out = dict(
+            do_sample=sampling,
+            num_beams=self.num_beams,
+            max_new_tokens=self.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        if sampling:
+            out.update(temperature=self.temperature, top_p=self.top_p)
+        return out
+
+
+@torch.inference_mode()
+def generate_answers(
+    model, tokenizer, image_processor, images: list[Image.Image], questions: list[str],
+    conv_mode: str = "vicuna_v1", settings: GenerationSettings | None = None,
+) -> list[str]:  # fmt: skip
+    """Answer each (image, question) pair; batched greedy decoding equals one-by-one decoding."""
+    settings = settings or GenerationSettings()
+    batch = prepare_batch(model, tokenizer, image_processor, images, [build_prompt(q, conv_mode) for q in questions])
+    output = model.generate(**batch, **settings.kwargs(tokenizer))
+    new_tokens = output[:, batch["input_ids"].shape[1] :]
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

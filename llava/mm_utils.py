@@ -1,0 +1,91 @@
+"""Image and prompt helpers with upstream LLaVA's conventions."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .constants import DEFAULT_IMAGE_TOKEN
+
+MAX_IMAGE_PIXELS = 8192 * 8192  # larger images are refused rather than decoded into many GB
+
+
+def load_image(path_or_image: str | os.PathLike | Image.Image) -> Image.Image:
+    """Open an image as RGB, with a clear error for missing, unreadable or absurdly large files."""
+    if isinstance(path_or_image, Image.Image):
+        image = path_or_image
+    else:
+        path = Path(path_or_image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file not found: {path}")
+        try:
+            image = Image.open(path)
+            image.load()
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+            raise ValueError(f"cannot read image {path}: {err}. Is it a valid PNG/JPEG file?") from err
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"image of {image.width}x{image.height} pixels is too large (limit {MAX_IMAGE_PIXELS} pixels)")
+    return image.convert("RGB")
+
+
+def expand2square(image: Image.Image, background_color: tuple[int, int, int]) -> Image.Image:
+    """Pad to a square canvas of ``background_color``, image centred (upstream's 'pad' aspect)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background_color)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def process_images(images: list[Image.Image], image_processor, model_cfg=None) -> torch.Tensor:
+    """PIL images -> pixel_values [B, 3, H, W]; 'pad' aspect expands to square with the processor's mean colour."""
+    aspect = getattr(model_cfg, "image_aspect_ratio", "pad") if model_cfg is not None else "pad"
+    if aspect == "pad":
+        mean = tuple(int(round(x * 255)) for x in image_processor.image_mean)
+        images = [expand2square(image, mean) for image in images]
+    elif aspect not in (None, "square", "resize"):
+        raise ValueError(f"unsupported image_aspect_ratio {aspect!r}; use 'pad' or 'square'")
+    return image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def tokenizer_image_token(
+    prompt: str,
+    tokenizer,
+    image_token_index: int | None = None,
+    return_tensors: str | None = None,
+    num_image_tokens: int = 1,
+    expected_images: int | None = None,
+):
+    """Tokenise ``prompt``, replacing each ``<image>`` with ``num_image_tokens`` image placeholder ids.
+
+    ``num_image_tokens`` is the number of vision tokens the model feeds the LLM per image
+    (``model.num_image_tokens``: N unpruned, R1 under a pre-LLM pruning stage). The BOS token appears once.
+    """
+    chunks = prompt.split(DEFAULT_IMAGE_TOKEN)
+    if expected_images is not None and len(chunks) - 1 != expected_images:
+        raise ValueError(
+            f"the prompt must contain exactly {expected_images} '{DEFAULT_IMAGE_TOKEN}' token(s), found {len(chunks) - 1}: {prompt!r}"
+        )
+    if image_token_index is None:
+        image_token_index = tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)
+    ids: list[int] = []
+    for i, chunk in enumerate(chunks):
+        if i > 0:
+            ids.extend([image_token_index] * num_image_tokens)
+        if chunk or i == 0:
+            ids.extend(tokenizer(chunk, add_special_tokens=(i == 0)).input_ids)
+    if return_tensors == "pt":
+        return torch.tensor(ids, dtype=torch.long)
+    if return_tensors is not None:
+        raise ValueError(f"unsupported return_tensors {return_tensors!r}")
+    return ids
+
+
+def get_model_name_from_path(model_path: str) -> str:
+    parts = str(model_path).strip("/").split("/")
+    return f"{parts[-2]}_{parts[-1]}" if parts[-1].startswith("checkpoint-") and len(parts) > 1 else parts[-1]

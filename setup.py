@@ -1,0 +1,35 @@
+"""LearnPruner for LLaVA: visual-token pruning toolkit (install with scripts/setup_env.sh)."""
+
+from setuptools import find_packages, setup
+
+# Pinned to versions verified on the CPU CI machine. torch must stay exactly 2.13.0: an unpinned
+# torch (or a dependency asking for a newer one) pulls a multi-GB CUDA build.
+INSTALL_REQUIRES = [
+    "torch==2.13.0",
+    "transformers==5.23.0",
+    "tokenizers==0.23.3",
+    "safetensors==0.8.0",
+    "huggingface_hub==2.4.0",
+    "numpy==2.4.6",
+    "pillow==12.3.0",
+    "tqdm==4.70.1",
+    "matplotlib==3.11.2",
+]
+
+EXTRAS = {
+    "train": ["deepspeed==0.19.8", "accelerate==1.15.0"],
+    "demo": ["gradio==6.31.0", "gradio_client==2.7.2"],
+    "eval": ["openpyxl==3.1.5"],  # MMBench submission .xlsx
+    "test": ["pytest==9.2.0", "playwright==1.65.2"],
+    "gpu": ["flash-attn>=2.6"],  # GPU machines only; never installed by setup_env.sh on CPU
+}
+
+setup(
+    name="learnpruner-llava",
+    version="0.1.0",
+    description="Two-stage visual-token pruning (LearnPruner) and baselines for LLaVA-family VLMs",
+    packages=find_packages(include=["llava", "llava.*", "learnpruner_ext", "learnpruner_ext.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random checkpoints written to disk and loaded through the real loading code."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from PIL import Image
+
+from learnpruner_ext.tiny import save_tiny_checkpoint
+
+torch.set_num_threads(2)
+
+TINY = dict(text_layers=8, image_size=56, patch_size=14)  # 16 vision tokens, stage-2 layer 3
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-hf", "hf", seed=0, **TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llava", "llava", seed=0, **TINY)
+
+
+def make_image(seed: int, size=(64, 48)) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="session")
+def images():
+    return [make_image(i) for i in range(3)]

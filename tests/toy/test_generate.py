@@ -1,0 +1,192 @@
+import hashlib
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from learnpruner_ext.toy import generate as G
+
+SUFFIX = "\nAnswer the question using a single word or phrase."
+TEXT_FILES = ["train.json", "test_questions.jsonl", "test_answers.jsonl", "test_scenes.jsonl",
+              "llava_pope_test.jsonl", "meta.json"] + [f"pope/coco_pope_{c}.json" for c in G.POPE_CATEGORIES]
+
+
+def _run(path, seed=0, n_train=40, n_test=60, size=192):
+    G.generate(path, seed=seed, num_train=n_train, num_test=n_test, image_size=size, progress=False)
+    return Path(path)
+
+
+def _jsonl(p):
+    return [json.loads(line) for line in open(p)]
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("toy") / "a")
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for f in TEXT_FILES:
+        h.update((root / f).read_bytes())
+    for p in sorted((root / "images").rglob("*.png")):
+        h.update(p.name.encode() + np.asarray(Image.open(p)).tobytes())
+    return h.hexdigest()
+
+
+def test_deterministic(out, tmp_path):
+    assert _digest(out) == _digest(_run(tmp_path / "b"))
+    assert _digest(out) != _digest(_run(tmp_path / "c", seed=1))
+    assert not list(out.rglob("*.tmp*"))
+
+
+def test_train_format(out):
+    train = json.loads((out / "train.json").read_text())
+    assert len(train) == 40
+    for e in train:
+        assert set(e) == {"id", "image", "conversations"}
+        assert e["image"] == f"train/{e['id']}.png" and (out / "images" / e["image"]).is_file()
+        conv = e["conversations"]
+        assert len(conv) in (4, 6)
+        assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
+        assert conv[0]["value"].startswith("<image>\n")
+        assert sum(t["value"].count("<image>") for t in conv) == 1
+        for t in conv:
+            if t["from"] == "human":
+                assert t["value"].endswith(SUFFIX)
+            else:
+                assert re.fullmatch(r"[a-z0-9]+", t["value"])
+
+
+def test_test_format(out):
+    qs, ans = _jsonl(out / "test_questions.jsonl"), _jsonl(out / "test_answers.jsonl")
+    assert len(qs) == 60 and [q["question_id"] for q in qs] == [a["question_id"] for a in ans]
+    for q, a in zip(qs, ans):
+        assert set(q) == {"question_id", "image", "text", "category"}
+        assert set(a) == {"question_id", "answer", "type", "pope_category"}
+        assert isinstance(q["question_id"], int) and q["text"].endswith(SUFFIX)
+        assert (out / "images" / q["image"]).is_file() and q["category"] == a["type"]
+        assert re.fullmatch(r"[a-z0-9]+", a["answer"])
+        assert (a["pope_category"] is not None) == (a["type"] == "existence")
+    counts = Counter(a["type"] for a in ans)
+    assert counts == G._quota(60) and set(counts) == set(G.QUESTION_MIX)
+    exist = [a["answer"] for a in ans if a["type"] == "existence"]
+    assert exist.count("yes") == exist.count("no")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["seed"] == 0 and meta["version"] == G.VERSION and meta["question_mix"] == G.QUESTION_MIX
+
+
+def _recompute(q, scene, size):
+    objs, text = scene["objects"], q.split("\n")[0]
+    if m := re.fullmatch(r"Is there an? (\w+) (\w+) in the image\?", text):
+        return "yes" if any((o["color"], o["shape"]) == m.groups() for o in objs) else "no"
+    if m := re.fullmatch(r"What color is the (\w+)\?", text):
+        if m[1] == "background":
+            return scene["background"]["color"]
+        (o,) = [o for o in objs if o["shape"] == m[1]]  # must be unique
+        return o["color"]
+    if m := re.fullmatch(r"What shape is the (\w+) object\?", text):
+        (o,) = [o for o in objs if o["color"] == m[1]]
+        return o["shape"]
+    if text == "How many shapes are there?":
+        return str(len(objs))
+    if m := re.fullmatch(r"How many (\w+) objects are there\?", text):
+        return str(sum(o["color"] == m[1] for o in objs))
+    if m := re.fullmatch(r"How many (\w+) are there\?", text):
+        return str(sum(G.PLURALS[o["shape"]] == m[1] for o in objs))
+    if m := re.fullmatch(r"Is the (\w+) (\w+) (?:on|at) the (\w+) or the (\w+)\?", text):
+        (o,) = [o for o in objs if (o["color"], o["shape"]) == m.groups()[:2]]
+        horiz = {m[3], m[4]} == {"left", "right"}
+        c = (o["bbox"][0] + o["bbox"][2]) / 2 if horiz else (o["bbox"][1] + o["bbox"][3]) / 2
+        assert abs(c - size / 2) >= G.POSITION_BAND * size  # unambiguous
+        return ("left" if c < size / 2 else "right") if horiz else ("top" if c < size / 2 else "bottom")
+    if text == "What letters are written in the image?":
+        return scene["label"]["text"].lower()
+    raise AssertionError(f"unparsed question {text!r}")
+
+
+def test_answers_match_scenes(out):
+    qs, ans = _jsonl(out / "test_questions.jsonl"), _jsonl(out / "test_answers.jsonl")
+    scenes = {s["image"]: s for s in _jsonl(out / "test_scenes.jsonl")}
+    for q, a in zip(qs, ans):
+        assert _recompute(q["text"], scenes[q["image"]], 192) == a["answer"], q
+    # train QA come from the same make_question: check every type on fresh scenes
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        scene = G.sample_scene(rng, 192)
+        for t in G.QUESTION_MIX:
+            r = G.make_question(rng, scene, t)
+            if r:
+                assert _recompute(r[0], scene, 192) == r[1]
+
+
+def test_pope_files(out):
+    qs = {q["question_id"]: q for q in _jsonl(out / "test_questions.jsonl")}
+    ans = {a["question_id"]: a for a in _jsonl(out / "test_answers.jsonl")}
+    pope_q = _jsonl(out / "llava_pope_test.jsonl")
+    assert len(pope_q) == sum(a["type"] == "existence" for a in ans.values())
+    for cat in G.POPE_CATEGORIES:
+        rows = _jsonl(out / "pope" / f"coco_pope_{cat}.json")
+        assert rows and all(set(r) == {"question_id", "image", "text", "label"} for r in rows)
+        labels = Counter(r["label"] for r in rows)
+        assert abs(labels["yes"] - labels["no"]) <= 1
+        # eval_pope pairs by order: the question file's category subset has the same order
+        assert [r["question_id"] for r in rows] == [p["question_id"] for p in pope_q if p["category"] == cat]
+        for r in rows:
+            assert ans[r["question_id"]]["answer"] == r["label"] and ans[r["question_id"]]["pope_category"] == cat
+            assert qs[r["question_id"]]["text"] == r["text"] + SUFFIX
+
+
+def test_adversarial_and_popular_negatives():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        scene = G.sample_scene(rng, 192)
+        present = {(o["shape"], o["color"]) for o in scene["objects"]}
+        q, a, _ = G.make_question(rng, scene, "existence", want=("no", "adversarial"))
+        c, s = re.fullmatch(r"Is there an? (\w+) (\w+) in the image\?", q).groups()
+        assert (s, c) not in present and any(s == ps or c == pc for ps, pc in present)
+        q, a, _ = G.make_question(rng, scene, "existence", want=("no", "popular"))
+        c, s = re.fullmatch(r"Is there an? (\w+) (\w+) in the image\?", q).groups()
+        assert (s, c) in [p for p in G.POPULAR if p not in present][:3]
+
+
+def test_no_overlap_and_in_bounds(out):
+    gap = G.MARGIN
+    for s in _jsonl(out / "test_scenes.jsonl"):
+        boxes = [o["bbox"] for o in s["objects"]] + ([s["label"]["bbox"]] if s["label"] else [])
+        assert 1 <= len(s["objects"]) <= G.MAX_OBJECTS
+        for i, b in enumerate(boxes):
+            assert 0 <= b[0] < b[2] <= 192 and 0 <= b[1] < b[3] <= 192
+            for c in boxes[i + 1:]:
+                assert G._free(b, [c], gap)
+        for o in s["objects"]:
+            side = o["bbox"][2] - o["bbox"][0]
+            lo, hi = G.SIZES[o["size"]]
+            assert side == o["bbox"][3] - o["bbox"][1] and lo <= side <= hi
+
+
+def test_draw_scene_pixels():
+    scene = G.sample_scene(np.random.default_rng(0), 96, force_label=True)
+    img = G.draw_scene(scene, 96)
+    assert img.size == (96, 96) and img.mode == "RGB"
+    o = scene["objects"][0]
+    x, y = (o["bbox"][0] + o["bbox"][2]) // 2, (o["bbox"][1] + o["bbox"][3]) // 2
+    assert img.getpixel((x, y)) == G.COLORS[o["color"]]  # every shape covers its centre
+
+
+@pytest.mark.parametrize("kw", [{"num_train": 0}, {"num_test": -1}, {"image_size": 32},
+                                {"num_train": 2.5}, {"seed": -1}])
+def test_bad_args(tmp_path, kw):
+    with pytest.raises(ValueError):
+        G.generate(tmp_path, **{"num_train": 2, "num_test": 2, **kw}, progress=False)
+    assert not (tmp_path / "train.json").exists()
+
+
+def test_cli_bad_args(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        G.main(["--out", str(tmp_path), "--image-size", "10"])
+    assert e.value.code == 2 and "image_size must be" in capsys.readouterr().err
