@@ -58,7 +58,7 @@ class PruningTrace:
 
     def summary(self) -> dict:
         """JSON-friendly accounting (no tensors)."""
-        out = {k: v for k, v in asdict(self).items() if not isinstance(v, torch.Tensor) and v is not None}
+        out = {k: v for k, v in asdict(self).items() if not isinstance(v, torch.Tensor) and not k.startswith("stage")}
         out["average_vision_tokens"] = self.average_vision_tokens
         return out
 
@@ -255,8 +255,8 @@ class PrunableLlavaModel(LlavaModel):
         tokens, index, diverse = self.encode_images(pixel_values)
         return VisionStageOutput(pooler_output=tokens, patch_index=index, is_diverse=diverse)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """pixel_values [B, 3, H, W] -> (tokens [B, R1, D], patch index [B, R1], is_diverse [B, R1] or None)."""
+    def _vision_hidden_states(self, pixel_values: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], int, torch.Tensor]:
+        """-> (every encoder hidden state, index of the feature layer, patch features [B, N, Dv])."""
         layer = self.config.vision_feature_layer
         if not isinstance(layer, int):
             raise NotImplementedError("pruning supports a single vision_feature_layer")
@@ -265,7 +265,15 @@ class PrunableLlavaModel(LlavaModel):
         hidden = out.hidden_states  # embeddings, then the output of every encoder layer
         feature_idx = layer % len(hidden)
         features = hidden[feature_idx]
-        patches = features[:, 1:] if self.has_cls_token else features  # [B, N, Dv]
+        return hidden, feature_idx, features[:, 1:] if self.has_cls_token else features
+
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The features the projector (and the LPM) consume: [B, N, Dv] patch tokens of the feature layer."""
+        return self._vision_hidden_states(pixel_values)[2]
+
+    def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """pixel_values [B, 3, H, W] -> (tokens [B, R1, D], patch index [B, R1], is_diverse [B, R1] or None)."""
+        hidden, feature_idx, patches = self._vision_hidden_states(pixel_values)  # patches [B, N, Dv]
         batch, n = patches.shape[:2]
         all_index = torch.arange(n, device=patches.device).expand(batch, -1)
         pruner = self.pruner

@@ -17,9 +17,10 @@ import json
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaTokenizer, LlavaConfig
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaTokenizer, LlavaConfig
 
 from .modeling import PrunableLlavaForConditionalGeneration
 
@@ -103,8 +104,8 @@ def tiny_configs(
     )
 
 
-def image_processor_for(image_size: int) -> CLIPImageProcessor:
-    return CLIPImageProcessor(
+def image_processor_for(image_size: int) -> CLIPImageProcessorPil:
+    return CLIPImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
         image_mean=CLIP_MEAN,
@@ -113,7 +114,7 @@ def image_processor_for(image_size: int) -> CLIPImageProcessor:
     )
 
 
-def build_tiny_model(seed: int = 0, **geometry) -> tuple[PrunableLlavaForConditionalGeneration, LlamaTokenizer, CLIPImageProcessor]:
+def build_tiny_model(seed: int = 0, **geometry) -> tuple[PrunableLlavaForConditionalGeneration, LlamaTokenizer, CLIPImageProcessorPil]:
     """A random tiny model in memory, with its tokenizer and image processor."""
     tokenizer = build_tokenizer()
     config = tiny_configs(tokenizer, **geometry)
@@ -173,6 +174,13 @@ def save_tiny_checkpoint(out: str | Path, format: str = "hf", seed: int = 0, **g
     else:
         _save_llava_format(model, tokenizer, processor, out)
     return out
+
+
+def random_image(seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
+    """A reproducible noise image (width, height) for tests and smoke runs."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,9 +7,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
-from PIL import Image
-
-from learnpruner_ext.tiny import save_tiny_checkpoint
+from learnpruner_ext.tiny import random_image as make_image, save_tiny_checkpoint
 
 torch.set_num_threads(2)
 
@@ -24,12 +22,6 @@ def tiny_hf(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llava", "llava", seed=0, **TINY)
-
-
-def make_image(seed: int, size=(64, 48)) -> Image.Image:
-    g = torch.Generator().manual_seed(seed)
-    pixels = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
-    return Image.fromarray(pixels)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,7 @@
 """Numerical guarantees of the pruned model on tiny random checkpoints (CPU, fp32)."""
 
+import contextlib
+
 import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
@@ -169,15 +171,7 @@ def test_batch_equals_single_runs(loaded, images, method, budget):
 
 
 def _maybe_warns(method):
-    return pytest.warns(UserWarning) if method == "learnpruner" else _null()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    return pytest.warns(UserWarning) if method == "learnpruner" else contextlib.nullcontext()
 
 
 def test_both_formats_load_identically(tiny_hf, tiny_llava, images):

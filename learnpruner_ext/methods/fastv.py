@@ -10,10 +10,10 @@ tokens that receive the most attention are kept and layers ``[K, L)`` see only t
   recompute exactly those rows from layer ``K-1``'s own input (``score_layer = K-1``;
   ``score_with="previous"``, default). ``score_with="current"`` scores with layer ``K``'s attention instead.
 * **Budget.** ``budget_mode="average"`` (default): ``R2 = ceil((T*L - K*N) / (L - K))`` so the average over
-  all ``L`` layers is ``T``; a ``T`` below ``K*N/L`` is infeasible and raises (K=2, N=576, L=32 needs
-  ``T >= 36``). ``budget_mode="after_layer"`` counts only the tokens kept after layer ``K`` (``R2 = T``), the
-  way FastV's own paper reports it; the plan records ``convention="after_layer"``. Nothing is adjusted
-  silently.
+  all ``L`` layers is ``T``; a ``T`` that would need ``R2 < 1`` is infeasible and raises (K=2, N=576, L=32:
+  the first two layers alone average ``K*N/L = 36``, so ``T >= 37``). ``budget_mode="after_layer"`` counts
+  only the tokens kept after layer ``K`` (``R2 = T``), the way FastV's own paper reports it; the plan records
+  ``convention="after_layer"``. Nothing is adjusted silently.
 * ``K`` is ``PruningConfig.layer`` (``--pruning-layer``), default 2.
 """
 

@@ -49,7 +49,6 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {err}") from None
     trace = model.last_pruning_trace()
     result = {"answer": answer, "method": pruning.method, "budget": pruning.budget, **trace.summary()}
-    result["method"] = pruning.method
     if args.json:
         print(json.dumps(result))
     else:

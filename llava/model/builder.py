@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig
 from transformers.initialization import no_init_weights
+from transformers.utils import is_torchvision_available
 
 from learnpruner_ext import PruningConfig, apply_pruning
 from learnpruner_ext.modeling import PrunableLlavaForConditionalGeneration
@@ -28,6 +29,11 @@ DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[2] / "checkpoints" / "toy-
 _CLIP_VISION_MODULES = ("embeddings", "pre_layrnorm", "encoder", "post_layernorm")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+
+
+def image_processor_class():
+    """torchvision's fast processor when installed, else the PIL one (same outputs, no warning)."""
+    return CLIPImageProcessor if is_torchvision_available() else CLIPImageProcessorPil
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -148,7 +154,7 @@ def _load_llava_format(model_path: Path, model_base: str | None, dtype: torch.dt
     if added:  # the tokenizer gained <image>: grow the embeddings; the new row is never read (features replace it)
         model.resize_token_embeddings(len(tokenizer))
         model.generation_config.suppress_tokens = [config.image_token_id]
-    image_processor = CLIPImageProcessor.from_pretrained(tower_path)
+    image_processor = image_processor_class().from_pretrained(tower_path)
     return tokenizer, model.to(dtype), image_processor
 
 
@@ -193,7 +199,7 @@ def load_pretrained_model(
             warnings.warn("--model-base is ignored for HF-format checkpoints", stacklevel=2)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = PrunableLlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn)
-        image_processor = CLIPImageProcessor.from_pretrained(path)
+        image_processor = image_processor_class().from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     model = model.to(torch_device).eval()

@@ -1,0 +1,164 @@
+"""Exact analytic FLOP and KV-cache counts for LLaVA-style models (no weights needed).
+
+Convention (``torch.utils.flop_counter.FlopCounterMode``): 2 FLOPs per multiply-add of every matmul /
+linear / convolution; biases, norms, activations, softmax, RoPE and embedding look-ups count 0.
+
+Two figures are kept apart:
+
+* ``tflops``: the *weight* matmuls (vision tower incl. patch convolution, projector, LLM linear layers,
+  LM head at the last position only) -- exactly what ``FlopCounterMode`` reports for a prefill on CPU,
+  where PyTorch's SDPA kernel has no registered FLOP formula. This is also the convention of the
+  paper's Table 5 (vanilla LLaVA-1.5-7B, 60 text tokens: 8.6 TFLOPs).
+* ``attn_tflops``: the attention score / value products (``QK^T`` and ``PV``, full ``S x S`` as the
+  counter's SDPA formula and eager attention compute them). ``FlopCounterMode`` adds these on GPU
+  (registered flash / efficient kernels) or with ``attn_implementation="eager"``.
+
+Pruning-machinery FLOPs (LPM, diversity similarity, stage-2 scoring, projecting all tokens) are
+reported apart in ``overhead_tflops``; they are known exactly for LearnPruner and for methods without
+a scoring step, and are 0 (not modelled) for other methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+
+def _get(cfg, name, default=None):
+    return getattr(cfg, name, default) if not isinstance(cfg, dict) else cfg.get(name, default)
+
+
+@dataclass
+class FlopBreakdown:
+    vision: float  # vision tower weight matmuls (all layers the tower runs) + patch conv
+    vision_attn: float
+    projector: float
+    llm: float  # decoder linear layers
+    llm_attn: float
+    lm_head: float
+    overhead: float = 0.0  # pruning machinery (method-specific; see module docstring)
+
+    @property
+    def tflops(self) -> float:
+        return (self.vision + self.projector + self.llm + self.lm_head) / 1e12
+
+    @property
+    def attn_tflops(self) -> float:
+        return (self.vision_attn + self.llm_attn) / 1e12
+
+    @property
+    def overhead_tflops(self) -> float:
+        return self.overhead / 1e12
+
+    def as_dict(self) -> dict:
+        out = {k: v / 1e12 for k, v in asdict(self).items()}
+        out.update(tflops=self.tflops, attn_tflops=self.attn_tflops, overhead_tflops=self.overhead_tflops)
+        return out
+
+
+def _llm_dims(text_config):
+    d = _get(text_config, "hidden_size")
+    heads = _get(text_config, "num_attention_heads")
+    kv_heads = _get(text_config, "num_key_value_heads") or heads
+    head_dim = _get(text_config, "head_dim") or d // heads
+    return d, heads, kv_heads, head_dim, _get(text_config, "intermediate_size"), _get(text_config, "vocab_size")
+
+
+def vision_tower_flops(vision_config, batch: int = 1, layers_run: int | None = None) -> tuple[float, float]:
+    """(weight FLOPs, attention FLOPs) of a CLIP/SigLIP-style tower on ``batch`` images."""
+    dv = _get(vision_config, "hidden_size")
+    inter = _get(vision_config, "intermediate_size")
+    image, patch = _get(vision_config, "image_size"), _get(vision_config, "patch_size")
+    channels = _get(vision_config, "num_channels", 3) or 3
+    n = (image // patch) ** 2
+    has_cls = _get(vision_config, "model_type", "clip_vision_model") in ("clip_vision_model", "clip")
+    t = n + (1 if has_cls else 0)
+    layers = _get(vision_config, "num_hidden_layers") if layers_run is None else layers_run
+    conv = 2 * n * dv * channels * patch * patch
+    per_layer = 2 * t * (4 * dv * dv + 2 * dv * inter)
+    attn = 4 * t * t * dv
+    return batch * (conv + layers * per_layer), batch * layers * attn
+
+
+def llm_layer_flops(text_config, seq: int) -> tuple[float, float]:
+    """(linear FLOPs, attention FLOPs) of one Llama decoder layer on ``seq`` positions (prefill)."""
+    d, heads, kv_heads, hd, inter, _ = _llm_dims(text_config)
+    linear = 2 * seq * (d * heads * hd + 2 * d * kv_heads * hd + heads * hd * d + 3 * d * inter)
+    attn = 4 * seq * seq * heads * hd
+    return linear, attn
+
+
+def learnpruner_overhead_flops(config, plan, text_tokens: int, text_after_image: int) -> float:
+    """FLOPs of LearnPruner's machinery beyond the model itself, exactly as the code computes them:
+    LPM (Dv -> h -> 2) on all N, projecting all N tokens for diversity instead of R1, the N x N cosine
+    similarity, and stage-2 scoring (q_proj on the instruction rows, k_proj on all rows, Q x S logits)."""
+    vc, tc = _get(config, "vision_config"), _get(config, "text_config")
+    d, heads, kv_heads, hd, _, _ = _llm_dims(tc)
+    dv = _get(vc, "hidden_size")
+    n, r1 = plan.num_vision_tokens, plan.r1
+    hidden = 512
+    total = 0.0
+    if r1 < n:
+        total += 2 * n * (dv * hidden + hidden * 2)  # LPM
+        total += 2 * (n - r1) * (dv * d + d * d)  # projector on all N instead of R1
+        total += 2 * n * n * d  # cosine similarity matrix
+    if plan.layer is not None and plan.r2 is not None and plan.r2 < r1:
+        s = text_tokens + r1
+        q = text_after_image
+        total += 2 * q * d * heads * hd + 2 * s * d * kv_heads * hd + 2 * q * s * heads * hd
+    return total
+
+
+def count_flops(
+    config,
+    tokens_per_layer: Sequence[int],
+    text_tokens: int,
+    *,
+    batch: int = 1,
+    projected_tokens: int | None = None,
+    vision_layers_run: int | None = None,
+    overhead: float = 0.0,
+) -> FlopBreakdown:
+    """Exact prefill FLOPs of LLaVA with ``tokens_per_layer[l]`` vision tokens in LLM layer ``l``.
+
+    ``projected_tokens``: tokens the projector maps (default: ``tokens_per_layer[0]``, i.e. R1).
+    The LM head runs on the last position only (what generation needs at prefill).
+    """
+    vc, tc = _get(config, "vision_config"), _get(config, "text_config")
+    vision, vision_attn = vision_tower_flops(vc, batch, vision_layers_run)
+    d, *_rest, vocab = _llm_dims(tc)
+    dv = _get(vc, "hidden_size")
+    p = tokens_per_layer[0] if projected_tokens is None else projected_tokens
+    projector = batch * 2 * p * (dv * d + d * d)
+    llm = llm_attn = 0.0
+    for v in tokens_per_layer:
+        lin, att = llm_layer_flops(tc, text_tokens + v)
+        llm += lin
+        llm_attn += att
+    return FlopBreakdown(vision, vision_attn, projector, batch * llm, batch * llm_attn, batch * 2 * d * vocab, batch * overhead)
+
+
+def estimate_tflops(config, tokens_per_layer: Sequence[int], text_tokens: int) -> float:
+    """Prefill TFLOPs in the paper's (Table 5) convention: weight matmuls, vision tower included,
+    LM head on the last position; attention products and pruning overhead excluded."""
+    return count_flops(config, tokens_per_layer, text_tokens).tflops
+
+
+def kv_cache_bytes(config, tokens_per_layer: Sequence[int], text_tokens: int, bytes_per_value: int = 2, batch: int = 1) -> int:
+    """Σ_layers (text + vision tokens) × 2 (K and V) × kv_heads × head_dim × bytes."""
+    _, _, kv_heads, hd, _, _ = _llm_dims(_get(config, "text_config"))
+    return batch * sum((text_tokens + v) * 2 * kv_heads * hd * bytes_per_value for v in tokens_per_layer)
+
+
+def plan_for(method: str, budget: int | None, num_vision_tokens: int, num_layers: int, vision_dim: int, **kw):
+    """The method registry's TokenPlan (so every registered method is counted the same way)."""
+    import warnings
+
+    from .config import PruningConfig
+    from .methods import create_method
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # untrained-LPM warning: only the plan is needed here
+        m = create_method(PruningConfig(method, budget, **kw), num_vision_tokens=num_vision_tokens,
+                          num_layers=num_layers, vision_dim=vision_dim)  # fmt: skip
+    return m.plan

@@ -1,0 +1,279 @@
+"""Which patches a pruning method keeps, drawn on the image (paper Fig. 6 style).
+
+    python -m learnpruner_ext.visualize --model-path P --image-file F --query Q \
+        --methods learnpruner,vispruner,fastv --budget T --out fig.png [--lpm-path L] [--layer K] [--crop]
+
+The overlay is drawn on the *padded square* image the model actually sees (``image_aspect_ratio='pad'``
+centres the image on a square of the processor's mean colour; the patch grid refers to that square).
+Every patch gets one of four looks:
+
+* pruned before the LLM: dimmed;
+* kept by stage 1 for importance: amber frame and amber centre square;
+* kept by stage 1 for diversity: cyan frame and cyan centre square;
+* kept by stage 2 (inside the LLM, from layer k on): the centre square is red (the frame keeps its
+  stage-1 colour).
+
+So the centre pixel of a patch tells its final status and ``count_marks`` can recount R1/R2/D from pixels.
+The demo (``llava.serve.gradio_web_server``) uses the same drawing code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import textwrap
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+STAGE1_COLOR = (255, 190, 0)  # amber: kept by stage 1 for importance
+DIVERSE_COLOR = (0, 220, 255)  # cyan: kept by stage 1 for diversity
+STAGE2_COLOR = (255, 0, 60)  # red: kept by stage 2
+DIM = 0.3  # brightness of pruned patches (so no dimmed pixel can equal a marker colour)
+LEGEND_HEIGHT = 64
+
+
+@dataclass
+class PatchMarks:
+    """Per-patch status of one image (patch indices into the ``grid x grid`` raster of the padded square)."""
+
+    grid: int
+    stage1: list[int]  # kept before the LLM (R1 of them)
+    diverse: list[int]  # subset of stage1 picked for diversity
+    stage2: list[int] | None  # kept from layer k on (R2), subset of stage1; None = no in-LLM stage
+
+    @classmethod
+    def from_trace(cls, trace, grid: int, row: int = 0) -> "PatchMarks":
+        """From ``model.last_pruning_trace()`` (batch row ``row``)."""
+        stage1 = sorted(set(trace.stage1_index[row].tolist())) if trace.stage1_index is not None else list(range(grid * grid))
+        diverse = []
+        if trace.stage1_diverse is not None:
+            idx, flag = trace.stage1_index[row].tolist(), trace.stage1_diverse[row].tolist()
+            diverse = sorted({i for i, f in zip(idx, flag) if f})
+        stage2 = sorted(set(trace.stage2_index[row].tolist())) if trace.stage2_index is not None else None
+        return cls(grid=grid, stage1=stage1, diverse=diverse, stage2=stage2)
+
+    def counts(self) -> dict:
+        return {
+            "r1": len(self.stage1),
+            "diverse": len(self.diverse),
+            "r2": len(self.stage2) if self.stage2 is not None else None,
+            "pruned": self.grid * self.grid - len(self.stage1),
+        }
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType size support
+        return ImageFont.load_default()
+
+
+def pad_to_square(image: Image.Image, background=(122, 116, 104)) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """``expand2square`` as the model sees it, plus the box ``(x0, y0, x1, y1)`` of the original image in it."""
+    from llava.mm_utils import expand2square
+
+    w, h = image.size
+    side = max(w, h)
+    x0, y0 = (side - w) // 2, (side - h) // 2
+    return expand2square(image.convert("RGB"), tuple(background)), (x0, y0, x0 + w, y0 + h)
+
+
+def cell_size(grid: int, display: int = 448) -> int:
+    return max(12, math.ceil(display / grid))
+
+
+def draw_overlay(
+    image: Image.Image,
+    marks: PatchMarks,
+    background=(122, 116, 104),
+    display: int = 448,
+    legend: bool = True,
+    crop: bool = False,
+) -> Image.Image:
+    """Overlay ``marks`` on the padded-square ``image``; returns an RGB image of ``grid*cell`` square
+    (plus a ``LEGEND_HEIGHT`` legend strip below when ``legend``). ``crop`` cuts the padding back off
+    (the patch-centre geometry then no longer starts at 0,0)."""
+    g = marks.grid
+    cell = cell_size(g, display)
+    side = g * cell
+    square, box = pad_to_square(image, background)
+    base = np.asarray(square.resize((side, side), Image.BICUBIC), dtype=np.float32)
+    kept = np.zeros((g, g), dtype=bool)
+    kept.flat[marks.stage1] = True
+    mask = np.kron(kept, np.ones((cell, cell), dtype=bool))
+    base[~mask] *= DIM
+    out = Image.fromarray(base.clip(0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(out)
+    frame = max(2, cell // 16)
+    dot = max(2, cell // 8)
+    diverse = set(marks.diverse)
+    stage2 = set(marks.stage2 or ())
+    for p in marks.stage1:
+        r, c = divmod(p, g)
+        x0, y0 = c * cell, r * cell
+        colour = DIVERSE_COLOR if p in diverse else STAGE1_COLOR
+        draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], outline=colour, width=frame)
+        cx, cy = x0 + cell // 2, y0 + cell // 2
+        draw.rectangle([cx - dot, cy - dot, cx + dot, cy + dot], fill=STAGE2_COLOR if p in stage2 else colour)
+    if crop:
+        scale = side / square.width
+        out = out.crop(tuple(round(v * scale) for v in box))
+    if legend:
+        out = _add_legend(out, marks)
+    return out
+
+
+def _add_legend(image: Image.Image, marks: PatchMarks) -> Image.Image:
+    counts = marks.counts()
+    canvas = Image.new("RGB", (max(image.width, 300), image.height + LEGEND_HEIGHT), (255, 255, 255))
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(13)
+    entries = [
+        (STAGE1_COLOR, f"stage 1 kept (importance): {counts['r1'] - counts['diverse']}"),
+        (DIVERSE_COLOR, f"stage 1 kept (diversity): {counts['diverse']}"),
+        (STAGE2_COLOR, f"stage 2 kept: {counts['r2'] if counts['r2'] is not None else '-'}"),
+        ((60, 60, 60), f"pruned (dimmed): {counts['pruned']}"),
+    ]
+    for i, (colour, text) in enumerate(entries):
+        x = 6 + (i % 2) * (canvas.width // 2)
+        y = image.height + 6 + (i // 2) * 28
+        draw.rectangle([x, y + 2, x + 14, y + 16], fill=colour, outline=(0, 0, 0))
+        draw.text((x + 20, y + 1), text, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def count_marks(overlay: Image.Image, grid: int, display: int = 448) -> dict:
+    """Recount the marks from the pixels of an (uncropped) overlay: the centre pixel of each patch."""
+    cell = cell_size(grid, display)
+    arr = np.asarray(overlay.convert("RGB"))
+    out = {"r1": 0, "diverse": 0, "r2": 0}
+    for p in range(grid * grid):
+        r, c = divmod(p, grid)
+        centre = tuple(int(v) for v in arr[r * cell + cell // 2, c * cell + cell // 2])
+        corner = tuple(int(v) for v in arr[r * cell, c * cell])  # on the frame
+        if centre in (STAGE1_COLOR, DIVERSE_COLOR, STAGE2_COLOR):
+            out["r1"] += 1
+        if centre == STAGE2_COLOR:
+            out["r2"] += 1
+        if corner == DIVERSE_COLOR:
+            out["diverse"] += 1
+    return out
+
+
+def processor_background(image_processor) -> tuple[int, int, int]:
+    return tuple(int(round(x * 255)) for x in image_processor.image_mean)
+
+
+def model_grid(model) -> int:
+    return int(round(math.sqrt(model.num_vision_tokens)))
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+PANEL_MARGIN = 8
+
+
+def compose_panels(panels: list[tuple[Image.Image, str, str]]) -> Image.Image:
+    """Side-by-side panels, each ``max overlay width + 2*PANEL_MARGIN`` wide: title above, overlay, answer below."""
+    margin, title_h, answer_h = PANEL_MARGIN, 24, 64
+    panel_width = max(p[0].width for p in panels)
+    font, small = _font(16), _font(13)
+    height = max(p[0].height for p in panels)
+    width = len(panels) * (panel_width + 2 * margin)
+    canvas = Image.new("RGB", (width, title_h + height + answer_h), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, (overlay, title, answer) in enumerate(panels):
+        x = i * (panel_width + 2 * margin) + margin
+        draw.text((x, 4), title, fill=(0, 0, 0), font=font)
+        canvas.paste(overlay, (x, title_h))
+        lines = textwrap.wrap(f"A: {answer}", width=max(20, panel_width // 8))[:3]
+        for j, line in enumerate(lines):
+            draw.text((x, title_h + height + 4 + 18 * j), line, fill=(0, 0, 0), font=small)
+    return canvas
+
+
+def check_methods(methods: list[str]) -> None:
+    from .methods import available_methods
+
+    unknown = [m for m in methods if m not in available_methods()]
+    if unknown:
+        raise SystemExit(
+            f"error: pruning method(s) {', '.join(unknown)} are not registered; available: {', '.join(available_methods())}"
+        )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="Render kept-patch overlays of several pruning methods side by side.")
+    parser.add_argument("--model-path", default=None, help="checkpoint (default: the built-in toy checkpoint)")
+    parser.add_argument("--image-file", required=True)
+    parser.add_argument("--query", required=True)
+    parser.add_argument("--methods", default="learnpruner", help="comma-separated registered methods")
+    parser.add_argument("--budget", type=int, required=True, help="average vision tokens per LLM layer")
+    parser.add_argument("--layer", type=int, default=None, help="stage-2 layer k (default: each method's own)")
+    parser.add_argument("--lpm-path", default=None)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--crop", action="store_true", help="cut the square padding off the overlays")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        parser.error("--methods is empty")
+    check_methods(methods)
+
+    from llava.inference import GenerationSettings, generate_answers
+    from llava.mm_utils import load_image
+    from llava.model.builder import load_pretrained_model
+
+    from .config import BudgetError, PruningConfig
+    from .modeling import apply_pruning
+
+    try:
+        image = load_image(args.image_file)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from err
+    tokenizer, model, processor, _ = load_pretrained_model(args.model_path, device=args.device)
+    grid, background = model_grid(model), processor_background(processor)
+    panels, summary = [], {"panels": []}
+    for name in methods:
+        layer = args.layer if args.layer is not None and "decoder" in _acts_at(name) else None
+        config = PruningConfig(method=name, budget=args.budget, layer=layer, lpm_path=args.lpm_path if name == "learnpruner" else None)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                apply_pruning(model, config)
+        except (BudgetError, ValueError) as err:
+            raise SystemExit(f"error: {name} at budget {args.budget}: {err}") from err
+        answer = generate_answers(model, tokenizer, processor, [image], [args.query],
+                                  settings=GenerationSettings(max_new_tokens=args.max_new_tokens))[0]  # fmt: skip
+        trace = model.last_pruning_trace()
+        marks = PatchMarks.from_trace(trace, grid)
+        overlay = draw_overlay(image, marks, background, crop=args.crop)
+        counts = marks.counts()
+        title = f"{name}  T={args.budget}  R1={counts['r1']}" + (f"  R2={counts['r2']} (k={trace.layer})" if counts["r2"] is not None else "")
+        panels.append((overlay, title, answer))
+        summary["panels"].append({"method": name, "answer": answer, **counts, "layer": trace.layer,
+                                  "vision_tokens_per_layer": list(trace.vision_tokens_per_layer)})  # fmt: skip
+    figure = compose_panels(panels)
+    figure.save(args.out)
+    summary["out"] = args.out
+    summary["panel_width"] = figure.width // len(panels)
+    print(json.dumps(summary))
+    return summary
+
+
+def _acts_at(name: str) -> str:
+    from .methods import get_method_class
+
+    return get_method_class(name).acts_at
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)

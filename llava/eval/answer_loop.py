@@ -1,0 +1,408 @@
+"""The loop shared by the answer generators (``model_vqa_loader``, ``model_vqa_science``, ``model_vqa_mmbench``).
+
+A generator only parses its question file into :class:`Item` s (one per prompt to answer) and
+says how an answer line is identified (:func:`run` ``answer_key``). This module does the rest:
+
+* upstream LLaVA's flags (``--model-path --model-base --image-folder --question-file --answers-file
+  --conv-mode --num-chunks --chunk-idx --temperature --top_p --num_beams --max_new_tokens``), the
+  pruning flags, ``--batch-size``, ``--device``, ``--dtype``;
+* chunking (:func:`get_chunk`, upstream's split: ``ceil(n / num_chunks)`` questions per chunk);
+* resume: answers already in ``--answers-file`` are skipped; a truncated last line (a run killed
+  mid-write) is dropped and redone; a file written by a different method / budget / model /
+  settings is refused rather than mixed;
+* input checks before any model work: malformed question lines (with their line number), missing
+  images (all of them, named), answer lines that do not belong to this question file / chunk;
+* batching: prompts with an image are batched together (left padding, greedy decoding equals batch
+  size 1), text-only prompts are batched separately and run without ``pixel_values``;
+* writing: one JSON line per answer, flushed and fsync'ed after every batch, with upstream's fields
+  ``question_id, prompt, text, answer_id, model_id, metadata`` plus the token accounting
+  ``method, budget, r1, r2, layer, convention, vision_tokens_per_layer``;
+* a tqdm progress bar with ETA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from tqdm import tqdm
+
+from learnpruner_ext import apply_pruning
+from learnpruner_ext.cli import add_pruning_args, pruning_config_from_args
+
+from ..conversation import get_conv_template
+from ..inference import GenerationSettings, generate_answers
+from ..mm_utils import get_model_name_from_path, load_image, tokenizer_image_token
+
+
+class InputError(ValueError):
+    """Bad generator input (question file, answers file, images). The message names the file and line."""
+
+
+# ---------------------------------------------------------------------------------------------- chunks
+def split_list(lst: list, n: int) -> list[list]:
+    """Upstream LLaVA's split: chunks of ``ceil(len / n)`` items (the last ones may be short or absent)."""
+    chunk_size = max(1, math.ceil(len(lst) / n))
+    return [lst[i : i + chunk_size] for i in range(0, len(lst), chunk_size)]
+
+
+def get_chunk(lst: list, n: int, k: int) -> list:
+    """Chunk ``k`` of ``n``; an empty list when there are fewer questions than chunks."""
+    if n < 1 or not 0 <= k < n:
+        raise InputError(f"--chunk-idx must be in [0, --num-chunks) with --num-chunks >= 1, got chunk {k} of {n}")
+    chunks = split_list(lst, n)
+    return chunks[k] if k < len(chunks) else []
+
+
+# ---------------------------------------------------------------------------------------------- flags
+def build_parser(description: str, question_help: str, image_folder: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model-path", default=None, help="checkpoint folder (default: the built-in toy model)")
+    parser.add_argument("--model-base", default=None)
+    if image_folder:
+        parser.add_argument("--image-folder", default="", help="folder the question file's image paths are relative to")
+    parser.add_argument("--question-file", required=True, help=question_help)
+    parser.add_argument("--answers-file", required=True, help="answers .jsonl (appended to; existing answers are kept)")
+    parser.add_argument("--conv-mode", default="llava_v1")
+    parser.add_argument("--num-chunks", type=int, default=1, help="split the questions into this many chunks ...")
+    parser.add_argument("--chunk-idx", type=int, default=0, help="... and answer this one (0-based)")
+    parser.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (what the eval scripts use)")
+    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--num_beams", type=int, default=1)
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=1, help="prompts per generate() call (left padding)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_pruning_args(parser)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- items
+@dataclass
+class Item:
+    """One prompt to answer.
+
+    ``question`` is the user turn without ``<image>`` (the image token is placed first, as upstream
+    does); ``record`` holds the fields of the answer line that identify it (``question_id``,
+    ``prompt``, MMBench's ``round_id``/``options``/``option_char``); ``image`` is a file path, a
+    zero-argument callable returning a PIL image, or None for a text-only prompt.
+    """
+
+    question: str
+    record: dict
+    image: str | Callable | None = None
+    where: str = ""  # "file:line", for error messages
+
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None
+
+
+def read_jsonl_questions(path: str, required: Iterable[str]) -> list[tuple[int, dict]]:
+    """``[(line number, question dict)]``; a malformed line raises :class:`InputError` naming it."""
+    if not os.path.isfile(path):
+        raise InputError(f"question file not found: {path}")
+    required = tuple(required)
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                q = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{lineno}: malformed question line ({e.msg}); fix or delete the line") from None
+            if not isinstance(q, dict):
+                raise InputError(f"{path}:{lineno}: expected a JSON object per line, got {type(q).__name__}")
+            missing = [k for k in required if k not in q]
+            if missing:
+                raise InputError(f"{path}:{lineno}: question line lacks key(s) {missing} (needs {list(required)})")
+            out.append((lineno, q))
+    if not out:
+        raise InputError(f"question file {path} has no questions")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- run identity
+def run_identity(args: argparse.Namespace, pruning, prompt_settings: dict | None = None) -> dict:
+    """What must be equal for two runs' answers to share a file: model, method, budget and settings."""
+    settings = {
+        "conv_mode": args.conv_mode,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "num_beams": args.num_beams,
+        "max_new_tokens": args.max_new_tokens,
+    }
+    if pruning.method != "none":  # hyper-parameters of a method that does nothing do not matter
+        settings.update(
+            pruning_layer=pruning.layer,
+            pruning_ratio=pruning.ratio,
+            diversity_ratio=pruning.diversity,
+            position_mode=pruning.position_mode,
+            lpm_path=os.path.abspath(pruning.lpm_path) if pruning.lpm_path else None,
+            pruning_seed=pruning.seed,
+            method_options=dict(sorted(pruning.options.items())),
+        )
+    settings.update(prompt_settings or {})
+    model_path = args.model_path or _default_model_path()
+    return {"method": pruning.method, "budget": pruning.budget, "model_id": get_model_name_from_path(model_path),
+            "settings": settings}  # fmt: skip
+
+
+def _default_model_path() -> str:
+    from ..model.builder import DEFAULT_MODEL_PATH
+
+    return str(DEFAULT_MODEL_PATH)
+
+
+def _describe(identity: dict) -> str:
+    return f"method={identity['method']!r} budget={identity['budget']!r} model_id={identity['model_id']!r}"
+
+
+def read_existing_answers(path: str, identity: dict, answer_key: Callable[[dict], tuple]) -> Counter:
+    """Keys of the complete answers in ``path`` (a Counter); drops a truncated last line from the file.
+
+    Refuses (InputError) a file whose answers come from another model / method / budget / settings,
+    or that has a corrupt line before the last one.
+    """
+    done: Counter = Counter()
+    if not os.path.exists(path):
+        return done
+    with open(path, "rb") as f:
+        data = f.read()
+    segments = data.split(b"\n")  # the last segment is the text after the final newline (normally empty)
+    keep_until, add_newline, offset = len(data), False, 0
+    for lineno, raw in enumerate(segments, 1):
+        last = lineno == len(segments)
+        start, offset = offset, offset + len(raw) + 1
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+            if not isinstance(rec, dict) or "text" not in rec or "question_id" not in rec:
+                raise ValueError("not an answer record")
+        except (ValueError, UnicodeDecodeError) as e:
+            if last:  # killed mid-write: drop the partial line, its question is answered again
+                print(f"warning: {path}:{lineno}: dropping a truncated last line (interrupted run); it is redone",
+                      file=sys.stderr)  # fmt: skip
+                keep_until = start
+                break
+            raise InputError(
+                f"{path}:{lineno}: corrupt answer line ({e}); delete that line (or the file) and run again"
+            ) from None
+        _check_identity(path, lineno, rec, identity)
+        done[answer_key(rec)] += 1
+        add_newline = last  # complete record, only its newline is missing
+    if keep_until < len(data) or add_newline:
+        with open(path, "r+b") as f:
+            f.truncate(keep_until)
+            if add_newline:
+                f.seek(keep_until)
+                f.write(b"\n")
+    return done
+
+
+def _check_identity(path: str, lineno: int, rec: dict, identity: dict) -> None:
+    theirs = {k: rec.get(k) for k in ("method", "budget", "model_id")}
+    if "method" not in rec or theirs != {k: identity[k] for k in theirs}:
+        raise InputError(
+            f"{path}:{lineno}: this answers file holds answers of another run "
+            f"({_describe(theirs) if 'method' in rec else 'no method recorded'}) but this run is "
+            f"{_describe(identity)}; answers of different runs are never mixed: use another --answers-file "
+            "(the eval scripts put method and budget in the path) or delete this one"
+        )
+    their_settings = (rec.get("metadata") or {}).get("settings")
+    if their_settings is not None and their_settings != identity["settings"]:
+        mine = identity["settings"]
+        diff = sorted(k for k in set(their_settings) | set(mine) if their_settings.get(k) != mine.get(k))
+        details = ", ".join(f"{k}: file {their_settings.get(k)!r} vs now {mine.get(k)!r}" for k in diff)
+        raise InputError(
+            f"{path}:{lineno}: this answers file was written with other settings ({details}); answers of "
+            "different settings are never mixed: use another --answers-file or delete this one"
+        )
+
+
+def pending_items(items: list[Item], done: Counter, answer_key: Callable[[dict], tuple], answers_file: str) -> list[Item]:
+    """Items without an answer yet; answers that match no item are an error (other questions or chunking)."""
+    left = Counter(done)
+    pending = []
+    for item in items:
+        k = answer_key(item.record)
+        if left[k] > 0:
+            left[k] -= 1
+        else:
+            pending.append(item)
+    extra = +left
+    if extra:
+        example = next(iter(extra))
+        raise InputError(
+            f"{answers_file} has {sum(extra.values())} answer(s) for questions that are not in this chunk of the "
+            f"question file (e.g. {example!r}); was it written for another --question-file or --num-chunks/"
+            "--chunk-idx? Use another --answers-file"
+        )
+    return pending
+
+
+def check_images(items: list[Item]) -> None:
+    missing = [(item.image, item.where) for item in items if isinstance(item.image, str) and not os.path.isfile(item.image)]
+    if missing:
+        listed = "; ".join(f"{path} ({where})" for path, where in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise InputError(f"{len(missing)} image file(s) not found: {listed}{more}; check --image-folder")
+
+
+# ---------------------------------------------------------------------------------------------- generation
+def batches(items: list[Item], size: int) -> Iterable[list[Item]]:
+    """Batches of ``size`` in question order, image prompts and text-only prompts never mixed."""
+    buffers: dict[bool, list[Item]] = {True: [], False: []}
+    for item in items:
+        buf = buffers[item.has_image]
+        buf.append(item)
+        if len(buf) == size:
+            yield list(buf)
+            buf.clear()
+    for buf in buffers.values():
+        if buf:
+            yield buf
+
+
+def text_only_prompt(question: str, conv_mode: str) -> str:
+    conv = get_conv_template(conv_mode)
+    conv.append_message(conv.roles[0], question)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt()
+
+
+@torch.inference_mode()
+def generate_text_only(model, tokenizer, questions: list[str], conv_mode: str, settings: GenerationSettings) -> list[str]:
+    """Answer prompts without an image: the LLM alone (in-LLM pruning stages see no vision tokens and do nothing)."""
+    ids = [
+        tokenizer_image_token(text_only_prompt(q, conv_mode), tokenizer, model.config.image_token_id, expected_images=0)
+        for q in questions
+    ]
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, x in enumerate(ids):
+        input_ids[row, width - len(x) :] = torch.tensor(x)
+        attention_mask[row, width - len(x) :] = 1
+    input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **settings.kwargs(tokenizer))
+    new_tokens = output[:, input_ids.shape[1] :]
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def _open_image(item: Item):
+    try:
+        image = item.image() if callable(item.image) else item.image
+        return load_image(image)
+    except (FileNotFoundError, ValueError) as err:
+        raise InputError(f"{item.where}: {err}") from None
+
+
+def _accounting(model, has_image: bool) -> dict:
+    if has_image:
+        s = model.last_pruning_trace().summary()
+    else:  # no image: no vision tokens in any layer; R1/R2 are what an image would have got
+        plan = model.pruner.plan if model.pruner is not None else None
+        n = model.num_vision_tokens
+        s = {"r1": plan.r1 if plan else n, "r2": plan.r2 if plan else None, "layer": plan.layer if plan else None,
+             "convention": plan.convention if plan else "average",
+             "vision_tokens_per_layer": [0] * model.config.text_config.num_hidden_layers}  # fmt: skip
+    return {k: s.get(k) for k in ("r1", "r2", "layer", "convention", "vision_tokens_per_layer")}
+
+
+@dataclass
+class RunSummary:
+    answers_file: str
+    total: int  # prompts in this chunk
+    already: int  # answered before this run
+    generated: int
+    identity: dict = field(default_factory=dict)
+
+
+def run(
+    args: argparse.Namespace,
+    items: list[Item],
+    answer_key: Callable[[dict], tuple],
+    prompt_settings: dict | None = None,
+    loaded: tuple | None = None,
+) -> RunSummary:
+    """Answer ``items`` (already chunked) into ``args.answers_file``, resuming; see the module docstring.
+
+    ``loaded``: an already loaded ``(tokenizer, model, image_processor)`` to reuse (the sweep); the
+    pruning flags in ``args`` are applied to it.
+    """
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    pruning = pruning_config_from_args(args)
+    identity = run_identity(args, pruning, prompt_settings)
+    answers_file = os.path.expanduser(args.answers_file)
+    done = read_existing_answers(answers_file, identity, answer_key)
+    pending = pending_items(items, done, answer_key, answers_file)
+    check_images(pending)
+    os.makedirs(os.path.dirname(os.path.abspath(answers_file)), exist_ok=True)
+    open(answers_file, "a").close()  # an empty chunk still leaves its (empty) file for merging
+    summary = RunSummary(answers_file, len(items), len(items) - len(pending), 0, identity)
+    if not pending:
+        print(f"{answers_file}: all {len(items)} answers already present", file=sys.stderr)
+        return summary
+
+    torch.manual_seed(pruning.seed)  # an untrained LPM / sampling are reproducible
+    if loaded is None:
+        from ..model.builder import load_pretrained_model
+
+        tokenizer, model, processor, _ = load_pretrained_model(
+            args.model_path, args.model_base, device=args.device, dtype=args.dtype, pruning=pruning
+        )
+    else:
+        tokenizer, model, processor = loaded
+        apply_pruning(model, pruning)
+    settings = GenerationSettings(args.temperature, args.top_p, args.num_beams, args.max_new_tokens)
+    model_id = identity["model_id"]
+    bar = tqdm(total=len(items), initial=summary.already, desc=os.path.basename(answers_file), unit="q",
+               disable=getattr(args, "no_progress", False), file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+    with open(answers_file, "a", encoding="utf-8") as out:
+        for batch in batches(pending, args.batch_size):
+            questions = [item.question for item in batch]
+            if batch[0].has_image:
+                images = [_open_image(item) for item in batch]
+                texts = generate_answers(model, tokenizer, processor, images, questions, args.conv_mode, settings)
+            else:
+                texts = generate_text_only(model, tokenizer, questions, args.conv_mode, settings)
+            accounting = _accounting(model, batch[0].has_image)
+            for item, text in zip(batch, texts):
+                line = {
+                    **item.record,
+                    "text": text,
+                    "answer_id": uuid.uuid4().hex,
+                    "model_id": model_id,
+                    "metadata": {"settings": identity["settings"], **({} if item.has_image else {"text_only": True})},
+                    "method": identity["method"],
+                    "budget": identity["budget"],
+                    **accounting,
+                }
+                out.write(json.dumps(line, ensure_ascii=False) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+            summary.generated += len(batch)
+            bar.update(len(batch))
+    bar.close()
+    return summary
+
+
+def cli(main: Callable[[list[str] | None], Any]) -> None:
+    """Run a generator's ``main``; input errors end the process with a one-line message (exit code 1)."""
+    try:
+        main(None)
+    except (InputError, FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,592 @@
+"""Efficiency of visual-token pruning (paper Table 5): FLOPs, KV cache, prefill/decode time, peak memory.
+
+    python -m llava.eval.efficiency --config-only llava-v1.5-7b --methods none,learnpruner --budgets 128,64,32
+    python -m llava.eval.efficiency --analytic --config-only llava-v1.5-7b --methods none,learnpruner --budgets 128,32 --json
+    python -m llava.eval.efficiency --model-path CKPT --methods none,learnpruner,fastv --budgets 192,128,64
+
+Every (method, budget) row runs in the same process on the same image+prompt pairs (POPE-style, ~60 text
+tokens). ``--config-only NAME`` builds the architecture with random bf16 weights (timing only; no
+checkpoint needed). ``--analytic`` needs no weights at all: FLOPs and KV size are counted per layer from
+the method registry's TokenPlan (see ``learnpruner_ext.flops`` for the FLOP convention).
+
+Measured rows also run an *oracle*: the same model fed sequences already cut to the method's per-layer
+token counts by plain slicing at fixed indices (no scoring or selection), so ``prefill / oracle`` is the
+cost of the pruning machinery. See docs/efficiency.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from learnpruner_ext.flops import count_flops, kv_cache_bytes, learnpruner_overhead_flops, plan_for
+
+MIB = 2**20
+
+# POPE-style questions; with the vicuna_v1 template they give ~60 text tokens with the LLaMA tokenizer.
+POPE_QUESTIONS = [
+    "Is there a dog in the image? Answer the question using a single word or phrase.",
+    "Is there a traffic light in the image? Answer the question using a single word or phrase.",
+    "Is there a person in the image? Answer the question using a single word or phrase.",
+    "Is there a dining table in the image? Answer the question using a single word or phrase.",
+]
+PREFIX_TOKENS = 35  # vicuna_v1 system prompt + "USER:" (+BOS), before the image, with the LLaMA tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------
+# configurations
+# ---------------------------------------------------------------------------------------------------
+def named_config(name: str):
+    """LLaVA-1.5 architectures (CLIP ViT-L/14-336 + mlp2x_gelu + Vicuna/LLaMA)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    sizes = {
+        "llava-v1.5-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+        "llava-v1.5-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+    }
+    if name not in sizes:
+        raise ValueError(f"unknown --config-only {name!r}; known: {', '.join(sizes)}")
+    vision = CLIPVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+    )  # fmt: skip
+    s = sizes[name]
+    text = LlamaConfig(
+        vocab_size=32064, num_key_value_heads=s["num_attention_heads"], max_position_embeddings=4096,
+        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, **s,
+    )  # fmt: skip
+    return LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=32000, projector_hidden_act="gelu",
+        vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=576,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def geometry(config) -> tuple[int, int, int]:
+    vc = config.vision_config
+    return (vc.image_size // vc.patch_size) ** 2, config.text_config.num_hidden_layers, vc.hidden_size
+
+
+def build_random_model(config, device: torch.device, dtype: torch.dtype = torch.bfloat16):
+    """The architecture with random weights created directly in ``dtype`` (no fp32 copy, no uninitialised
+    memory): small normals drawn in place, norms set to 1, biases to 0."""
+    from transformers.initialization import no_init_weights
+
+    from learnpruner_ext.modeling import PrunableLlavaForConditionalGeneration
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with no_init_weights(), torch.device(device):
+            model = PrunableLlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# analytic rows
+# ---------------------------------------------------------------------------------------------------
+def method_budgets(methods: list[str], budgets: list[int], config=None, plan_kw=None) -> list[tuple[str, int | None]]:
+    """(method, budget) pairs; with ``config``, pairs whose budget the method cannot meet are skipped (stderr)."""
+    from learnpruner_ext.config import BudgetError
+
+    rows = []
+    for m in methods:
+        for b in [None] if m == "none" else budgets:
+            if config is not None:
+                try:
+                    plan_for(m, b, *geometry(config), **(plan_kw or {}))
+                except BudgetError as e:
+                    print(f"[efficiency] skipping {m} T={b}: {e}", file=sys.stderr)
+                    continue
+            rows.append((m, b))
+    return rows
+
+
+def analytic_row(config, method: str, budget: int | None, text_tokens: int, text_after_image: int | None = None,
+                 bytes_per_value: int = 2, **plan_kw) -> dict:  # fmt: skip
+    """FLOPs and KV cache of one (method, budget), from the registry's TokenPlan; no weights."""
+    n, layers, dv = geometry(config)
+    plan = plan_for(method, budget, n, layers, dv, **plan_kw)
+    tpl = plan.tokens_per_layer
+    after = text_tokens - PREFIX_TOKENS if text_after_image is None else text_after_image
+    overhead = learnpruner_overhead_flops(config, plan, text_tokens, after) if method == "learnpruner" else 0.0
+    fl = count_flops(config, tpl, text_tokens, overhead=overhead)
+    kv = kv_cache_bytes(config, tpl, text_tokens, bytes_per_value)
+    return {
+        "method": method,
+        "budget": budget,
+        "r1": plan.r1,
+        "r2": plan.r2,
+        "layer": plan.layer,
+        "avg_vision_tokens": plan.average,
+        "text_tokens": text_tokens,
+        "tflops": fl.tflops,
+        "attn_tflops": fl.attn_tflops,
+        "overhead_tflops": fl.overhead_tflops,
+        "kv_cache_mb": kv / MIB,
+        "kv_cache_bytes": kv,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# measurement helpers
+# ---------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA max allocated (GPU), else peak RSS delta (VmHWM after resetting it)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            with contextlib.suppress(OSError):
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # resets VmHWM to the current RSS
+            self.base = _rss_bytes("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.peak = max(_rss_bytes("VmHWM") - self.base, 0)
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes held by a DynamicCache's key and value tensors (read from the tensors themselves)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.nbytes
+    return total
+
+
+@dataclass
+class Sample:
+    prefix: torch.Tensor  # [1, P] ids before the image
+    suffix: torch.Tensor  # [1, Q] ids after the image
+    pixel_values: torch.Tensor  # [1, 3, H, W]
+
+    def input_ids(self, num_image_tokens: int, image_token_id: int) -> torch.Tensor:
+        image = torch.full((1, num_image_tokens), image_token_id, dtype=torch.long, device=self.prefix.device)
+        return torch.cat([self.prefix, image, self.suffix], dim=1)
+
+
+def synthetic_samples(config, num: int, text_tokens: int, device, dtype, seed: int = 0) -> list[Sample]:
+    """Random ids (same split as a POPE prompt: PREFIX_TOKENS before the image) and random pixels."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = config.text_config.vocab_size
+    image_size = config.vision_config.image_size
+    prefix_len = min(PREFIX_TOKENS, text_tokens - 1)
+    out = []
+    for _ in range(num):
+        ids = torch.randint(5, vocab, (1, text_tokens), generator=g)
+        ids[ids == config.image_token_id] = 5
+        ids[0, 0] = config.text_config.bos_token_id or 1
+        pix = torch.randn(1, 3, image_size, image_size, generator=g)
+        out.append(Sample(ids[:, :prefix_len].to(device), ids[:, prefix_len:].to(device), pix.to(device, dtype)))
+    return out
+
+
+def checkpoint_samples(model, tokenizer, image_processor, num: int, device, dtype) -> list[Sample]:
+    """POPE-style prompts through the real template and tokenizer, with random-noise images."""
+    from PIL import Image
+
+    from llava.inference import build_prompt
+    from llava.mm_utils import process_images, tokenizer_image_token
+
+    out = []
+    for i in range(num):
+        prompt = build_prompt(POPE_QUESTIONS[i % len(POPE_QUESTIONS)])
+        ids = tokenizer_image_token(prompt, tokenizer, model.config.image_token_id, num_image_tokens=1, expected_images=1)
+        ids = torch.tensor(ids)[None]
+        pos = int((ids[0] == model.config.image_token_id).nonzero()[0])
+        g = torch.Generator().manual_seed(i)
+        pixels = (torch.rand(336, 336, 3, generator=g) * 255).to(torch.uint8).numpy()
+        pv = process_images([Image.fromarray(pixels)], image_processor, model.config)
+        out.append(Sample(ids[:, :pos].to(device), ids[:, pos + 1 :].to(device), pv.to(device, dtype)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# runs
+# ---------------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def run_generation(model, sample: Sample, max_new_tokens: int, device) -> dict:
+    """Prefill (time to first token) then ``max_new_tokens - 1`` greedy decode steps with the KV cache."""
+    from transformers import DynamicCache
+
+    ids = sample.input_ids(model.num_image_tokens, model.config.image_token_id)
+    mask = torch.ones_like(ids)
+    cache = DynamicCache(config=model.config.text_config)
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, pixel_values=sample.pixel_values, attention_mask=mask, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)  # fmt: skip
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    _sync(device)
+    t1 = time.perf_counter()
+    kv = cache_nbytes(cache)
+    for _ in range(max_new_tokens - 1):
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    _sync(device)
+    t2 = time.perf_counter()
+    return {"prefill_s": t1 - t0, "total_s": t2 - t0, "decode_s": t2 - t1, "kv_bytes": kv}
+
+
+@torch.inference_mode()
+def oracle_prefill(model, sample: Sample, plan, device) -> float:
+    """The model on sequences already cut to the plan's token counts: the first R1 patch tokens enter
+    the LLM and layers [k, L) get a plain fixed-index slice of R2 of them. No scoring, no gather."""
+    from transformers import DynamicCache
+    from transformers.masking_utils import create_causal_mask
+
+    mm, lm = model.model, model.model.language_model
+    tc = model.config.text_config
+    r1, r2, k = plan.r1, plan.r2, plan.layer
+    _sync(device)
+    t0 = time.perf_counter()
+    tower = mm.vision_tower(sample.pixel_values, output_hidden_states=True, return_dict=True)
+    feats = tower.hidden_states[model.config.vision_feature_layer]
+    feats = feats[:, 1 : 1 + r1] if mm.has_cls_token else feats[:, :r1]
+    image = mm.multi_modal_projector(feats)
+    h = torch.cat([lm.embed_tokens(sample.prefix), image.to(lm.embed_tokens.weight.dtype), lm.embed_tokens(sample.suffix)], 1)
+    cache = DynamicCache(config=tc)
+    pos = torch.arange(h.shape[1], device=h.device)[None]
+    mask = create_causal_mask(config=tc, inputs_embeds=h, attention_mask=None, past_key_values=cache, position_ids=pos)
+    cos, sin = lm.rotary_emb(h, position_ids=pos)
+    p = sample.prefix.shape[1]
+    for idx, layer in enumerate(lm.layers[: tc.num_hidden_layers]):
+        if k is not None and idx == k and r2 is not None and r2 < r1:
+            cut = lambda x: torch.cat([x[:, : p + r2], x[:, p + r1 :]], 1)  # noqa: E731
+            h, pos, cos, sin = cut(h), cut(pos), cut(cos), cut(sin)
+            mask = create_causal_mask(tc, h, None, cache, position_ids=None, layer_idx=idx)
+        h = layer(h, attention_mask=mask, position_embeddings=(cos, sin), position_ids=pos,
+                  past_key_values=cache, use_cache=True)  # fmt: skip
+    logits = model.lm_head(lm.norm(h[:, -1:]))
+    logits.argmax(-1)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+class _Timers:
+    """Accumulating wall-clock timers around instance methods (synchronised on GPU)."""
+
+    def __init__(self, device):
+        self.device, self.total, self._undo = device, {}, []
+
+    def wrap(self, obj, attr: str, label: str, module_global: bool = False) -> None:
+        if obj is None or not hasattr(obj, attr):
+            return
+        fn = getattr(obj, attr)
+
+        def timed(*a, **kw):
+            _sync(self.device)
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                _sync(self.device)
+                self.total[label] = self.total.get(label, 0.0) + time.perf_counter() - t
+
+        setattr(obj, attr, timed)
+        self._undo.append((obj, attr, fn, module_global))
+
+    def restore(self) -> None:
+        for obj, attr, fn, module_global in reversed(self._undo):
+            if module_global:
+                setattr(obj, attr, fn)
+            else:
+                with contextlib.suppress(AttributeError):
+                    delattr(obj, attr)  # instance attribute shadowing the class method
+        self._undo = []
+
+
+def overhead_breakdown(model, sample: Sample, max_new_tokens: int, device) -> dict:
+    """One extra prefill with timers around the pruning machinery's parts (seconds)."""
+    import learnpruner_ext.methods.learnpruner as lp_module
+
+    mm = model.model
+    pruner = mm.pruner
+    timers = _Timers(device)
+    timers.wrap(mm.vision_tower, "forward", "vision_tower")
+    timers.wrap(pruner, "select_vision", "stage1_total")
+    timers.wrap(getattr(pruner, "lpm", None), "keep_scores", "lpm")
+    timers.wrap(lp_module, "importance_plus_diversity", "topk_diversity", module_global=True)
+    timers.wrap(mm.multi_modal_projector, "forward", "projector")
+    timers.wrap(pruner, "select_decoder", "stage2_scoring")
+    timers.wrap(mm.language_model, "_prune", "stage2_total")
+    try:
+        run_generation(model, sample, 1, device)
+    finally:
+        timers.restore()
+    t = timers.total
+    out = {
+        "vision_tower_s": t.get("vision_tower", 0.0),
+        "lpm_s": t.get("lpm", 0.0),
+        "diversity_s": t.get("topk_diversity", 0.0),
+        "projector_s": t.get("projector", 0.0),
+        "stage1_total_s": t.get("stage1_total", 0.0),
+        "stage2_scoring_s": t.get("stage2_scoring", 0.0),
+        "slicing_cache_s": max(t.get("stage2_total", 0.0) - t.get("stage2_scoring", 0.0), 0.0),
+    }
+    out["overhead_total_s"] = out["stage1_total_s"] + t.get("stage2_total", 0.0)
+    return out
+
+
+def _median(values):
+    return statistics.median(values) if values else None
+
+
+def measure(model, samples, method, budget, args, device, base_plan_kw) -> dict:
+    from learnpruner_ext import PruningConfig, apply_pruning
+
+    n, layers, dv = geometry(model.config)
+    if method == "none":
+        model.model.set_pruner(None)
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*UNTRAINED.*")
+            apply_pruning(model, PruningConfig(method, budget, lpm_path=args.lpm_path, **base_plan_kw))
+    plan = model.pruner.plan if model.pruner is not None else plan_for("none", None, n, layers, dv)
+    runs, oracle, kv, peaks = [], [], set(), []
+    for rep in range(args.warmup + args.reps):
+        for sample in samples:
+            o = None
+            if not args.no_oracle and rep % 2:  # alternate the order (ABBA) against drifting machine load
+                o = oracle_prefill(model, sample, plan, device)
+            with PeakMemory(device) as pm:
+                r = run_generation(model, sample, args.max_new_tokens, device)
+            if not args.no_oracle and not rep % 2:
+                o = oracle_prefill(model, sample, plan, device)
+            if rep >= args.warmup:
+                runs.append(r)
+                peaks.append(pm.peak)
+                if o is not None:
+                    oracle.append(o)
+            kv.add(r["kv_bytes"])
+    trace = model.last_pruning_trace()
+    row = {
+        "method": method,
+        "budget": budget,
+        "r1": plan.r1,
+        "r2": plan.r2,
+        "layer": plan.layer,
+        "avg_vision_tokens": trace.average_vision_tokens if trace else plan.average,
+        "prefill_s": _median([r["prefill_s"] for r in runs]),
+        "oracle_prefill_s": _median(oracle),
+        "total_s": _median([r["total_s"] for r in runs]),
+        "decode_ms_per_token": 1e3 * _median([r["decode_s"] for r in runs]) / max(args.max_new_tokens - 1, 1),
+        "max_new_tokens": args.max_new_tokens,
+        "prefill_runs_s": [r["prefill_s"] for r in runs],
+        "oracle_runs_s": oracle,
+        "kv_cache_mb_measured": max(kv) / MIB,
+        "kv_cache_bytes_measured": max(kv),
+        "peak_mem_mb": _median(peaks) / MIB,
+        "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "rss_delta",
+    }
+    if method != "none" and not args.no_breakdown:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            row["breakdown"] = overhead_breakdown(model, samples[0], args.max_new_tokens, device)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------------------------
+def _fmt(x, spec=".2f", none="-"):
+    return none if x is None else format(x, spec)
+
+
+def markdown(rows: list[dict]) -> str:
+    base = next((r for r in rows if r["method"] == "none"), rows[0])
+    measured = "prefill_s" in base
+    head = ["Method", "T", "R1/R2@k", "avg tok", "TFLOPs", "ratio", "KV MiB", "ratio"]
+    if measured:
+        head += ["Prefill s", "speedup", "Oracle s", "oracle speedup", "pruned/oracle", "Total s", "Decode ms/tok", "Peak MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        plan = f"{r['r1']}" + (f"/{r['r2']}@{r['layer']}" if r.get("layer") is not None else "")
+        cells = [
+            r["method"], _fmt(r["budget"], "d", str(r["r1"]) if r["method"] == "none" else "-"), plan,
+            _fmt(r["avg_vision_tokens"], ".1f"), _fmt(r["tflops"]), f"{r['tflops'] / base['tflops']:.2f}x",
+            _fmt(r["kv_cache_mb"], ".1f"), f"{r['kv_cache_mb'] / base['kv_cache_mb']:.2f}x",
+        ]  # fmt: skip
+        if measured:
+            o = r.get("oracle_prefill_s")
+            cells += [
+                _fmt(r["prefill_s"], ".3f"), f"{base['prefill_s'] / r['prefill_s']:.2f}x",
+                _fmt(o, ".3f"), _fmt(base["prefill_s"] / o if o else None, ".2f") + ("x" if o else ""),
+                _fmt(r["prefill_s"] / o if o else None, ".3f"), _fmt(r["total_s"], ".3f"),
+                _fmt(r["decode_ms_per_token"], ".1f"), _fmt(r["peak_mem_mb"], ".0f"),
+            ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    breakdowns = [r for r in rows if r.get("breakdown")]
+    if breakdowns:
+        keys = list(breakdowns[0]["breakdown"])
+        lines += ["", "Pruning overhead breakdown (seconds, one instrumented prefill):", "",
+                  "| Method | T | " + " | ".join(k[:-2] for k in keys) + " | prefill - oracle |",
+                  "|" + "---|" * (len(keys) + 3)]  # fmt: skip
+        for r in breakdowns:
+            b = r["breakdown"]
+            diff = r["prefill_s"] - r["oracle_prefill_s"] if r.get("oracle_prefill_s") else None
+            lines.append(f"| {r['method']} | {r['budget']} | " + " | ".join(f"{b[k]:.3f}" for k in keys) + f" | {_fmt(diff, '.3f')} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Efficiency of visual-token pruning (Table 5).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model-path", help="checkpoint folder (HF or original LLaVA format)")
+    src.add_argument("--config-only", metavar="NAME", help="architecture only, random weights: llava-v1.5-7b | llava-v1.5-13b")
+    p.add_argument("--model-base", default=None)
+    p.add_argument("--methods", default="none,learnpruner", help="comma-separated registered methods")
+    p.add_argument("--budgets", default="128,64,32", help="comma-separated budgets T (ignored for 'none')")
+    p.add_argument("--analytic", action="store_true", help="count FLOPs/KV per layer; no weights, no timing")
+    p.add_argument("--text-tokens", type=int, default=60, help="text tokens per prompt for --config-only / --analytic")
+    p.add_argument("--num-prompts", type=int, default=1, help="image+prompt pairs")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=8, help="N generated tokens for total/decode time")
+    p.add_argument("--no-oracle", action="store_true")
+    p.add_argument("--no-breakdown", action="store_true")
+    p.add_argument("--lpm-path", default=None)
+    p.add_argument("--layer", type=int, default=None, help="stage-2 layer k (method default if omitted)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="bf16 on GPU and for --config-only; checkpoint dtype otherwise")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", action="store_true", help="print a JSON list of rows instead of the table")
+    p.add_argument("--output-json", default=None, help="also write the JSON rows to this file")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+    from learnpruner_ext.methods import available_methods
+
+    unknown = [m for m in methods if m not in available_methods()]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; valid methods: {', '.join(available_methods())}")
+    if "none" in methods:
+        methods = ["none"] + [m for m in methods if m != "none"]
+    plan_kw = {"layer": args.layer} if args.layer is not None else {}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.analytic:
+        if args.config_only:
+            config, text_tokens, after = named_config(args.config_only), args.text_tokens, None
+        else:
+            from transformers import AutoConfig
+
+            from llava.model.builder import is_llava_format
+
+            if is_llava_format(args.model_path):
+                raise SystemExit("--analytic with an original-LLaVA-format checkpoint: use --config-only NAME")
+            config, text_tokens, after = AutoConfig.from_pretrained(args.model_path), args.text_tokens, None
+        rows = [analytic_row(config, m, b, text_tokens, after, **plan_kw) for m, b in method_budgets(methods, budgets, config, plan_kw)]
+        if "none" not in methods:
+            base = analytic_row(config, "none", None, text_tokens)
+            rows = [base] + rows
+        _emit(rows, args, header=f"analytic, {text_tokens} text tokens")
+        return rows
+
+    from llava.model.builder import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    t0 = time.perf_counter()
+    if args.config_only:
+        config = named_config(args.config_only)
+        dtype = torch.bfloat16 if args.dtype == "auto" else resolve_dtype(args.dtype, device)
+        model = build_random_model(config, device, dtype)
+        samples = synthetic_samples(config, args.num_prompts, args.text_tokens, device, dtype)
+    else:
+        from llava.model.builder import load_pretrained_model
+
+        tokenizer, model, image_processor, _ = load_pretrained_model(args.model_path, args.model_base, device=str(device), dtype=args.dtype)
+        config, dtype = model.config, next(model.parameters()).dtype
+        samples = checkpoint_samples(model, tokenizer, image_processor, args.num_prompts, device, dtype)
+    build_s = time.perf_counter() - t0
+    text_tokens = samples[0].prefix.shape[1] + samples[0].suffix.shape[1]
+    after = samples[0].suffix.shape[1]
+    print(f"[efficiency] model ready in {build_s:.1f}s on {device} ({dtype}); {text_tokens} text tokens; "
+          f"threads={torch.get_num_threads()}", file=sys.stderr)  # fmt: skip
+
+    todo = method_budgets(methods, budgets, config, plan_kw)
+    if "none" not in methods:
+        todo = [("none", None)] + todo
+    rows = []
+    for m, b in todo:
+        t = time.perf_counter()
+        row = measure(model, samples, m, b, args, device, plan_kw)
+        row.update({k: v for k, v in analytic_row(config, m, b, text_tokens, after, dtype.itemsize, **plan_kw).items() if k not in row})
+        rows.append(row)
+        print(f"[efficiency] {m} T={b}: prefill {row['prefill_s']:.3f}s oracle {_fmt(row['oracle_prefill_s'], '.3f')}s "
+              f"({time.perf_counter() - t:.0f}s)", file=sys.stderr)  # fmt: skip
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_bytes("VmHWM")
+    if device.type != "cuda":
+        print(f"[efficiency] process peak RSS since last reset: {peak / 2**30:.2f} GiB; see docs/efficiency.md", file=sys.stderr)
+    if args.config_only and "learnpruner" in methods and not args.lpm_path:
+        print("[efficiency] note: LearnPruner ran with an untrained LPM (timing only; selections are arbitrary)", file=sys.stderr)
+    _emit(rows, args, header=f"{device}, {dtype}, {text_tokens} text tokens, {args.num_prompts} prompt(s), "
+          f"warmup {args.warmup}, reps {args.reps}, median; N={args.max_new_tokens} tokens")  # fmt: skip
+    return rows
+
+
+def _emit(rows, args, header: str) -> None:
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump({"header": header, "argv": sys.argv[1:], "rows": rows}, f, indent=2)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"<!-- {header} -->")
+        print(markdown(rows))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,357 @@
+"""Sweep methods x budgets x benchmarks and build the paper's Table 1 (plus an accuracy-vs-budget plot).
+
+    python -m llava.eval.sweep --model-path checkpoints/llava-v1.5-7b --methods none,learnpruner \
+        --budgets 128,64,32 --benchmarks gqa,sqa,textvqa,pope,mme,vqav2,mmbench,mmbench_cn \
+        --lpm-path checkpoints/lpm [--eval-root playground/data/eval] --out outputs/sweep [--batch-size 8]
+
+The model is loaded once; for every (method, budget) the method is attached with ``apply_pruning``
+and each benchmark is answered by the same generator code as ``scripts/v1_5/eval/*.sh``
+(``llava.eval.model_vqa_*``) and scored by the same scorer (``llava.eval.eval_*``). ``none`` is
+the unpruned reference and runs once (no budget). A (method, budget) the method cannot meet
+(``BudgetError``) is recorded as infeasible, not a crash. Answers are resumable: re-running the
+same command only answers what is missing.
+
+Writes to ``--out``:
+  answers/<bench>/<model>-<method>-<budget>/{answers.jsonl, metrics.json, scorer side files}
+  results.csv, results.json   one row per (method, budget, benchmark): status, headline metric, tokens
+  table.md                    rows = methods grouped by budget, columns = benchmarks + RelAcc
+  accuracy_vs_budget.png      headline metric per benchmark and RelAcc against the budget
+
+RelAcc = mean over the benchmarks of (method's headline / vanilla's headline), in % (needs ``none``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+
+from learnpruner_ext import BudgetError, PruningConfig, apply_pruning, available_methods
+from learnpruner_ext.config import POSITION_MODES
+
+from . import benchmarks as B
+from ._io import write_atomic, write_json
+from ..mm_utils import get_model_name_from_path
+
+CSV_FIELDS = ("method", "budget", "benchmark", "status", "metric", "value", "n", "missing", "r1", "r2", "layer",
+              "avg_vision_tokens", "extra", "note", "answers_file")  # fmt: skip
+EXTRA_METRICS = {"mme": ("perception", "cognition"), "pope": ("accuracy_mean",), "sqa": ("accuracy",),
+                 "mmbench": ("accuracy_single",), "mmbench_cn": ("accuracy_single",)}  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--model-base", default=None)
+    p.add_argument("--methods", default="none,learnpruner", help=f"comma list of: {', '.join(available_methods())}")
+    p.add_argument("--budgets", default="128,64,32", help="comma list of average vision tokens per LLM layer")
+    p.add_argument("--benchmarks", default=",".join(B.ORDER), help=f"comma list of: {', '.join(B.ORDER)}")
+    p.add_argument("--eval-root", default="./playground/data/eval", help="upstream LLaVA's playground/data/eval layout")
+    p.add_argument("--out", required=True, help="output folder (answers, metrics, results, table, plot)")
+    p.add_argument("--lpm-path", default=None, help="trained LPM (LearnPruner)")
+    p.add_argument("--pruning-layer", type=int, default=None)
+    p.add_argument("--pruning-ratio", type=float, default=3.0)
+    p.add_argument("--diversity-ratio", type=float, default=0.1)
+    p.add_argument("--position-mode", choices=POSITION_MODES, default="contiguous")
+    p.add_argument("--pruning-seed", type=int, default=0)
+    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--conv-mode", default="vicuna_v1")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--vqav2-annotation", default=None, help="VQA annotation json to score VQAv2 locally (else EvalAI)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def parse_budgets(spec: str) -> list[int]:
+    out = []
+    for s in (x.strip() for x in spec.split(",")):
+        if not s:
+            continue
+        try:
+            value = int(s)
+        except ValueError:
+            raise ValueError(f"--budgets: {s!r} is not an integer (e.g. --budgets 128,64,32)") from None
+        if value <= 0:
+            raise ValueError(f"--budgets: a budget must be a positive integer, got {value}")
+        out.append(value)
+    return list(dict.fromkeys(out))
+
+
+def parse_methods(spec: str) -> list[str]:
+    names = list(dict.fromkeys(s.strip() for s in spec.split(",") if s.strip()))
+    unknown = [n for n in names if n not in available_methods()]
+    if unknown or not names:
+        raise ValueError(f"unknown method(s) {unknown or spec!r}; valid methods: {', '.join(available_methods())}")
+    return names
+
+
+def run_name(model_id: str, method: str, budget: int | None) -> str:
+    return f"{model_id}-{method}-{budget if budget is not None else 'full'}"
+
+
+def _measured_tokens(answers_file: str) -> float | None:
+    """Mean over image prompts of the measured vision tokens per LLM layer."""
+    values = []
+    with open(answers_file, encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            per_layer = rec.get("vision_tokens_per_layer")
+            if per_layer and not (rec.get("metadata") or {}).get("text_only"):
+                values.append(sum(per_layer) / len(per_layer))
+    return sum(values) / len(values) if values else None
+
+
+def _method_args(args, method: str, budget: int | None) -> list[str]:
+    argv = ["--pruning-method", method]
+    if budget is not None:
+        argv += ["--visual-token-budget", str(budget)]
+    if args.pruning_layer is not None:
+        argv += ["--pruning-layer", str(args.pruning_layer)]
+    if args.lpm_path:
+        argv += ["--lpm-path", args.lpm_path]
+    argv += ["--pruning-ratio", str(args.pruning_ratio), "--diversity-ratio", str(args.diversity_ratio),
+             "--position-mode", args.position_mode, "--pruning-seed", str(args.pruning_seed)]  # fmt: skip
+    for option in args.method_option:
+        argv += ["--method-option", option]
+    return argv
+
+
+def _config(args, method: str, budget: int | None) -> PruningConfig:
+    from learnpruner_ext.cli import add_pruning_args, pruning_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_pruning_args(parser)
+    return pruning_config_from_args(parser.parse_args(_method_args(args, method, budget)))
+
+
+def run_sweep(args: argparse.Namespace) -> dict:
+    # everything that can be checked without the model, first
+    benches = B.parse_benchmarks(args.benchmarks)
+    methods = parse_methods(args.methods)
+    budgets = parse_budgets(args.budgets)
+    if any(m != "none" for m in methods) and not budgets:
+        raise ValueError("--budgets is empty but pruning methods were requested")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    missing = {b.name: b.missing_files(args.eval_root) for b in benches}
+    missing = {k: v for k, v in missing.items() if v}
+    if missing:
+        listed = "; ".join(f"{k}: {', '.join(v)}" for k, v in missing.items())
+        raise FileNotFoundError(f"benchmark data missing under --eval-root {args.eval_root}: {listed} (see docs/evaluation.md)")
+    combos = ([("none", None)] if "none" in methods else []) + [(m, b) for b in budgets for m in methods if m != "none"]
+    configs = {combo: _config(args, *combo) for combo in combos}  # flag errors (e.g. --method-option) before loading
+
+    from ..model.builder import load_pretrained_model
+
+    import torch
+
+    tokenizer, model, processor, _ = load_pretrained_model(args.model_path, args.model_base, device=args.device, dtype=args.dtype)
+    model_id = get_model_name_from_path(args.model_path)
+    n_vision = model.num_vision_tokens
+    rows = []
+    for method, budget in combos:
+        run = run_name(model_id, method, budget)
+        try:
+            torch.manual_seed(args.pruning_seed)
+            plan = apply_pruning(model, configs[(method, budget)]).plan
+        except BudgetError as err:
+            print(f"[sweep] {run}: infeasible: {err}", file=sys.stderr)
+            rows += [_row(method, budget, b, "infeasible", note=str(err)) for b in benches]
+            continue
+        for bench in benches:
+            run_dir = os.path.join(args.out, "answers", bench.name, run)
+            answers = os.path.join(run_dir, "answers.jsonl")
+            print(f"[sweep] {run} on {bench.name}", file=sys.stderr)
+            argv = ["--model-path", args.model_path, *bench.generator_argv(args.eval_root), "--answers-file", answers,
+                    "--temperature", "0", "--conv-mode", args.conv_mode, "--batch-size", str(args.batch_size),
+                    "--max_new_tokens", str(args.max_new_tokens), "--device", args.device, "--dtype", args.dtype,
+                    *_method_args(args, method, budget)]  # fmt: skip
+            if args.model_base:
+                argv += ["--model-base", args.model_base]
+            if args.no_progress:
+                argv.append("--no-progress")
+            B.generator_module(bench).main(argv, loaded=(tokenizer, model, processor))
+            metrics = B.score(bench, args.eval_root, answers, run_dir, run, args.vqav2_annotation)
+            write_json(os.path.join(run_dir, "metrics.json"), metrics)
+            rows.append(_row(
+                method, budget, bench, "ok", metrics=metrics, plan=plan, answers=answers,
+                avg=_measured_tokens(answers),
+            ))  # fmt: skip
+    results = {
+        "model_path": args.model_path, "model_id": model_id, "num_vision_tokens": n_vision,
+        "methods": methods, "budgets": budgets, "benchmarks": [b.name for b in benches],
+        "metrics": {b.name: b.metric_label for b in benches}, "rows": rows,
+    }  # fmt: skip
+    results["relacc"] = relative_accuracy(rows, benches)
+    write_outputs(args.out, results, benches)
+    return results
+
+
+def _row(method, budget, bench, status, metrics=None, plan=None, answers=None, avg=None, note=""):
+    metrics = metrics or {}
+    value = bench.headline(metrics) if status == "ok" else None
+    if status == "ok" and value is None:
+        status, note = "no_metric", f"{bench.metric} not computed (e.g. VQAv2 test-dev: upload the submission file)"
+    n = metrics.get("n")
+    if n is None and "categories" in metrics:  # POPE counts per category
+        n = sum(metrics[c]["n"] for c in metrics["categories"])
+    return {
+        "method": method, "budget": budget, "benchmark": bench.name, "status": status, "metric": bench.metric,
+        "value": value, "n": n, "missing": metrics.get("missing"),
+        "r1": plan.r1 if plan else None, "r2": plan.r2 if plan else None, "layer": plan.layer if plan else None,
+        "avg_vision_tokens": avg if avg is not None else (plan.average if plan else None),
+        "extra": {k: metrics[k] for k in EXTRA_METRICS.get(bench.name, ()) if k in metrics},
+        "note": note, "answers_file": answers,
+    }  # fmt: skip
+
+
+def relative_accuracy(rows: list[dict], benches) -> dict[str, float | str | None]:
+    """``"method@budget"`` -> mean over benchmarks of value / vanilla x100; "infeasible"; or None (no vanilla)."""
+    vanilla = {r["benchmark"]: r["value"] for r in rows if r["method"] == "none" and r["value"]}
+    names = [b.name for b in benches if vanilla.get(b.name)]
+    out = {}
+    for key in dict.fromkeys(f"{r['method']}@{r['budget']}" for r in rows):
+        mine = [r for r in rows if f"{r['method']}@{r['budget']}" == key]
+        if any(r["status"] == "infeasible" for r in mine):
+            out[key] = "infeasible"
+            continue
+        values = {r["benchmark"]: r["value"] for r in mine if r["value"] is not None}
+        ratios = [values[n] / vanilla[n] for n in names if n in values]
+        out[key] = 100 * sum(ratios) / len(ratios) if ratios and len(ratios) == len(names) else None
+    return out
+
+
+def _fmt(bench: str, value) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.0f}" if bench == "mme" else f"{value:.1f}"
+
+
+def markdown_table(results: dict, benches) -> str:
+    n = results["num_vision_tokens"]
+    rows, rel = results["rows"], results["relacc"]
+    cells = {(r["method"], r["budget"], r["benchmark"]): r for r in rows}
+    header = ["Method", "Avg. tokens"] + [b.title for b in benches] + ["RelAcc."]
+    lines = [
+        f"# Visual-token pruning sweep: {results['model_id']}",
+        "",
+        "Headline metrics: " + "; ".join(f"{b.title} = {b.metric_label}" for b in benches)
+        + ". Avg. tokens = measured mean vision tokens per LLM layer. RelAcc. = mean over benchmarks of "
+        "method / vanilla.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join([":--", "--:"] + ["--:"] * (len(benches) + 1)) + "|",
+    ]  # fmt: skip
+    groups = ([(None, f"Upper Bound, {n} Tokens (100%)")] if "none" in results["methods"] else []) + [
+        (b, f"Retain Averaged {b} Tokens (↓ {100 * (1 - b / n):.1f}%)" if b <= n else f"Budget {b} Tokens (> {n})")
+        for b in results["budgets"]
+        if any(m != "none" for m in results["methods"])
+    ]  # fmt: skip
+    for budget, title in groups:
+        lines.append(f"| *{title}* |" + " |" * (len(header) - 1))
+        for method in results["methods"]:
+            if (method == "none") != (budget is None):
+                continue
+            mine = [cells.get((method, budget, b.name)) for b in benches]
+            row_cells = []
+            for b, r in zip(benches, mine):
+                if r is None or r["status"] == "infeasible":
+                    row_cells.append("infeasible" if r else "–")
+                else:
+                    row_cells.append(_fmt(b.name, r["value"]))
+            avg = next((r["avg_vision_tokens"] for r in mine if r and r["avg_vision_tokens"] is not None), None)
+            relacc = rel.get(f"{method}@{budget}")
+            relacc = relacc if isinstance(relacc, str) else ("–" if relacc is None else f"{relacc:.1f}%")
+            label = "Vanilla (none)" if method == "none" else method
+            avg_s = "–" if avg is None else f"{avg:.1f}"
+            lines.append("| " + " | ".join([label, avg_s, *row_cells, relacc]) + " |")
+    notes = sorted({f"{r['benchmark']}: {r['note']}" for r in rows if r["status"] == "no_metric"})
+    infeasible = sorted({f"{r['method']} @ {r['budget']}: {r['note']}" for r in rows if r["status"] == "infeasible"})
+    if "none" not in results["methods"]:
+        notes.append("RelAcc needs the vanilla model: add `none` to --methods")
+    if notes or infeasible:
+        lines += ["", "Notes:"] + [f"- {x}" for x in notes] + [f"- infeasible: {x}" for x in infeasible]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, benches, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, budgets = results["rows"], sorted(results["budgets"])
+    methods = [m for m in results["methods"] if m != "none"]
+    panels = [(b.title, b.name) for b in benches] + [("RelAcc. (%)", None)]
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, (title, name) in zip(axes.flat, panels):
+        for method in methods:
+            if name is None:
+                ys = [results["relacc"].get(f"{method}@{b}") for b in budgets]
+            else:
+                ys = [next((r["value"] for r in rows if (r["method"], r["budget"], r["benchmark"]) == (method, b, name)), None)
+                      for b in budgets]  # fmt: skip
+            pts = [(b, y) for b, y in zip(budgets, ys) if isinstance(y, (int, float))]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        ref = 100.0 if name is None else next(
+            (r["value"] for r in rows if r["method"] == "none" and r["benchmark"] == name), None)
+        if "none" in results["methods"] and ref is not None:
+            ax.axhline(ref, color="gray", linestyle="--", label="vanilla")
+        if budgets:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(budgets)
+            ax.set_xticklabels([str(b) for b in budgets])
+        ax.set_title(title)
+        ax.set_xlabel("vision tokens per layer (budget)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"Accuracy vs. visual-token budget: {results['model_id']}")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def write_outputs(out: str, results: dict, benches) -> None:
+    os.makedirs(out, exist_ok=True)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for r in results["rows"]:
+        w.writerow({**r, "extra": json.dumps(r["extra"]) if r["extra"] else "", "budget": "" if r["budget"] is None else r["budget"]})
+    write_atomic(os.path.join(out, "results.csv"), buf.getvalue())
+    results["files"] = {k: os.path.join(out, v) for k, v in
+                        (("csv", "results.csv"), ("table", "table.md"), ("plot", "accuracy_vs_budget.png"))}  # fmt: skip
+    write_json(os.path.join(out, "results.json"), results)
+    table = markdown_table(results, benches)
+    write_atomic(os.path.join(out, "table.md"), table)
+    plot(results, benches, os.path.join(out, "accuracy_vs_budget.png"))
+    print(table)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run_sweep(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")

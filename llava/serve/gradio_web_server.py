@@ -1,0 +1,320 @@
+"""Single-process Gradio demo: ask a question about an image and see which patches a pruning method keeps.
+
+    python -m llava.serve.gradio_web_server [--model-path P] [--lpm-path L] [--host 127.0.0.1] [--port 7860]
+
+Unlike upstream LLaVA's controller/worker/web-server trio, the model lives in this process. Requests go
+through Gradio's queue (several users at once); model calls are serialised by a lock because the model
+keeps per-call trace state (``model.last_pruning_trace()``). See docs/demo.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import gradio as gr
+import matplotlib
+
+matplotlib.use("Agg")
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from PIL import Image, UnidentifiedImageError  # noqa: E402
+
+from learnpruner_ext import BudgetError, PruningConfig, apply_pruning, available_methods  # noqa: E402
+from learnpruner_ext.flops import estimate_tflops  # noqa: E402
+from learnpruner_ext.methods import get_method_class  # noqa: E402
+from learnpruner_ext.visualize import PatchMarks, draw_overlay, model_grid, processor_background  # noqa: E402
+
+from ..inference import GenerationSettings, build_prompt, generate_answers  # noqa: E402
+from ..mm_utils import MAX_IMAGE_PIXELS, load_image, tokenizer_image_token  # noqa: E402
+from ..model.builder import load_pretrained_model  # noqa: E402
+
+MAX_SIDE = 4096  # longer images are downscaled (with a notice) before processing
+EXAMPLE_QUESTIONS = ("What shape is the object?", "How many objects are there?", "What color is the background?")
+
+
+class InputProblem(Exception):
+    """A bad request: shown to the user, the server keeps serving."""
+
+
+class _BadUpload:
+    """What the image input passes on when Gradio itself could not open the upload."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _safe_image_preprocess(component: gr.Image):
+    """Make the image input hand a clear message to the handler instead of failing inside Gradio."""
+    original = component.preprocess
+
+    def preprocess(payload):
+        try:
+            return original(payload)
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
+            name = getattr(payload, "orig_name", None) or "the upload"
+            return _BadUpload(f"{name} is not a readable image ({type(err).__name__}); upload a PNG or JPEG file")
+
+    component.preprocess = preprocess
+
+
+def open_request_image(path) -> tuple[Image.Image, str | None]:
+    """Open an uploaded image with the limits of ``load_image``; returns (RGB image, notice or None)."""
+    if path is None:
+        raise InputProblem("No image: upload an image (PNG or JPEG) first.")
+    if isinstance(path, _BadUpload):
+        raise InputProblem(path.message)
+    try:
+        with Image.open(path) as probe:
+            width, height = probe.size
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as err:
+        raise InputProblem(f"{Path(str(path)).name} is not a readable image ({err}); upload a PNG or JPEG file") from err
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InputProblem(
+            f"Image of {width}x{height} pixels is too large (limit {MAX_IMAGE_PIXELS:,} pixels); downscale it first."
+        )
+    try:
+        image = load_image(path)
+    except ValueError as err:
+        raise InputProblem(str(err)) from err
+    notice = None
+    if max(width, height) > MAX_SIDE:
+        scale = MAX_SIDE / max(width, height)
+        image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BICUBIC)
+        notice = f"Image of {width}x{height} was downscaled to {image.width}x{image.height} (longest side > {MAX_SIDE})."
+    return image, notice
+
+
+def make_example_images(out_dir: Path, count: int = 3, seed: int = 0, image_size: int = 192) -> list[str]:
+    """Toy-world scenes (learnpruner_ext.toy) written as PNGs for the examples."""
+    from learnpruner_ext.toy.generate import draw_scene, sample_scene
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        scene = sample_scene(rng, image_size=image_size)
+        path = Path(out_dir) / f"toy_example_{i}.png"
+        draw_scene(scene, image_size=image_size).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def method_default_layer(name: str, num_vision_tokens: int, num_layers: int) -> int | None:
+    """The stage-2 / in-LLM layer a method uses when none is given (None: it does not prune in the LLM)."""
+    cls = get_method_class(name)
+    if "decoder" not in cls.acts_at:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cls(PruningConfig(method=name, budget=num_vision_tokens), num_vision_tokens, num_layers, 8).plan.layer
+    except Exception:  # noqa: BLE001 - a method that cannot be probed cheaply just has no shown default
+        return None
+
+
+def tokens_chart(tokens: list[int], unpruned: list[int], method: str) -> Figure:
+    fig = Figure(figsize=(5, 2.6), dpi=100)
+    ax = fig.add_subplot(111)
+    layers = np.arange(len(tokens))
+    ax.bar(layers, unpruned, color="#d0d0d0", label="unpruned")
+    ax.bar(layers, tokens, color="#e8590c", label=method)
+    ax.set_xlabel("LLM layer")
+    ax.set_ylabel("vision tokens")
+    ax.set_title(f"avg {np.mean(tokens):.1f} vs {np.mean(unpruned):.0f} vision tokens / layer", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+class DemoBackend:
+    """The model and everything one request needs; ``answer`` is thread-safe (a lock around the model)."""
+
+    def __init__(self, model_path=None, lpm_path=None, device="auto", max_new_tokens=64):
+        self.tokenizer, self.model, self.processor, _ = load_pretrained_model(model_path, device=device)
+        self.model_path = model_path
+        self.lpm_path = lpm_path
+        self.max_new_tokens = max_new_tokens
+        self.lock = threading.Lock()
+        self.num_vision_tokens = self.model.num_vision_tokens
+        self.num_layers = self.model.config.text_config.num_hidden_layers
+        self.grid = model_grid(self.model)
+        self.background = processor_background(self.processor)
+        self.methods = available_methods()
+        self._methods_cache: dict = {}
+        self.default_layers = {m: method_default_layer(m, self.num_vision_tokens, self.num_layers) for m in self.methods}
+
+    def _method(self, config: PruningConfig):
+        """Attach the method for ``config``; instances are cached so a (randomly initialised) LPM and any
+        seeded state are the same for every request with the same settings."""
+        key = json.dumps([config.method, config.budget, config.layer, config.lpm_path], default=str)
+        if key not in self._methods_cache:
+            torch.manual_seed(config.seed)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                method = apply_pruning(self.model, config)
+            notes = [str(w.message) for w in caught if "UNTRAINED" in str(w.message)]
+            self._methods_cache[key] = (method, notes)
+        method, notes = self._methods_cache[key]
+        self.model.model.set_pruner(method)
+        return method, notes
+
+    def text_tokens(self, question: str) -> int:
+        return len(tokenizer_image_token(build_prompt(question), self.tokenizer, self.model.config.image_token_id, num_image_tokens=0))
+
+    def _generate(self, image, question):
+        start = time.perf_counter()
+        answer = generate_answers(self.model, self.tokenizer, self.processor, [image], [question],
+                                  settings=GenerationSettings(max_new_tokens=self.max_new_tokens))[0]  # fmt: skip
+        return answer, time.perf_counter() - start, self.model.last_pruning_trace()
+
+    def answer(self, image_path, question, method, budget, layer, also_unpruned):
+        """-> (answer, unpruned answer, overlay, chart, stats text, status, info dict); raises InputProblem."""
+        notices = []
+        image, notice = open_request_image(image_path)
+        if notice:
+            notices.append(notice)
+        question = (question or "").strip()
+        if not question:
+            raise InputProblem("Empty question: type a question about the image.")
+        if method not in self.methods:
+            raise InputProblem(f"Unknown pruning method {method!r}; available: {', '.join(self.methods)}")
+        try:
+            budget = int(budget)
+        except (TypeError, ValueError) as err:
+            raise InputProblem(f"Budget must be a whole number of vision tokens, got {budget!r}") from err
+        uses_layer = "decoder" in get_method_class(method).acts_at
+        k = None
+        if uses_layer and layer not in (None, ""):
+            k = int(layer)
+        config = PruningConfig(method=method, budget=budget, layer=k,
+                               lpm_path=self.lpm_path if method == "learnpruner" else None)  # fmt: skip
+        with self.lock:
+            try:
+                _, notes = self._method(config)
+            except BudgetError as err:
+                raise InputProblem(f"Infeasible budget for {method}: {err}") from err
+            except ValueError as err:
+                raise InputProblem(f"Invalid settings for {method}: {err}") from err
+            notices.extend(notes)
+            answer, latency, trace = self._generate(image, question)
+            unpruned_answer, unpruned_latency = "", None
+            if also_unpruned:
+                self.model.model.set_pruner(None)
+                unpruned_answer, unpruned_latency, _ = self._generate(image, question)
+
+        marks = PatchMarks.from_trace(trace, self.grid)
+        overlay = draw_overlay(image, marks, self.background)
+        tokens = list(trace.vision_tokens_per_layer)
+        full = [self.num_vision_tokens] * self.num_layers
+        text_tokens = self.text_tokens(question)
+        tflops = estimate_tflops(self.model.config, tokens, text_tokens)
+        tflops_full = estimate_tflops(self.model.config, full, text_tokens)
+        counts = marks.counts()
+        info = {
+            "method": method, "budget": budget, "r1": trace.r1, "r2": trace.r2, "layer": trace.layer,
+            "num_vision_tokens": self.num_vision_tokens, "grid": self.grid,
+            "marked": counts, "vision_tokens_per_layer": tokens,
+            "average_vision_tokens": trace.average_vision_tokens,
+            "latency_s": latency, "unpruned_latency_s": unpruned_latency,
+            "est_tflops": tflops, "est_tflops_unpruned": tflops_full,
+            "image_size": list(image.size), "notices": notices,
+        }  # fmt: skip
+        stats = (
+            f"R1 = {trace.r1}, R2 = {trace.r2 if trace.r2 is not None else '-'}"
+            f"{f' (from layer {trace.layer})' if trace.layer is not None else ''}; "
+            f"avg {trace.average_vision_tokens:.1f} of {self.num_vision_tokens} vision tokens per layer\n"
+            f"latency {latency * 1000:.0f} ms"
+            + (f" vs {unpruned_latency * 1000:.0f} ms unpruned" if unpruned_latency is not None else "")
+            + f"\nest. prefill {tflops:.4g} TFLOPs vs {tflops_full:.4g} unpruned ({tflops / tflops_full:.0%}; analytic estimate)"
+        )
+        status = "OK" + ("" if not notices else " - " + " ".join(notices))
+        chart = tokens_chart(tokens, full, method)
+        return answer, unpruned_answer, overlay, chart, stats, status, info
+
+
+def build_demo(model_path=None, lpm_path=None, device="auto", max_new_tokens=64, concurrency_limit=4,
+               backend: DemoBackend | None = None) -> gr.Blocks:  # fmt: skip
+    """The Gradio app (queue configured); call ``.launch()`` on it."""
+    backend = backend or DemoBackend(model_path, lpm_path, device=device, max_new_tokens=max_new_tokens)
+    n = backend.num_vision_tokens
+    default_method = "learnpruner" if "learnpruner" in backend.methods else backend.methods[0]
+    default_budget = max(1, round(n * 64 / 576))
+    example_dir = Path(tempfile.mkdtemp(prefix="llava_demo_examples_"))
+    examples = make_example_images(example_dir)
+
+    def run(image_path, question, method, budget, layer, also_unpruned):
+        try:
+            return backend.answer(image_path, question, method, budget, layer, also_unpruned)
+        except InputProblem as err:
+            gr.Warning(str(err))
+            return "", "", None, None, "", f"Error: {err}", {"error": str(err)}
+
+    def on_method(method):
+        k = backend.default_layers.get(method)
+        return gr.update(value=k, interactive=k is not None)
+
+    title = "LearnPruner for LLaVA: visual-token pruning demo"
+    with gr.Blocks(title=title) as demo:
+        gr.Markdown(
+            f"## {title}\nModel: `{model_path or 'built-in default'}` - {n} vision tokens "
+            f"({backend.grid}x{backend.grid} patches), {backend.num_layers} LLM layers."
+            + ("" if lpm_path or "learnpruner" not in backend.methods else
+               "  \n*No `--lpm-path`: LearnPruner's stage 1 uses an untrained (random) LPM.*")  # fmt: skip
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.Image(type="filepath", label="Image", elem_id="image_input")
+                _safe_image_preprocess(image)
+                question = gr.Textbox(label="Question", placeholder="Ask about the image", elem_id="question")
+                method = gr.Dropdown(backend.methods, value=default_method, label="Pruning method", elem_id="method")
+                budget = gr.Slider(1, n, value=default_budget, step=1, label="Budget (avg vision tokens per LLM layer)",
+                                   elem_id="budget")  # fmt: skip
+                layer = gr.Number(value=backend.default_layers.get(default_method), precision=0,
+                                  label="Stage-2 layer k (in-LLM methods: learnpruner, fastv, dart)", elem_id="layer")  # fmt: skip
+                unpruned = gr.Checkbox(value=False, label="Also run unpruned", elem_id="also_unpruned")
+                submit = gr.Button("Ask", variant="primary", elem_id="ask")
+            with gr.Column(scale=1):
+                status = gr.Textbox(label="Status", interactive=False, elem_id="status")
+                answer = gr.Textbox(label="Answer (pruned)", interactive=False, elem_id="answer")
+                unpruned_answer = gr.Textbox(label="Answer (unpruned)", interactive=False, elem_id="unpruned_answer")
+                overlay = gr.Image(type="pil", label="Kept patches (on the padded square image)", format="png",
+                                   elem_id="overlay")  # fmt: skip
+                stats = gr.Textbox(label="Tokens, latency, estimated TFLOPs", lines=3, interactive=False, elem_id="stats")
+                chart = gr.Plot(label="Vision tokens per LLM layer", elem_id="chart")
+                info = gr.JSON(label="Details", elem_id="info")
+        gr.Examples([[p, q] for p, q in zip(examples, EXAMPLE_QUESTIONS)], inputs=[image, question])
+        method.change(on_method, inputs=method, outputs=layer)
+        inputs = [image, question, method, budget, layer, unpruned]
+        outputs = [answer, unpruned_answer, overlay, chart, stats, status, info]
+        submit.click(run, inputs=inputs, outputs=outputs, api_name="ask")
+        question.submit(run, inputs=inputs, outputs=outputs)
+    demo.queue(default_concurrency_limit=concurrency_limit)
+    demo.backend = backend
+    demo.backend_example_dir = str(example_dir)
+    return demo
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="LearnPruner LLaVA demo (single process)")
+    parser.add_argument("--model-path", default=None, help="checkpoint (default: the built-in toy checkpoint)")
+    parser.add_argument("--lpm-path", default=None, help="trained LPM for learnpruner")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--concurrency-limit", type=int, default=4)
+    parser.add_argument("--share", action="store_true")
+    args = parser.parse_args(argv)
+    demo = build_demo(args.model_path, args.lpm_path, device=args.device, max_new_tokens=args.max_new_tokens,
+                      concurrency_limit=args.concurrency_limit)  # fmt: skip
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
+
+
+if __name__ == "__main__":
+    main()

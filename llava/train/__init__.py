@@ -1,0 +1,1 @@
+"""Training entry points (LPM training: ``python -m llava.train.train_lpm``)."""

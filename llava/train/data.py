@@ -1,0 +1,238 @@
+"""LLaVA instruction data (the LLaVA-665K format) for LPM training.
+
+An entry is ``{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value": str}, ...]}``; ``image``
+is relative to ``image_folder`` and absent for text-only samples. The JSON list is read once; tokenising
+and image decoding happen per item in ``__getitem__``. Structure and image files of the selected subset
+are checked up front, so a bad sample stops the run before training starts, naming the sample.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from ..constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
+from ..conversation import SeparatorStyle, get_conv_template
+from ..mm_utils import load_image, process_images
+
+logger = logging.getLogger(__name__)
+ROLES = {"human": 0, "gpt": 1}
+
+
+def check_fraction(fraction: float) -> float:
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"--data_fraction must be in (0, 1], got {fraction}")
+    return fraction
+
+
+def select_subset(num_entries: int, fraction: float, seed: int) -> list[int]:
+    """Reproducible subset: ``round(fraction · n)`` (at least 1) indices drawn with ``random.Random(seed)``, sorted."""
+    check_fraction(fraction)
+    if fraction == 1.0:
+        return list(range(num_entries))
+    count = max(1, round(num_entries * fraction))
+    return sorted(random.Random(seed).sample(range(num_entries), count))
+
+
+def _sample_id(entry, index: int) -> str:
+    return str(entry.get("id", f"#{index}")) if isinstance(entry, dict) else f"#{index}"
+
+
+def check_entry(entry, index: int) -> None:
+    """Structural checks of one entry; raises ``ValueError`` naming the sample."""
+    sid = _sample_id(entry, index)
+    if not isinstance(entry, dict):
+        raise ValueError(f"sample {sid}: expected a JSON object, got {type(entry).__name__}")
+    turns = entry.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"sample {sid}: 'conversations' must be a non-empty list")
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
+            raise ValueError(f"sample {sid}: turn {i} must be {{'from': 'human'|'gpt', 'value': str}}, got {turn!r:.120}")
+        if ROLES[turn["from"]] != i % 2:
+            raise ValueError(f"sample {sid}: turns must alternate human/gpt starting with human (turn {i} is {turn['from']!r})")
+    if not any(t["from"] == "gpt" for t in turns):
+        raise ValueError(f"sample {sid}: the conversation has no assistant ('gpt') turn, so nothing would be supervised")
+    image = entry.get("image")
+    count = sum(t["value"].count(DEFAULT_IMAGE_TOKEN) for t in turns)
+    if image is None and count:
+        raise ValueError(f"sample {sid}: text-only sample (no 'image') contains {DEFAULT_IMAGE_TOKEN}")
+    if image is not None and (not isinstance(image, str) or count > 1):
+        raise ValueError(f"sample {sid}: expected one image path and at most one {DEFAULT_IMAGE_TOKEN}")
+
+
+def place_image_token(turns: list[dict]) -> list[dict]:
+    """Upstream LLaVA's convention: the image goes first in the first human turn, ``"<image>\\n" + text``."""
+    turns = [dict(t) for t in turns]
+    for turn in turns:
+        if DEFAULT_IMAGE_TOKEN in turn["value"]:
+            turn["value"] = turn["value"].replace(DEFAULT_IMAGE_TOKEN, "").strip()
+    turns[0]["value"] = DEFAULT_IMAGE_TOKEN + "\n" + turns[0]["value"]
+    return turns
+
+
+def build_conversation(turns: list[dict], conv_mode: str) -> tuple[str, list[tuple[int, int]]]:
+    """The prompt string of the template and the character spans the model is trained to produce.
+
+    Each assistant span runs from right after ``"ASSISTANT:"`` to the end of its ``</s>``, as in upstream
+    LLaVA's ``preprocess_v1`` (the answer and its end-of-turn token are supervised, nothing else).
+    """
+    conv = get_conv_template(conv_mode)
+    if conv.sep_style is not SeparatorStyle.TWO:
+        raise ValueError(f"conversation template {conv_mode!r} is not a chat template; use 'v1' (vicuna_v1)")
+    seps = (conv.sep, conv.sep2)
+    text, spans = conv.system + seps[0], []
+    for i, turn in enumerate(turns):
+        role = conv.roles[ROLES[turn["from"]]]
+        conv.append_message(role, turn["value"])
+        head, body = f"{role}:", f" {turn['value']}{seps[i % 2]}"
+        if ROLES[turn["from"]] == 1:
+            start = len(text) + len(head)
+            spans.append((start, start + len(body)))
+        text += head + body
+    assert text == conv.get_prompt(), "build_conversation is out of sync with Conversation.get_prompt"
+    return text, spans
+
+
+def tokenize_conversation(text: str, spans, tokenizer, num_image_tokens: int, image_token_id: int):
+    """``input_ids`` as :func:`llava.mm_utils.tokenizer_image_token` gives them, and labels on the spans.
+
+    A token is supervised when its characters overlap an assistant span (offsets from the fast tokenizer).
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise NotImplementedError("LPM training needs a fast (tokenizers-backed) tokenizer for label offsets")
+    ids, labels, base = [], [], 0
+    for i, chunk in enumerate(text.split(DEFAULT_IMAGE_TOKEN)):
+        if i > 0:
+            ids += [image_token_id] * num_image_tokens
+            labels += [IGNORE_INDEX] * num_image_tokens
+            base += len(DEFAULT_IMAGE_TOKEN)
+        if chunk or i == 0:
+            enc = tokenizer(chunk, add_special_tokens=(i == 0), return_offsets_mapping=True)
+            for tok, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+                start, end = start + base, end + base
+                supervised = end > start and any(start < s_end and end > s_start for s_start, s_end in spans)
+                ids.append(tok)
+                labels.append(tok if supervised else IGNORE_INDEX)
+        base += len(chunk)
+    return ids, labels
+
+
+class LazySupervisedDataset(Dataset):
+    """LLaVA-665K-style data, tokenised with a chat template, images processed per item."""
+
+    def __init__(
+        self,
+        data_path: str | Path,
+        tokenizer,
+        image_processor,
+        num_image_tokens: int,
+        image_token_id: int,
+        image_folder: str | Path | None = None,
+        conv_mode: str = "v1",
+        model_max_length: int = 2048,
+        data_fraction: float = 1.0,
+        data_seed: int = 0,
+        skip_missing_images: bool = False,
+        model_config=None,
+    ):
+        check_fraction(data_fraction)
+        data_path = Path(data_path)
+        if not data_path.is_file():
+            raise FileNotFoundError(f"--data_path {data_path} does not exist")
+        try:
+            if data_path.suffix == ".jsonl":
+                entries = [json.loads(line) for line in data_path.read_text().splitlines() if line.strip()]
+            else:
+                entries = json.loads(data_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--data_path {data_path} is not valid JSON: {err}") from None
+        if not isinstance(entries, list):
+            raise ValueError(f"--data_path {data_path} must hold a JSON list of samples")
+        if not entries:
+            raise ValueError(f"--data_path {data_path} holds no samples")
+        self.total_entries = len(entries)
+        selected = select_subset(len(entries), data_fraction, data_seed)
+        self.image_folder = Path(image_folder) if image_folder is not None else None
+        self.entries, missing = [], []
+        for index in selected:
+            entry = entries[index]
+            check_entry(entry, index)
+            if entry.get("image") is not None and self.image_folder is None:
+                raise ValueError(f"sample {_sample_id(entry, index)} has an image: pass --image_folder")
+            if entry.get("image") is not None and not (self.image_folder / entry["image"]).is_file():
+                missing.append((_sample_id(entry, index), str(self.image_folder / entry["image"])))
+                continue
+            self.entries.append(entry)
+        self.num_skipped = len(missing)
+        if missing and not skip_missing_images:
+            shown = "; ".join(f"sample {sid}: {path}" for sid, path in missing[:5])
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(selected)} selected samples have no image file under --image_folder "
+                f"{self.image_folder} ({shown}{' ...' if len(missing) > 5 else ''}); fix the paths or pass "
+                "--skip_missing_images to train without them"
+            )
+        if missing:
+            logger.warning("skipping %d samples whose image file is missing (first: %s)", len(missing), missing[0][1])
+        if not self.entries:
+            raise ValueError(f"no usable samples in {data_path} (selected {len(selected)}, skipped {len(missing)})")
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.num_image_tokens = num_image_tokens
+        self.image_token_id = image_token_id
+        self.conv_mode = conv_mode
+        self.model_max_length = model_max_length
+        self.model_config = model_config
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict:
+        entry = self.entries[index]
+        sid = _sample_id(entry, index)
+        has_image = entry.get("image") is not None
+        turns = place_image_token(entry["conversations"]) if has_image else entry["conversations"]
+        text, spans = build_conversation(turns, self.conv_mode)
+        ids, labels = tokenize_conversation(text, spans, self.tokenizer, self.num_image_tokens, self.image_token_id)
+        if len(ids) > self.model_max_length:
+            ids, labels = ids[: self.model_max_length], labels[: self.model_max_length]
+            if has_image and ids.count(self.image_token_id) != self.num_image_tokens:
+                raise ValueError(
+                    f"sample {sid}: --model_max_length {self.model_max_length} cuts through its "
+                    f"{self.num_image_tokens} image tokens; raise --model_max_length"
+                )
+        item = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "id": sid}
+        if has_image:
+            try:
+                image = load_image(self.image_folder / entry["image"])
+            except (FileNotFoundError, ValueError) as err:
+                raise type(err)(f"sample {sid}: {err}") from None
+            item["pixel_values"] = process_images([image], self.image_processor, self.model_config)[0]
+        return item
+
+
+@dataclass
+class DataCollatorForSupervisedDataset:
+    """Right-pads ``input_ids``/``labels``; stacks the images of the samples that have one, in batch order."""
+
+    pad_token_id: int
+
+    def __call__(self, items: list[dict]) -> dict:
+        width = max(len(x["input_ids"]) for x in items)
+        input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = item["input_ids"], item["labels"], 1
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        images = [item["pixel_values"] for item in items if "pixel_values" in item]
+        if images:
+            batch["pixel_values"] = torch.stack(images)
+        return batch

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Train LearnPruner's Learnable Pruning Module on a frozen LLaVA-1.5-7B (paper Appendix A.1):
+# 10% of LLaVA-665K, 1 epoch, bf16, DeepSpeed ZeRO-2, L = L_ntp + 1.0 * (kept ratio - 0)^2.
+#
+#   bash scripts/v1_5/finetune_lpm.sh [BASE] [OUTPUT_DIR]
+#
+# Run it from the repository root (relative paths are taken from the current directory, as upstream's
+# scripts do). Positional arguments win over the environment variables of the same name:
+#   BASE            frozen base checkpoint            (default ./checkpoints/llava-v1.5-7b)
+#   OUTPUT_DIR      where the LPM is written           (default ./checkpoints/llava-v1.5-7b-lpm)
+# Other environment variables (defaults in brackets):
+#   DATA            [./playground/data/llava_v1_5_mix665k.json]   IMAGES [./playground/data]
+#   DATA_FRACTION   [0.1]     DATA_SEED [42]     EPOCHS [1]
+#   LR              [1e-3]    GLOBAL_BATCH [128] PER_DEVICE_BATCH [16]
+#   PRUNE_LOSS_WEIGHT [1.0]   PRUNE_TARGET_RATIO [0.0]   LPM_HIDDEN [512]
+#   DS_CONFIG       [./scripts/zero2.json]     NUM_GPUS [all visible GPUs]
+#   LAUNCHER        deepspeed | torchrun [deepspeed]      MASTER_PORT [29500]
+#   PYTHON / DEEPSPEED / TORCHRUN  interpreter and launchers [.venv/bin/... if present]
+#   EXTRA_ARGS      more train_lpm.py flags, e.g. "--max_steps 20 --save_steps 10"
+#
+# Learning rate and batch size are ours (the paper does not give them): the LPM is a freshly initialised
+# 0.5M-parameter MLP, like LLaVA's projector in its stage-1 pretraining (lr 1e-3, AdamW, cosine, 3% warmup,
+# no weight decay), and 10% of 665K at a global batch of 128 is only ~520 optimizer steps, so a small
+# lr such as 2e-5 (LLaVA's full-finetune value) or 2e-4 would barely move it. See docs/training.md.
+#
+# Re-running the same command resumes from the last checkpoint in OUTPUT_DIR (finished steps are not
+# repeated). The result, OUTPUT_DIR/lpm.safetensors + lpm_config.json, is what --lpm-path takes.
+
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+BASE="${1:-${BASE:-./checkpoints/llava-v1.5-7b}}"
+OUTPUT_DIR="${2:-${OUTPUT_DIR:-./checkpoints/llava-v1.5-7b-lpm}}"
+DATA="${DATA:-./playground/data/llava_v1_5_mix665k.json}"
+IMAGES="${IMAGES:-./playground/data}"
+DATA_FRACTION="${DATA_FRACTION:-0.1}"
+DATA_SEED="${DATA_SEED:-42}"
+EPOCHS="${EPOCHS:-1}"
+LR="${LR:-1e-3}"
+GLOBAL_BATCH="${GLOBAL_BATCH:-128}"
+PER_DEVICE_BATCH="${PER_DEVICE_BATCH:-16}"
+PRUNE_LOSS_WEIGHT="${PRUNE_LOSS_WEIGHT:-1.0}"
+PRUNE_TARGET_RATIO="${PRUNE_TARGET_RATIO:-0.0}"
+LPM_HIDDEN="${LPM_HIDDEN:-512}"
+DS_CONFIG="${DS_CONFIG:-$ROOT/scripts/zero2.json}"
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
+LAUNCHER="${LAUNCHER:-deepspeed}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+for tool in DEEPSPEED TORCHRUN; do
+    name=$(tr '[:upper:]' '[:lower:]' <<< "$tool")
+    if [ -z "${!tool:-}" ]; then
+        if [ -x "$ROOT/.venv/bin/$name" ]; then printf -v "$tool" '%s' "$ROOT/.venv/bin/$name"; else printf -v "$tool" '%s' "$name"; fi
+    fi
+done
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ -z "${NUM_GPUS:-}" ]; then
+    if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+        NUM_GPUS=$(awk -F, '{print NF}' <<< "$CUDA_VISIBLE_DEVICES")
+    elif command -v nvidia-smi > /dev/null 2>&1; then
+        NUM_GPUS=$(nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true)
+    fi
+    NUM_GPUS=${NUM_GPUS:-0}
+fi
+if [ "$NUM_GPUS" -lt 1 ]; then
+    echo "error: no GPU found (set NUM_GPUS, or see docs/training.md for a CPU smoke run)" >&2
+    exit 1
+fi
+if [ $((GLOBAL_BATCH % (PER_DEVICE_BATCH * NUM_GPUS))) -ne 0 ]; then
+    echo "error: GLOBAL_BATCH=$GLOBAL_BATCH is not a multiple of PER_DEVICE_BATCH=$PER_DEVICE_BATCH x NUM_GPUS=$NUM_GPUS" >&2
+    exit 1
+fi
+GRAD_ACC=$((GLOBAL_BATCH / (PER_DEVICE_BATCH * NUM_GPUS)))
+for path in "$BASE/config.json" "$DATA"; do
+    if [ ! -e "$path" ]; then echo "error: $path not found (see docs/training.md, 'Data and base model')" >&2; exit 1; fi
+done
+read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
+
+echo "[finetune_lpm] $BASE -> $OUTPUT_DIR: ${NUM_GPUS} GPU(s) x ${PER_DEVICE_BATCH} x ${GRAD_ACC} accumulation = ${GLOBAL_BATCH}, lr ${LR}" >&2
+case "$LAUNCHER" in
+    deepspeed) LAUNCH=("$DEEPSPEED" --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT") ;;
+    torchrun) LAUNCH=("$TORCHRUN" --nproc_per_node "$NUM_GPUS" --master_port "$MASTER_PORT") ;;
+    *) echo "error: LAUNCHER must be deepspeed or torchrun, got '$LAUNCHER'" >&2; exit 1 ;;
+esac
+"${LAUNCH[@]}" "$ROOT/llava/train/train_lpm.py" \
+    --deepspeed "$DS_CONFIG" \
+    --model_name_or_path "$BASE" \
+    --version v1 \
+    --data_path "$DATA" \
+    --image_folder "$IMAGES" \
+    --data_fraction "$DATA_FRACTION" \
+    --data_seed "$DATA_SEED" \
+    --bf16 True \
+    --output_dir "$OUTPUT_DIR" \
+    --num_train_epochs "$EPOCHS" \
+    --per_device_train_batch_size "$PER_DEVICE_BATCH" \
+    --gradient_accumulation_steps "$GRAD_ACC" \
+    --learning_rate "$LR" \
+    --weight_decay 0. \
+    --warmup_steps 0.03 \
+    --lr_scheduler_type cosine \
+    --prune_loss_weight "$PRUNE_LOSS_WEIGHT" \
+    --prune_target_ratio "$PRUNE_TARGET_RATIO" \
+    --lpm_hidden "$LPM_HIDDEN" \
+    --model_max_length 2048 \
+    --gradient_checkpointing True \
+    --save_strategy steps \
+    --save_steps 50 \
+    --save_total_limit 3 \
+    --logging_steps 1 \
+    --dataloader_num_workers 4 \
+    --lazy_preprocess True \
+    --report_to none \
+    ${EXTRA[@]+"${EXTRA[@]}"}

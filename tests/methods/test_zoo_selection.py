@@ -1,0 +1,231 @@
+"""Selection functions of the method zoo against brute-force references written from the papers' text."""
+
+import pytest
+import torch
+
+from learnpruner_ext import PruningConfig, create_method
+from learnpruner_ext.methods.base import VisionContext
+from learnpruner_ext.methods.dart import dart_select
+from learnpruner_ext.methods.random_pruning import random_indices
+from learnpruner_ext.selection import remove_duplicates
+
+torch.set_grad_enabled(False)
+
+
+def cos(x, y):
+    return float(torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=0))
+
+
+# --------------------------------------------------------------------------- VisPruner, Algorithm 1
+def algorithm1_reference(features, n, step):
+    """VisPruner Algorithm 1 with Python lists: split remaining into a = [0::2], b = [1::2]; score each a-token
+    by its max cosine similarity to b; drop the r highest-scoring a-tokens; remaining = kept a (by descending
+    score) + b; r = min(r, len(remaining) - n)."""
+    remaining = list(range(len(features)))
+    if n == 0:
+        return []
+    while True:
+        r = min(step, len(remaining) - n, (len(remaining) + 1) // 2)
+        if r <= 0:
+            return remaining
+        a, b = remaining[0::2], remaining[1::2]
+        scores = [max(cos(features[i], features[j]) for j in b) for i in a]
+        by_score = sorted(range(len(a)), key=lambda i: -scores[i])  # stable: ties keep order
+        remaining = [a[i] for i in by_score[r:]] + b
+
+
+@pytest.mark.parametrize("n_tokens,keep,step", [(20, 6, 8), (21, 5, 8), (17, 16, 8), (12, 1, 3), (9, 3, 8), (30, 0, 8)])
+def test_remove_duplicates_matches_algorithm1(n_tokens, keep, step):
+    torch.manual_seed(n_tokens + keep)
+    feats = torch.randn(3, n_tokens, 5)
+    out = remove_duplicates(feats, keep, step)
+    assert out.shape == (3, keep)
+    for b in range(3):
+        assert out[b].tolist() == algorithm1_reference(feats[b], keep, step)
+
+
+def test_remove_duplicates_drops_the_duplicates():
+    """Pairs (A, A'), (B, B'), (C, C') at positions (0,1), (2,3), (4,5) and unique U, V at 6, 7: one round
+    compares A, B, C, U with A', B', C', V, and the three duplicated tokens go."""
+    basis = torch.eye(8)
+    feats = torch.stack([basis[0], basis[0] + 0.01 * basis[5], basis[1], basis[1] + 0.01 * basis[6],
+                         basis[2], basis[2] + 0.01 * basis[7], basis[3], basis[4]])[None]  # fmt: skip
+    assert sorted(remove_duplicates(feats, 5, step=8)[0].tolist()) == [1, 3, 5, 6, 7]
+
+
+def fake_vision_context(method, features=None, attention=None, projected=None, keys=None):
+    ctx = VisionContext(method, features, projected, encoder_layer=None, encoder_layer_input=None, has_cls=True,
+                        project=lambda x: x * 10)  # fmt: skip
+    for name, value in (("cls_attention", attention), ("projected_features", projected), ("_keys", keys)):
+        if value is not None:
+            ctx.__dict__[name] = value
+    return ctx
+
+
+def method(name, budget, n=24, **options):
+    return create_method(PruningConfig(name, budget, options=options), num_vision_tokens=n, num_layers=8, vision_dim=6)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.75, 0.0, 1.0])
+def test_vispruner_is_top_cls_plus_algorithm1(ratio):
+    torch.manual_seed(1)
+    att, feats = torch.rand(2, 24), torch.randn(2, 24, 6)
+    m = method("vispruner", 8, important_ratio=ratio)
+    sel = m.select_vision(fake_vision_context(m, feats, att))
+    for b in range(2):
+        order = sorted(range(24), key=lambda i: -float(att[b, i]))  # descending [CLS] attention
+        n_imp = int(8 * ratio)
+        important, residual = order[:n_imp], order[n_imp:]
+        diverse = [residual[i] for i in algorithm1_reference(feats[b, residual], 8 - n_imp, 8)]
+        assert sel.index[b].tolist() == sorted(important + diverse)
+        assert sorted(sel.index[b][sel.is_diverse[b]].tolist()) == sorted(diverse)
+
+
+def test_vispruner_keeps_important_and_least_duplicated():
+    """T = 9, r = 0.5: the 4 tokens with the top [CLS] attention, then 5 of the other 8, processed in descending
+    attention order: duplicate pairs (1st, 2nd), (3rd, 4th), (5th, 6th) and two unique tokens. One round of
+    Algorithm 1 removes the first member of every pair, leaving the 5 non-duplicated tokens."""
+    basis = torch.eye(16)
+    residual_rows = [basis[0], basis[0] + 0.01 * basis[8], basis[1], basis[1] + 0.01 * basis[9],
+                     basis[2], basis[2] + 0.01 * basis[10], basis[3], basis[4]]  # fmt: skip
+    important_rows = [basis[5], basis[6], basis[7], basis[11]]
+    position = [7, 2, 11, 0, 5, 9, 3, 10, 1, 4, 6, 8]  # patch index of important 0-3, then residual 0-7
+    feats, att = torch.zeros(1, 12, 16), torch.zeros(1, 12)
+    for rank, (row, patch) in enumerate(zip(important_rows + residual_rows, position)):
+        feats[0, patch], att[0, patch] = row, 1.0 - 0.05 * rank
+    m = method("vispruner", 9, n=12, important_ratio=0.5)
+    sel = m.select_vision(fake_vision_context(m, feats, att))
+    important = position[:4]
+    diverse = [position[4 + k] for k in (1, 3, 5, 6, 7)]
+    assert sel.index[0].tolist() == sorted(important + diverse)
+    assert sorted(sel.index[0][sel.is_diverse[0]].tolist()) == sorted(diverse)
+
+
+# --------------------------------------------------------------------------- DivPrune
+def divprune_reference(features, keep):
+    """DivPrune's greedy max-min (distance 1 - cos): first the token farthest from its nearest neighbour,
+    then repeatedly the token whose nearest picked token is farthest."""
+    n = len(features)
+    dist = [[1 - cos(features[i], features[j]) for j in range(n)] for i in range(n)]
+    picked = [max(range(n), key=lambda i: min(dist[i][j] for j in range(n) if j != i))]
+    while len(picked) < keep:
+        rest = [i for i in range(n) if i not in picked]
+        picked.append(max(rest, key=lambda i: min(dist[i][j] for j in picked)))
+    return sorted(picked)
+
+
+def test_divprune_equals_exhaustive_greedy_max_min():
+    torch.manual_seed(2)
+    proj = torch.randn(3, 24, 6)
+    m = method("divprune", 7)
+    sel = m.select_vision(fake_vision_context(m, projected=proj))
+    for b in range(3):
+        assert sel.index[b].tolist() == divprune_reference(proj[b], 7)
+
+
+# --------------------------------------------------------------------------- VisionZip
+def visionzip_reference(att, keys, feats, dominant, contextual):
+    n = len(att)
+    dom = sorted(sorted(range(n), key=lambda i: -float(att[i]))[:dominant])
+    rest = [i for i in range(n) if i not in dom]
+    if not contextual:
+        return dom, torch.stack([feats[i] for i in dom])
+    step = max(1, len(rest) // contextual)
+    targets = [rest[j] for j in range(0, len(rest), step)][:contextual]
+    groups = {t: [t] for t in targets}
+    for i in rest:
+        if i not in targets:
+            groups[max(targets, key=lambda t: cos(keys[i], keys[t]))].append(i)
+    tokens = {i: feats[i] for i in dom}
+    tokens.update({t: torch.stack([feats[j] for j in g]).mean(0) for t, g in groups.items()})
+    order = sorted(tokens)
+    return order, torch.stack([tokens[i] for i in order])
+
+
+@pytest.mark.parametrize("budget,options", [(8, {}), (10, {"contextual": 3}), (6, {"dominant": 6}), (16, {"contextual_ratio": 0.5})])
+def test_visionzip_matches_reference(budget, options):
+    torch.manual_seed(3)
+    att, keys, feats = torch.rand(2, 24), torch.randn(2, 24, 4), torch.randn(2, 24, 6)
+    m = method("visionzip", budget, **options)
+    sel = m.select_vision(fake_vision_context(m, feats, att, keys=keys))
+    dominant, contextual = m.split
+    assert dominant + contextual == budget
+    for b in range(2):
+        index, tokens = visionzip_reference(att[b], keys[b], feats[b], dominant, contextual)
+        assert sel.index[b].tolist() == index
+        assert torch.allclose(sel.tokens[b], tokens * 10, atol=1e-5)  # projected by ctx.project
+
+
+def test_visionzip_merges_known_groups():
+    """Dominant = token 0. Remaining 1..7, contextual 2 -> targets 1 and 4 (every 7 // 2 = 3rd); keys put 2, 3
+    with target 1 and 5, 6, 7 with target 4, so the contextual tokens are means of {1,2,3} and {4,5,6,7}."""
+    e = torch.eye(2)
+    keys = torch.stack([e[0], e[0], e[0], e[0], e[1], e[1], e[1], e[1]])[None]
+    feats = torch.arange(8.0)[None, :, None]
+    att = torch.tensor([[9.0, 1, 1, 1, 1, 1, 1, 1]])
+    m = method("visionzip", 3, n=8, dominant=1)
+    sel = m.select_vision(fake_vision_context(m, feats, att, keys=keys))
+    assert sel.index[0].tolist() == [0, 1, 4]
+    assert sel.tokens[0, :, 0].tolist() == pytest.approx([0.0, 20.0, 55.0])  # x10 projector: 0, mean(1, 2, 3), mean(4..7)
+
+
+def test_visionzip_default_split_is_54_10_at_64():
+    m = create_method(PruningConfig("visionzip", 64), num_vision_tokens=576, num_layers=32, vision_dim=1024)
+    assert m.split == (54, 10)
+    m = create_method(PruningConfig("visionzip", 128), num_vision_tokens=576, num_layers=32, vision_dim=1024)
+    assert m.split == (108, 20)
+
+
+# --------------------------------------------------------------------------- DART
+def dart_reference(vh, vnorm, th, tnorm, tvalid, keep, n_img, n_txt):
+    n = len(vnorm)
+    img = sorted(range(n), key=lambda i: -float(vnorm[i]))[: min(n_img, keep)]
+    valid_text = [q for q in range(len(tnorm)) if tvalid[q]]
+    txt = sorted(valid_text, key=lambda q: -float(tnorm[q]))[:n_txt]
+    pivots = [vh[i] for i in img] + [th[q] for q in txt]
+    free = keep - len(img)
+    quotas = [free // len(pivots) + (p < free % len(pivots)) for p in range(len(pivots))]
+    kept = list(img)
+    for pivot, quota in zip(pivots, quotas):
+        candidates = sorted((i for i in range(n) if i not in kept), key=lambda i: cos(vh[i], pivot))
+        kept += candidates[:quota]
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("keep,n_img,n_txt", [(9, 4, 4), (5, 4, 4), (3, 4, 4), (11, 2, 0), (20, 1, 6)])
+def test_dart_matches_reference(keep, n_img, n_txt):
+    torch.manual_seed(keep)
+    vh, th = torch.randn(3, 24, 8), torch.randn(3, 7, 8)
+    vnorm, tnorm = torch.rand(3, 24), torch.rand(3, 7)
+    tvalid = torch.ones(3, 7, dtype=torch.bool)
+    tvalid[1, :4] = False  # padding / vision rows of a shorter prompt
+    tvalid[2, :6] = False  # only one valid text token: fewer text pivots than asked
+    out = dart_select(vh, vnorm, th, tnorm, tvalid, keep, n_img, n_txt)
+    for b in range(3):
+        assert out[b].tolist() == dart_reference(vh[b], vnorm[b], th[b], tnorm[b], tvalid[b], keep, n_img, n_txt)
+
+
+def test_dart_removes_duplicates_of_the_pivot():
+    """Token 0 has the largest key norm (the only pivot); tokens 1-3 duplicate it, so they are dropped."""
+    e = torch.eye(8)
+    vh = torch.stack([e[0], e[0] + 0.01 * e[1], e[0] + 0.02 * e[2], e[0] + 0.01 * e[3], e[4], e[5], e[6], e[7]])[None]
+    vnorm = torch.tensor([[5.0, 1, 1, 1, 1, 1, 1, 1]])
+    empty = torch.zeros(1, 0, 8)
+    out = dart_select(vh, vnorm, empty, torch.zeros(1, 0), torch.zeros(1, 0, dtype=torch.bool), 5, 1, 0)
+    assert out[0].tolist() == [0, 4, 5, 6, 7]
+
+
+# --------------------------------------------------------------------------- random, cls
+def test_random_is_seeded_and_batch_independent():
+    a, b, c = random_indices(576, 64, 0), random_indices(576, 64, 0), random_indices(576, 64, 1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.tolist() == sorted(set(a.tolist())) and len(a) == 64 and 0 <= int(a.min()) and int(a.max()) < 576
+    m = create_method(PruningConfig("random", 5, seed=3), num_vision_tokens=24, num_layers=8, vision_dim=6)
+    sel = m.select_vision(fake_vision_context(m, torch.randn(4, 24, 6)))
+    assert all(row.tolist() == random_indices(24, 5, 3).tolist() for row in sel.index)
+
+
+def test_cls_keeps_top_attention():
+    att = torch.tensor([[0.1, 0.5, 0.3, 0.9, 0.0, 0.7]])
+    m = method("cls", 3, n=6)
+    assert m.select_vision(fake_vision_context(m, attention=att)).index.tolist() == [[1, 3, 5]]

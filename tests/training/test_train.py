@@ -1,0 +1,195 @@
+"""End-to-end LPM training: the real script under DeepSpeed, frozen base, pruning loss, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from learnpruner_ext.lpm import LearnablePruningModule
+from llava.train.train_lpm import build, parse_args, train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _argv(model, data, out, *extra):
+    return [
+        "--model_name_or_path", str(model), "--data_path", str(data), "--image_folder", str(data.parent / "images"),
+        "--output_dir", str(out), "--use_cpu", "True", "--per_device_train_batch_size", "4", "--logging_steps", "1",
+        "--report_to", "none", "--lpm_hidden", "64", "--save_strategy", "no", "--seed", "0", *map(str, extra),
+    ]  # fmt: skip
+
+
+def _losses(trainer):
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra):
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": str(REPO), **extra}  # fmt: skip
+
+
+def _run(cmd, log: Path, env=None, timeout=420):
+    proc = subprocess.run(cmd, cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=timeout)
+    log.write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, f"{cmd[0]} failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
+    return proc.stdout + proc.stderr
+
+
+def _finetune_script(tiny_model, dataset, out, max_steps, launcher, log):
+    """scripts/v1_5/finetune_lpm.sh as documented (ZeRO-2, bf16, checkpointing), shrunk to a tiny CPU run."""
+    env = _env(
+        NUM_GPUS="1", GLOBAL_BATCH="4", PER_DEVICE_BATCH="4", DATA=str(dataset), IMAGES=str(dataset.parent / "images"),
+        DATA_FRACTION="1.0", LR="1e-2", LAUNCHER=launcher, MASTER_PORT=str(_free_port()),
+        EXTRA_ARGS=f"--use_cpu True --max_steps {max_steps} --save_steps 2 --lpm_hidden 64 --dataloader_num_workers 0 "
+        "--lpm_init_keep_bias 1.0",
+    )  # fmt: skip
+    return _run(["bash", "scripts/v1_5/finetune_lpm.sh", str(tiny_model), str(out)], log, env)
+
+
+def test_deepspeed_zero2_script_resume_and_run_llava(tiny_model, dataset, tmp_path):
+    """finetune_lpm.sh under the deepspeed launcher stops after 2 steps; the same command (under torchrun)
+    resumes to 4 without repeating steps 1-2; run_llava --lpm-path loads the result."""
+    out = tmp_path / "out"
+    first = _finetune_script(tiny_model, dataset, out, 2, "deepspeed", tmp_path / "first.log")
+    checkpoint = out / "checkpoint-2"
+    config = json.loads((checkpoint / "lpm_config.json").read_text())
+    assert config["trained"] is True and config["step"] == 2 and config["base_model"] == str(tiny_model.resolve())
+    assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "global_step2").is_dir()
+    # the DeepSpeed checkpoint holds the LPM and optimizer, not the frozen base
+    assert sum(f.stat().st_size for f in (checkpoint / "global_step2").iterdir()) < 200_000
+    assert not list(checkpoint.glob("model*.safetensors"))
+    assert len(re.findall(r"'ntp_loss'", first)) == 2 and "'kept_ratio'" in first
+
+    second = _finetune_script(tiny_model, dataset, out, 4, "torchrun", tmp_path / "second.log")
+    assert "resuming from" in second and "checkpoint-2" in second
+    assert len(re.findall(r"'ntp_loss'", second)) == 2  # steps 3 and 4 only
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4]
+    final = json.loads((out / "lpm_config.json").read_text())
+    assert final["trained"] is True and final["step"] == 4
+    trained = LearnablePruningModule.from_pretrained(out)
+    after_two = LearnablePruningModule.from_pretrained(checkpoint)
+    assert not torch.equal(trained.fc1.weight, after_two.fc1.weight)
+
+    image = next((dataset.parent / "images" / "coco").glob("*.png"))
+    cmd = [sys.executable, "-m", "llava.eval.run_llava", "--model-path", str(tiny_model), "--image-file", str(image),
+           "--query", "What color is the object?", "--pruning-method", "learnpruner", "--visual-token-budget", "4",
+           "--lpm-path", str(out), "--max_new_tokens", "3", "--json"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["method"] == "learnpruner" and result["r1"] < 16 and result["average_vision_tokens"] == 4.0
+    assert "UNTRAINED" not in proc.stderr
+
+
+def test_base_stays_bit_identical_and_lpm_changes(tiny_model, dataset, tmp_path):
+    trainer, resume = build(*parse_args(_argv(tiny_model, dataset, tmp_path / "out", "--max_steps", "3",
+                                             "--learning_rate", "1e-2", "--lpm_init_keep_bias", "1.0")))  # fmt: skip
+    assert resume is None
+    module = trainer.training_model
+    base = {k: v.clone() for k, v in module.vlm.state_dict().items()}
+    lpm_before = {k: v.clone() for k, v in module.lpm.state_dict().items()}
+    assert sum(p.numel() for p in module.parameters() if p.requires_grad) == sum(p.numel() for p in module.lpm.parameters())
+    trainer.train()
+    trainer.save_model()
+    after = module.vlm.state_dict()
+    assert all(torch.equal(base[k], after[k]) for k in base)
+    on_disk = load_file(str(tiny_model / "model.safetensors"))
+    assert all(torch.equal(on_disk[k], after[k]) for k in on_disk if k in after)
+    assert all(not torch.equal(lpm_before[k], v) for k, v in module.lpm.state_dict().items())
+    saved = LearnablePruningModule.from_pretrained(tmp_path / "out")
+    assert saved.trained and all(torch.equal(saved.state_dict()[k], v) for k, v in module.lpm.state_dict().items())
+
+
+def test_runtime_check_catches_base_gradients(tiny_model, dataset, tmp_path):
+    trainer, _ = build(*parse_args(_argv(tiny_model, dataset, tmp_path / "out", "--max_steps", "1")))
+    trainer.training_model.vlm.lm_head.weight.requires_grad_(True)  # a bug that would train the base
+    with pytest.raises(RuntimeError, match="frozen base parameters .*lm_head.weight"):
+        trainer.train()
+
+
+def _kept_ratios(tiny_model, dataset, out, weight, target=0.0):
+    trainer = train(_argv(tiny_model, dataset, out, "--max_steps", "10", "--learning_rate", "0.05", "--lpm_init_keep_bias",
+                          "1.0", "--prune_loss_weight", weight, "--prune_target_ratio", target))  # fmt: skip
+    return [h["kept_ratio"] for h in _losses(trainer)]
+
+
+def test_pruning_loss_lowers_the_kept_ratio(tiny_model, dataset, tmp_path):
+    """Same data and start; λ_p pulls the kept share towards τ (the random tiny LLM itself favours pruning)."""
+    plain = _kept_ratios(tiny_model, dataset, tmp_path / "plain", 0.0)
+    pruned = _kept_ratios(tiny_model, dataset, tmp_path / "pruned", 1000.0)
+    kept = _kept_ratios(tiny_model, dataset, tmp_path / "kept", 1000.0, target=1.0)
+    assert plain[0] == pruned[0] == kept[0] == 1.0  # --lpm_init_keep_bias 1: every token kept at first
+    tail = lambda r: sum(r[-3:]) / 3  # noqa: E731
+    assert tail(pruned) == 0.0 < tail(plain) - 0.05
+    assert tail(kept) == 1.0
+
+
+class _StepCounter(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def _resumable_run(tiny_model, dataset, out, max_steps):
+    argv = _argv(tiny_model, dataset, out, "--max_steps", max_steps, "--learning_rate", "1e-2", "--lr_scheduler_type",
+                 "constant", "--save_strategy", "steps", "--save_steps", "2", "--lpm_init_keep_bias", "1.0")  # fmt: skip
+    trainer, resume = build(*parse_args(argv))
+    counter = _StepCounter()
+    trainer.add_callback(counter)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    return trainer, resume, counter.steps
+
+
+def test_resume_continues_without_repeating_steps(tiny_model, dataset, tmp_path):
+    _, _, straight_steps = _resumable_run(tiny_model, dataset, tmp_path / "straight", 4)
+    _, resume, first_steps = _resumable_run(tiny_model, dataset, tmp_path / "stopped", 2)
+    assert resume is None and first_steps == [1, 2]
+    trainer, resume, second_steps = _resumable_run(tiny_model, dataset, tmp_path / "stopped", 4)
+    assert resume.endswith("checkpoint-2") and second_steps == [3, 4] and straight_steps == [1, 2, 3, 4]
+    assert [h["step"] for h in _losses(trainer)] == [1, 2, 3, 4]
+    a = LearnablePruningModule.from_pretrained(tmp_path / "straight").state_dict()
+    b = LearnablePruningModule.from_pretrained(tmp_path / "stopped").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # same data order, optimizer and RNG state
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data_fraction", "0"], r"error: --data_fraction must be in \(0, 1\]"),
+        (["--data_fraction", "1.5"], r"error: --data_fraction must be in \(0, 1\]"),
+        (["--model_name_or_path", "/nonexistent"], r"error: no checkpoint at /nonexistent"),
+    ],
+)
+def test_cli_errors(tiny_model, dataset, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        train(_argv(tiny_model, dataset, tmp_path / "out", "--max_steps", "1") + extra)
+
+
+def test_cli_names_missing_images_and_skips_them(tiny_model, make_dataset, tmp_path):
+    data = make_dataset(tmp_path / "data", num_samples=6)
+    (tmp_path / "data" / "images" / "coco" / "00002.png").unlink()
+    with pytest.raises(SystemExit, match=r"error: 1 of 6 .*sample img-2"):
+        train(_argv(tiny_model, data, tmp_path / "out", "--max_steps", "1"))
+    trainer = train(_argv(tiny_model, data, tmp_path / "out", "--max_steps", "1", "--skip_missing_images", "True"))
+    assert trainer.train_dataset.num_skipped == 1 and len(trainer.train_dataset) == 5
