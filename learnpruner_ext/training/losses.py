@@ -28,7 +28,5 @@ def pruning_loss(keep: torch.Tensor, target_ratio: float = 0.0) -> torch.Tensor:
     ``keep`` [B_img, N] is the hard keep mask with straight-through gradients, so the value is computed
     from the hard decisions and the gradient reaches the soft keep probabilities.
     """
-    if not 0.0 <= target_ratio <= 1.0:
-        raise ValueError(f"the target keep ratio τ must be in [0, 1], got {target_ratio}")
     return ((keep.mean(-1) - target_ratio) ** 2).mean()
 

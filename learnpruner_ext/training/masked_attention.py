@@ -13,7 +13,7 @@ The function is registered with transformers' ``AttentionInterface`` as :data:`A
 for the text model only (:func:`use_masked_attention`); nothing is monkey-patched. The keep mask reaches
 it as the ``lpm_keep`` keyword argument of the language model's forward (``[B, S]``, float).
 
-Memory: :class:`MaskedSoftmaxAttention` saves only q, k, v, M and two row statistics for backward and
+Memory: :class:`MaskedSoftmaxAttention` saves only q, k, v, M and the row normalisers for backward and
 recomputes the ``[B, H, S, S]`` weights there, so a layer keeps O(B·H·S·d) activations instead of
 several ``[B, H, S, S]`` fp32 tensors. The softmax runs in fp32 whatever the input dtype. Attention
 dropout is not applied (it would break the exact equivalence; Llama uses 0.0).

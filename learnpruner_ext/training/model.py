@@ -42,10 +42,7 @@ class LPMTrainingModel(nn.Module):
         vision_dim = vlm.config.vision_config.hidden_size
         if lpm.in_features != vision_dim:
             raise ValueError(f"the LPM takes {lpm.in_features}-d features but the vision tower gives {vision_dim}-d")
-        if prune_loss_weight < 0:
-            raise ValueError(f"prune_loss_weight must be >= 0, got {prune_loss_weight}")
-        if not 0.0 <= prune_target_ratio <= 1.0:
-            raise ValueError(f"prune_target_ratio must be in [0, 1], got {prune_target_ratio}")
+        self.check_objective(prune_loss_weight, prune_target_ratio)
         self.vlm = vlm
         self.lpm = lpm
         self.prune_loss_weight = prune_loss_weight
@@ -55,6 +52,13 @@ class LPMTrainingModel(nn.Module):
         lpm.requires_grad_(True)
         self.previous_attn_implementation = use_masked_attention(vlm)
         self.train()
+
+    @staticmethod
+    def check_objective(prune_loss_weight: float, prune_target_ratio: float) -> None:
+        if prune_loss_weight < 0:
+            raise ValueError(f"the pruning-loss weight λ_p must be >= 0, got {prune_loss_weight}")
+        if not 0.0 <= prune_target_ratio <= 1.0:
+            raise ValueError(f"the target keep ratio τ must be in [0, 1], got {prune_target_ratio}")
 
     @property
     def config(self):

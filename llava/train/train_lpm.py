@@ -108,8 +108,7 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
     check_fraction(data_args.data_fraction)
     if data_args.data_path is None:
         raise ValueError("--data_path is required")
-    if args.prune_loss_weight < 0 or not 0.0 <= args.prune_target_ratio <= 1.0:
-        raise ValueError("--prune_loss_weight must be >= 0 and --prune_target_ratio in [0, 1]")
+    LPMTrainingModel.check_objective(args.prune_loss_weight, args.prune_target_ratio)  # before loading 7B weights
     base_model = str(Path(model_args.model_name_or_path).resolve())
     resume = resolve_resume(args, base_model)
     transformers.set_seed(args.seed)

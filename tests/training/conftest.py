@@ -58,5 +58,8 @@ def _make_dataset_fixture():
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
-    """Tiny models run ~100x faster on one thread than on two cores shared with other jobs."""
+    """Tiny models run far faster on one thread than on two cores shared with other jobs."""
+    previous = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -179,6 +179,8 @@ def test_resume_continues_without_repeating_steps(tiny_model, dataset, tmp_path)
         (["--data_fraction", "0"], r"error: --data_fraction must be in \(0, 1\]"),
         (["--data_fraction", "1.5"], r"error: --data_fraction must be in \(0, 1\]"),
         (["--model_name_or_path", "/nonexistent"], r"error: no checkpoint at /nonexistent"),
+        (["--prune_target_ratio", "1.5"], r"error: the target keep ratio τ must be in \[0, 1\]"),
+        (["--data_path", "/nonexistent.json"], r"error: --data_path /nonexistent.json does not exist"),
     ],
 )
 def test_cli_errors(tiny_model, dataset, tmp_path, extra, message):
