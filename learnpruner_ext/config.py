@@ -134,7 +134,7 @@ def in_llm_plan(
     """Budget mapping for methods that see all ``N`` tokens up to layer ``K`` and prune there (FastV, DART).
 
     ``mode="average"``: ``R2 = ceil((T*L - K*N) / (L - K))`` so the per-layer average meets ``T``;
-    infeasible when ``T < K*N/L`` (FastV at K=2 on LLaVA-1.5 needs T >= 36).
+    infeasible when ``R2`` would be < 1 (FastV at K=2 on LLaVA-1.5 needs T >= 37).
     ``mode="after_layer"``: ``R2 = T``, i.e. only the tokens kept after layer K are counted, as some
     papers report FastV; the measured average is then larger than ``T`` and the row says so.
     """

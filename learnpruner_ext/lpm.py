@@ -18,6 +18,17 @@ from safetensors.torch import load_file, save_file
 LPM_WEIGHTS = "lpm.safetensors"
 LPM_CONFIG = "lpm_config.json"
 KEEP = 1  # logit index of the "keep" class
+SHIPPED_LPM_DIR = "lpm"  # a checkpoint folder may ship its trained LPM here (the toy default does)
+
+
+def shipped_lpm_path(model_dir: str | os.PathLike | None) -> str | None:
+    """``model_dir/lpm`` when it holds a trained LPM (``lpm.safetensors`` + ``lpm_config.json``), else None."""
+    if not model_dir:
+        return None
+    folder = Path(model_dir) / SHIPPED_LPM_DIR
+    if (folder / LPM_WEIGHTS).is_file() and (folder / LPM_CONFIG).is_file():
+        return str(folder)
+    return None
 
 
 class LearnablePruningModule(nn.Module):

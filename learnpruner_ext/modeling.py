@@ -14,8 +14,9 @@ llava-hf checkpoints unchanged; pruning is attached explicitly with :func:`apply
 
 from __future__ import annotations
 
+import logging
 import weakref
-from dataclasses import dataclass, field, asdict
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from transformers import AutoModel, DynamicCache, LlavaConfig, LlavaForConditionalGeneration
@@ -33,6 +34,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .config import PruningConfig
+from .lpm import shipped_lpm_path
 from .methods import DecoderContext, PruningMethod, VisionContext, create_method
 
 
@@ -468,12 +470,21 @@ class PrunableLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
 
 def apply_pruning(model: PrunableLlavaForConditionalGeneration, config: PruningConfig) -> PruningMethod:
-    """Attach the method described by ``config`` to ``model`` (replacing any previous one)."""
+    """Attach the method described by ``config`` to ``model`` (replacing any previous one).
+
+    LearnPruner without ``config.lpm_path`` uses the LPM shipped with the checkpoint, ``<model folder>/lpm/``
+    (as the built-in toy default ``checkpoints/toy-llava`` does), when there is one.
+    """
     if not isinstance(model, PrunableLlavaForConditionalGeneration):
         raise TypeError(
             f"apply_pruning needs a PrunableLlavaForConditionalGeneration, got {type(model).__name__}; load the "
             "checkpoint with llava.model.builder.load_pretrained_model or PrunableLlavaForConditionalGeneration.from_pretrained"
         )
+    if config.method == "learnpruner" and not config.lpm_path:
+        shipped = shipped_lpm_path(getattr(model.config, "_name_or_path", None))
+        if shipped:
+            logging.getLogger(__name__).warning("learnpruner: no --lpm-path given; using the checkpoint's LPM %s", shipped)
+            config = replace(config, lpm_path=shipped)
     method = create_method(
         config,
         num_vision_tokens=model.num_vision_tokens,

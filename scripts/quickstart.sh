@@ -1,34 +1,48 @@
 #!/usr/bin/env bash
-# The main job on the built-in default: set up .venv, then answer questions about a generated
-# toy image with the unpruned model and with LearnPruner, printing the token accounting.
-#   bash scripts/quickstart.sh
+# The main job: set up .venv, then compare every pruning method at budgets 32/16/8 (of 144 vision tokens)
+# on the toy-world test split with the shipped toy LLaVA (checkpoints/toy-llava, its LPM in lpm/), through
+# the real answer generator (llava.eval.model_vqa_loader) and scorer (llava.eval.eval_toy).
+#   bash scripts/quickstart.sh                 # first QUESTIONS (default 300) of the 1000 test questions
+#   QUESTIONS=1000 bash scripts/quickstart.sh  # the whole test split (what docs/results_toy.md reports)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+t0=$(date +%s)
 bash scripts/setup_env.sh
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
 PY=.venv/bin/python
 OUT=outputs/quickstart
-mkdir -p "$OUT"
-
+QUESTIONS=${QUESTIONS:-300}
 MODEL=${MODEL:-checkpoints/toy-llava}
 if [ ! -f "$MODEL/config.json" ]; then
-  # No trained default is shipped yet: use a tiny RANDOM model with LLaVA-style geometry, so the
-  # answers are gibberish but every stage (loading, pruning, generation, accounting) runs for real.
-  MODEL=$OUT/tiny-llava
-  [ -f "$MODEL/config.json" ] || $PY -m learnpruner_ext.tiny --out "$MODEL" --format hf --text-layers 8 --image-size 168 --patch-size 14
-  echo "NOTE: no trained default checkpoint found; using a tiny random model at $MODEL"
+  echo "error: $MODEL is missing; retrain it with: bash scripts/toy/train_all.sh" >&2
+  exit 1
 fi
+t1=$(date +%s)
 
-$PY - "$OUT/example.png" <<'PYEOF'
+# The held-out test split is a pure function of (seed, number of test images): regenerate it (seconds)
+# instead of shipping images, then keep its first $QUESTIONS questions (the order is already shuffled).
+$PY -m learnpruner_ext.toy.generate --out "$OUT/data/toy" --seed 0 --num-train 1 --num-test 1000 > /dev/null 2>&1
+$PY - "$OUT/data/toy" "$QUESTIONS" <<'PYEOF'
 import sys
-import numpy as np
-from learnpruner_ext.toy.generate import draw_scene, sample_scene
-draw_scene(sample_scene(np.random.default_rng(0), 192), 192).save(sys.argv[1])
+folder, n = sys.argv[1], int(sys.argv[2])
+for name in ("test_questions.jsonl", "test_answers.jsonl"):
+    path = f"{folder}/{name}"
+    lines = open(path).read().splitlines(keepends=True)[:n]
+    open(path, "w").writelines(lines)
 PYEOF
 
-for spec in "none:" "learnpruner:32" "learnpruner:8"; do
-  method=${spec%%:*}; budget=${spec#*:}
-  $PY -W ignore -m llava.eval.run_llava --model-path "$MODEL" --image-file "$OUT/example.png" \
-      --query "What color is the background?" --max_new_tokens 8 --json \
-      --pruning-method "$method" ${budget:+--visual-token-budget $budget} 2>/dev/null
-done
+rm -rf "$OUT/sweep"
+$PY -m llava.eval.sweep --model-path "$MODEL" --methods none,learnpruner,vispruner,fastv,visionzip,divprune,dart,random,cls \
+    --budgets 32,16,8 --benchmarks toy --eval-root "$OUT/data" --out "$OUT/sweep" --batch-size 50 \
+    --max-new-tokens 4 --device cpu --no-progress > "$OUT/sweep.log" 2>&1 || { tail -20 "$OUT/sweep.log"; exit 1; }
+$PY -m learnpruner_ext.toy.report --sweep "$OUT/sweep" > "$OUT/report.log" 2>&1 || { tail -20 "$OUT/report.log"; exit 1; }
+
+echo
+echo "Toy world, $QUESTIONS test questions, model $MODEL (LearnPruner uses its shipped LPM $MODEL/lpm)"
+echo
+cat "$OUT/sweep/table_toy.md"
+echo
+echo "plot:          $OUT/sweep/accuracy_vs_budget.png"
+echo "per-type plot: $OUT/sweep/accuracy_by_type.png"
+echo "answers:       $OUT/sweep/answers/toy/   results: $OUT/sweep/results.csv"
+echo "[quickstart] setup $((t1 - t0)) s, comparison $(( $(date +%s) - t1 )) s"

@@ -11,7 +11,8 @@ background, optionally with a 1-2 letter printed label. At 192 px the model sees
   (``train.json``, LLaVA-665K conversation format).
 * ``--num-test`` images, ONE question each (``test_questions.jsonl`` in
   ``model_vqa_loader`` format, keys in ``test_answers.jsonl``, scenes in
-  ``test_scenes.jsonl``); the existence questions are also exported as a POPE
+  ``test_scenes.jsonl``; the training scenes are in ``train_scenes.jsonl``, used by the
+  per-patch vision pretraining of :mod:`learnpruner_ext.toy.pretrain_vision`); the existence questions are also exported as a POPE
   benchmark (``pope/coco_pope_{random,popular,adversarial}.json`` + ``llava_pope_test.jsonl``).
 
 Everything derives from ``seed`` through numpy Generators (one per image, seeded
@@ -301,7 +302,7 @@ def generate(out_dir, seed=0, num_train=20000, num_test=1000, image_size=192, pr
     weights = np.array([QUESTION_MIX[t] for t in types]) / sum(QUESTION_MIX.values())
     bar = tqdm(total=num_train + num_test, desc="toy VQA", unit="img", disable=not progress)
 
-    train, counts = [], {"train": Counter(), "test": Counter()}
+    train, train_scenes, counts = [], [], {"train": Counter(), "test": Counter()}
     for i in range(num_train):
         rng = np.random.default_rng([seed, 0, i])
         k = int(rng.integers(TRAIN_TURNS[0], TRAIN_TURNS[1] + 1))
@@ -314,6 +315,7 @@ def generate(out_dir, seed=0, num_train=20000, num_test=1000, image_size=192, pr
             conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q + SUFFIX},
                      {"from": "gpt", "value": a}]
         train.append({"id": iid, "image": f"train/{iid}.png", "conversations": conv})
+        train_scenes.append({"image": f"train/{iid}.png", "image_size": image_size, **scene})
         counts["train"].update(qtypes)
         bar.update()
 
@@ -355,6 +357,7 @@ def generate(out_dir, seed=0, num_train=20000, num_test=1000, image_size=192, pr
     _write(os.path.join(out_dir, "test_answers.jsonl"), _jsonl(answers))
     _write(os.path.join(out_dir, "test_scenes.jsonl"), _jsonl(scenes))
     _write(os.path.join(out_dir, "train.json"), json.dumps(train, indent=1))
+    _write(os.path.join(out_dir, "train_scenes.jsonl"), _jsonl(train_scenes))
     meta = {"generator": "learnpruner_ext.toy.generate", "version": VERSION, "seed": seed,
             "image_size": image_size, "num_train_images": num_train, "num_test_images": num_test,
             "num_train_questions": sum(counts["train"].values()), "num_test_questions": num_test,

@@ -15,7 +15,12 @@ from llava.model.builder import load_pretrained_model
 
 from test_zoo_selection import dart_reference, visionzip_reference
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 QUESTIONS = ["What color is the circle?", "How many shapes are there in this picture?", "Is there a red square?"]
 ZOO = ["vispruner", "fastv", "visionzip", "divprune", "dart", "random", "cls"]

@@ -9,7 +9,12 @@ from learnpruner_ext.methods.dart import dart_select
 from learnpruner_ext.methods.random_pruning import random_indices
 from learnpruner_ext.selection import remove_duplicates
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 
 def cos(x, y):

@@ -1,0 +1,196 @@
+"""Toy-world comparison report: Table-1-shaped markdown with per-question-type accuracy, plots, Fig.-6 figure.
+
+    python -m learnpruner_ext.toy.report --sweep outputs/toy/sweep [--after-layer outputs/toy/sweep_after_layer] \
+        [--figure-model checkpoints/toy-llava --data playground/data/toy --figure-budget 16 --figure-images 4]
+
+Reads the sweep's ``results.json`` (``python -m llava.eval.sweep --benchmarks toy ...``; each toy row carries
+the scorer's per-type accuracies) and writes into the sweep folder:
+
+* ``table_toy.md``: rows = methods grouped by budget (the paper's Table 1 layout), columns = the seven
+  question types, overall accuracy and RelAcc (overall / unpruned overall); infeasible (method, budget)
+  pairs stay in the table as "infeasible"; an optional second sweep with FastV/DART's ``after_layer``
+  budget convention is appended as separately labelled rows;
+* ``verdict`` lines: at each budget, does LearnPruner beat every feasible baseline on overall accuracy?
+* ``accuracy_by_type.png``: accuracy against the budget, one panel per question type and overall;
+* ``kept_patches.png`` (with ``--figure-model``): kept patches (stage 1 importance / diversity, stage 2) of
+  several methods on a few test images, drawn by :mod:`learnpruner_ext.visualize`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+TYPES = ("existence", "color", "shape", "count", "position", "background", "text")
+
+
+def load_rows(sweep_dir: str | Path, label_suffix: str = "") -> tuple[dict, list[dict]]:
+    results = json.loads((Path(sweep_dir) / "results.json").read_text())
+    rows = []
+    for r in results["rows"]:
+        if r["benchmark"] != "toy":
+            continue
+        rows.append({"method": r["method"] + label_suffix, "budget": r["budget"], "status": r["status"],
+                     "overall": r["value"], "by_type": (r.get("extra") or {}).get("by_type", {}),
+                     "avg": r["avg_vision_tokens"], "note": r["note"]})
+    return results, rows
+
+
+def verdicts(rows: list[dict], budgets: list[int]) -> list[str]:
+    """One line per budget: LearnPruner's overall accuracy against every feasible baseline."""
+    out = []
+    for b in budgets:
+        mine = next((r for r in rows if r["method"] == "learnpruner" and r["budget"] == b and r["status"] == "ok"), None)
+        others = [r for r in rows if r["budget"] == b and r["method"] not in ("learnpruner", "none") and r["status"] == "ok"]
+        if mine is None or not others:
+            out.append(f"T={b}: not comparable (LearnPruner or baselines missing)")
+            continue
+        best = max(others, key=lambda r: r["overall"])
+        beaten = [r["method"] for r in others if r["overall"] >= mine["overall"]]
+        if beaten:
+            out.append(f"T={b}: LearnPruner {mine['overall']:.1f}% does NOT beat every baseline: "
+                       + ", ".join(f"{r['method']} {r['overall']:.1f}%" for r in others if r["method"] in beaten)
+                       + " are equal or better")
+        else:
+            out.append(f"T={b}: LearnPruner {mine['overall']:.1f}% beats every feasible baseline "
+                       f"(best baseline: {best['method']} {best['overall']:.1f}%)")
+    return out
+
+
+def markdown(results: dict, rows: list[dict], extra_rows: list[dict]) -> str:
+    n = results["num_vision_tokens"]
+    budgets = results["budgets"]
+    vanilla = next((r for r in rows if r["method"] == "none" and r["status"] == "ok"), None)
+    header = ["Method", "Avg. tokens", *TYPES, "Overall", "RelAcc."]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":--"] + ["--:"] * (len(header) - 1)) + "|"]
+
+    def row_line(r, label):
+        if r["status"] == "infeasible":
+            return "| " + " | ".join([label, "–"] + ["infeasible"] * (len(TYPES) + 1) + ["infeasible"]) + " |"
+        cells = [f"{r['by_type'].get(t, float('nan')):.1f}" for t in TYPES]
+        rel = f"{100 * r['overall'] / vanilla['overall']:.1f}%" if vanilla and vanilla["overall"] else "–"
+        avg = "–" if r["avg"] is None else f"{r['avg']:.1f}"
+        return "| " + " | ".join([label, avg, *cells, f"**{r['overall']:.1f}**", rel]) + " |"
+
+    if vanilla:
+        lines.append(f"| *Upper Bound, {n} Tokens (100%)* |" + " |" * (len(header) - 1))
+        lines.append(row_line(vanilla, "Vanilla (none)"))
+    for b in budgets:
+        lines.append(f"| *Retain Averaged {b} Tokens (↓ {100 * (1 - b / n):.1f}%)* |" + " |" * (len(header) - 1))
+        for r in [r for r in rows if r["budget"] == b and r["method"] != "none"] + \
+                 [r for r in extra_rows if r["budget"] == b]:
+            lines.append(row_line(r, r["method"]))
+    notes = sorted({f"{r['method']} @ {r['budget']}: {r['note']}" for r in rows + extra_rows if r["status"] == "infeasible"})
+    if notes:
+        lines += ["", "Infeasible (recorded, not adjusted):"] + [f"- {x}" for x in notes]
+    return "\n".join(lines) + "\n"
+
+
+def plot_by_type(results: dict, rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = sorted(results["budgets"])
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "none"))
+    vanilla = next((r for r in rows if r["method"] == "none" and r["status"] == "ok"), None)
+    panels = list(TYPES) + ["overall"]
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        for m in methods:
+            pts = [(r["budget"], r["overall"] if panel == "overall" else r["by_type"].get(panel))
+                   for r in rows if r["method"] == m and r["status"] == "ok"]
+            pts = sorted(p for p in pts if p[1] is not None)
+            if pts:
+                style = dict(linewidth=2.5, color="black") if m == "learnpruner" else {}
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m, **style)
+        if vanilla:
+            ref = vanilla["overall"] if panel == "overall" else vanilla["by_type"].get(panel)
+            if ref is not None:
+                ax.axhline(ref, color="gray", linestyle="--", label="unpruned")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets)
+        ax.set_xticklabels([str(b) for b in budgets])
+        ax.set_title(panel)
+        ax.set_xlabel("avg. vision tokens per layer")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"Toy world: accuracy vs. visual-token budget ({results['model_id']}, N={results['num_vision_tokens']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def kept_patches_figure(model_path: str, data_dir: str, budget: int, num_images: int, methods: list[str], out: str) -> str:
+    """Fig.-6-style overlays for the first test questions of distinct types, stacked vertically."""
+    from PIL import Image, ImageDraw
+
+    from .. import visualize
+
+    questions = [json.loads(line) for line in open(os.path.join(data_dir, "test_questions.jsonl"))]
+    gold = {a["question_id"]: a["answer"] for a in map(json.loads, open(os.path.join(data_dir, "test_answers.jsonl")))}
+    picked, seen = [], set()
+    for q in questions:  # one question per type, object-centred types first
+        if q["category"] not in seen and q["category"] in ("color", "shape", "count", "position", "text", "existence"):
+            seen.add(q["category"])
+            picked.append(q)
+        if len(picked) == num_images:
+            break
+    parts = []
+    for i, q in enumerate(picked):
+        part = f"{out}.part{i}.png"
+        visualize.main(["--model-path", model_path, "--image-file", os.path.join(data_dir, "images", q["image"]),
+                        "--query", q["text"], "--methods", ",".join(methods), "--budget", str(budget),
+                        "--out", part, "--max-new-tokens", "4", "--device", "cpu"])
+        panel = Image.open(part).convert("RGB")
+        captioned = Image.new("RGB", (panel.width, panel.height + 28), (255, 255, 255))
+        captioned.paste(panel, (0, 28))
+        ImageDraw.Draw(captioned).text((8, 4), f"{q['image']}  Q: {q['text'].splitlines()[0]}  (gold answer: "
+                                       f"{gold.get(q['question_id'])})", fill=(0, 0, 0), font=visualize._font(18))
+        parts.append(captioned)
+    width = max(p.width for p in parts)
+    canvas = Image.new("RGB", (width, sum(p.height for p in parts)), (255, 255, 255))
+    y = 0
+    for p in parts:
+        canvas.paste(p, (0, y))
+        y += p.height
+    canvas.save(out)
+    for i in range(len(parts)):
+        os.remove(f"{out}.part{i}.png")
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sweep", required=True, help="sweep output folder (results.json) with the toy benchmark")
+    ap.add_argument("--after-layer", default=None, help="optional second sweep (FastV/DART, budget_mode=after_layer)")
+    ap.add_argument("--figure-model", default=None, help="draw kept_patches.png with this checkpoint")
+    ap.add_argument("--data", default="playground/data/toy", help="toy data folder (test questions and images)")
+    ap.add_argument("--figure-budget", type=int, default=16)
+    ap.add_argument("--figure-images", type=int, default=4)
+    ap.add_argument("--figure-methods", default="learnpruner,vispruner,visionzip,divprune,random,cls")
+    args = ap.parse_args(argv)
+    results, rows = load_rows(args.sweep)
+    extra = load_rows(args.after_layer, " (after_layer)")[1] if args.after_layer else []
+    extra = [r for r in extra if r["method"] != "none (after_layer)"]
+    table = markdown(results, rows, extra)
+    verdict = verdicts(rows, results["budgets"])
+    Path(args.sweep, "table_toy.md").write_text(table + "\n" + "\n".join(f"- {v}" for v in verdict) + "\n")
+    plot_by_type(results, rows + extra, os.path.join(args.sweep, "accuracy_by_type.png"))
+    out = {"table": os.path.join(args.sweep, "table_toy.md"), "plot": os.path.join(args.sweep, "accuracy_vs_budget.png"),
+           "plot_by_type": os.path.join(args.sweep, "accuracy_by_type.png"), "verdict": verdict}
+    if args.figure_model:
+        out["figure"] = kept_patches_figure(args.figure_model, args.data, args.figure_budget, args.figure_images,
+                                            args.figure_methods.split(","), os.path.join(args.sweep, "kept_patches.png"))
+    print(table)
+    print("\n".join(verdict))
+    print(json.dumps({k: v for k, v in out.items() if k != "verdict"}))
+    return out
+
+
+if __name__ == "__main__":
+    main()
