@@ -44,6 +44,7 @@ COLORS, SHAPES, BACKGROUNDS, LETTERS = list(G.COLORS), list(G.SHAPES), list(G.BA
 # head name -> number of classes (the last class of color/shape/letter2 is "none")
 HEADS = {"color": len(COLORS) + 1, "shape": len(SHAPES) + 1, "center": 2, "background": len(BACKGROUNDS),
          "label": 2, "glyph": len(LETTERS) + 1, "row": None, "col": None}
+NONE_CLASS = {"color": len(COLORS), "shape": len(SHAPES), "glyph": len(LETTERS), "center": 0}
 MIN_OBJECT_PIXELS = 24
 IGNORE = -100
 
@@ -145,6 +146,10 @@ class PatchHeads(nn.Module):
             if valid.any():
                 losses[name] = F.cross_entropy(logits, t, ignore_index=IGNORE)
                 accs[name] = (logits[valid].argmax(-1) == t[valid]).float().mean().item()
+            # the background class dominates these heads: also report accuracy on the patches that show something
+            rare = t != NONE_CLASS[name] if name in NONE_CLASS else None
+            if rare is not None and (rare & valid).any():
+                accs[name + "@obj"] = (logits[rare & valid].argmax(-1) == t[rare & valid]).float().mean().item()
         return sum(losses.values()), losses, accs
 
 

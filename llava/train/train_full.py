@@ -64,14 +64,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _pack(items: list[dict]) -> tuple[list[dict], torch.Tensor | None]:
+    """Worker side: token lists plus ONE stacked bf16 image tensor per chunk (one shared file descriptor,
+    not one per sample, which would exhaust the descriptor limit)."""
+    texts = [{"input_ids": x["input_ids"].tolist(), "labels": x["labels"].tolist(), "id": x["id"],
+              "has_image": "pixel_values" in x} for x in items]
+    images = [x["pixel_values"].to(torch.bfloat16) for x in items if "pixel_values" in x]
+    return texts, torch.stack(images) if images else None
+
+
 def cache_dataset(dataset: LazySupervisedDataset, workers: int) -> list[dict]:
     """Every item of the dataset once (tokenised, image processed), images kept in bf16."""
-    loader = DataLoader(dataset, batch_size=64, num_workers=workers, collate_fn=lambda items: items)
+    loader = DataLoader(dataset, batch_size=256, num_workers=workers, collate_fn=_pack)
     out = []
-    for items in loader:
-        for item in items:
-            if "pixel_values" in item:
-                item["pixel_values"] = item["pixel_values"].to(torch.bfloat16)
+    for texts, images in loader:
+        k = 0
+        for t in texts:
+            item = {"input_ids": torch.tensor(t["input_ids"]), "labels": torch.tensor(t["labels"]), "id": t["id"]}
+            if t["has_image"]:
+                item["pixel_values"] = images[k]
+                k += 1
             out.append(item)
     return out
 
@@ -172,7 +184,8 @@ def train(args: argparse.Namespace) -> dict:
     processor.save_pretrained(out_dir)
     summary = {"init": str(args.model_name_or_path), "data_path": str(args.data_path), "samples": len(items),
                "steps": step, "planned_steps": steps, "batch_size": args.batch_size, "lr": args.lr,
-               "vision_lr": args.vision_lr or args.lr, "bf16_autocast_eager": args.bf16,
+               "vision_lr": None if args.freeze_vision else (args.vision_lr or args.lr), "freeze_vision": args.freeze_vision,
+               "bf16_autocast_eager": args.bf16, "time_budget_min": args.time_budget_min,
                "train_seconds": round(train_seconds, 1), "samples_per_s": round(seen / max(train_seconds, 1e-9), 1),
                "history": history}
     (out_dir / "train_full.json").write_text(json.dumps(summary, indent=1))

@@ -10,9 +10,10 @@
 #   DATA_ROOT   eval root; the data goes to DATA_ROOT/toy [playground/data]
 #   WORK        intermediate outputs (vision-pretrained init, sweeps) [outputs/toy]
 #   NUM_TRAIN [20000]  NUM_TEST [1000]  SEED [0]
-#   PRETRAIN_EPOCHS [3]  VQA_EPOCHS [5]  VQA_MINUTES [32] (time cap of the VQA stage)
-#   LPM_FRACTION [1.0] (share of train.json for the LPM; the paper uses 10% of 665K)  LPM_BATCH [32]
+#   PRETRAIN_EPOCHS [2]  VQA_EPOCHS [5]  VQA_MINUTES [22] (time cap of the VQA stage)
+#   LPM_FRACTION [0.25] (share of train.json for the LPM; the paper: 10% of 665K)  LPM_BATCH [16]
 #   METHODS [all registered]  BUDGETS [32,16,8]  SMOKE_STEPS (if set: tiny step counts, for tests)
+#   START_AT [1]  skip the stages before this one (e.g. START_AT=4 re-trains only the LPM and re-evaluates)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -21,17 +22,19 @@ PY="${PYTHON:-$ROOT/.venv/bin/python}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
 OUT_MODEL="${OUT_MODEL:-checkpoints/toy-llava}"
 DATA_ROOT="${DATA_ROOT:-playground/data}"
-DATA="$DATA_ROOT/toy"
+TOY_DATA="$DATA_ROOT/toy"
 WORK="${WORK:-outputs/toy}"
 NUM_TRAIN="${NUM_TRAIN:-20000}"; NUM_TEST="${NUM_TEST:-1000}"; SEED="${SEED:-0}"
-PRETRAIN_EPOCHS="${PRETRAIN_EPOCHS:-3}"; VQA_EPOCHS="${VQA_EPOCHS:-5}"; VQA_MINUTES="${VQA_MINUTES:-32}"
-LPM_FRACTION="${LPM_FRACTION:-1.0}"; LPM_BATCH="${LPM_BATCH:-32}"
+PRETRAIN_EPOCHS="${PRETRAIN_EPOCHS:-2}"; VQA_EPOCHS="${VQA_EPOCHS:-5}"; VQA_MINUTES="${VQA_MINUTES:-22}"
+LPM_FRACTION="${LPM_FRACTION:-0.25}"; LPM_BATCH="${LPM_BATCH:-16}"
 METHODS="${METHODS:-none,learnpruner,vispruner,fastv,visionzip,divprune,dart,random,cls}"
 BUDGETS="${BUDGETS:-32,16,8}"
 THREADS="${THREADS:-$(nproc)}"
 mkdir -p "$WORK"
 t0=$(date +%s)
 stamp() { echo "[train_all] $1 ($(( $(date +%s) - t0 )) s elapsed)"; }
+START_AT="${START_AT:-1}"
+want() { [ "$1" -ge "$START_AT" ]; }
 
 PRE_STEPS=(); VQA_STEPS=(); LPM_STEPS=""
 if [ -n "${SMOKE_STEPS:-}" ]; then
@@ -40,37 +43,42 @@ if [ -n "${SMOKE_STEPS:-}" ]; then
   LPM_STEPS="--max_steps $SMOKE_STEPS"; LPM_BATCH=8
 fi
 
-stamp "1/6 generate $NUM_TRAIN train + $NUM_TEST test images -> $DATA"
-"$PY" -m learnpruner_ext.toy.generate --out "$DATA" --seed "$SEED" --num-train "$NUM_TRAIN" --num-test "$NUM_TEST"
-
+if want 1; then
+stamp "1/6 generate $NUM_TRAIN train + $NUM_TEST test images -> $TOY_DATA"
+"$PY" -m learnpruner_ext.toy.generate --out "$TOY_DATA" --seed "$SEED" --num-train "$NUM_TRAIN" --num-test "$NUM_TEST"
+fi
+if want 2; then
 stamp "2/6 vision pretraining (per-patch colour/shape/centre/background/label/glyph/position) -> $WORK/init"
-"$PY" -m learnpruner_ext.toy.pretrain_vision --data "$DATA" --out "$WORK/init" --epochs "$PRETRAIN_EPOCHS" \
+"$PY" -m learnpruner_ext.toy.pretrain_vision --data "$TOY_DATA" --out "$WORK/init" --epochs "$PRETRAIN_EPOCHS" \
   --batch-size 64 --lr 2e-3 --text-layers 4 --seed "$SEED" --num-threads "$THREADS" ${PRE_STEPS[@]+"${PRE_STEPS[@]}"}
-
+fi
+if want 3; then
 stamp "3/6 VQA training of the whole model (vision + projector + LLM) -> $OUT_MODEL"
 rm -rf "$OUT_MODEL"
-"$PY" -m llava.train.train_full --model_name_or_path "$WORK/init" --data_path "$DATA/train.json" \
-  --image_folder "$DATA/images" --output_dir "$OUT_MODEL" --epochs "$VQA_EPOCHS" --batch_size 32 --lr 1e-3 \
-  --vision_lr 3e-4 --bf16 --num_threads "$THREADS" --time_budget_min "$VQA_MINUTES" --seed "$SEED" \
+"$PY" -m llava.train.train_full --model_name_or_path "$WORK/init" --data_path "$TOY_DATA/train.json" \
+  --image_folder "$TOY_DATA/images" --output_dir "$OUT_MODEL" --epochs "$VQA_EPOCHS" --batch_size 32 --lr 2e-3 \
+  --freeze_vision --bf16 --num_threads "$THREADS" --time_budget_min "$VQA_MINUTES" --seed "$SEED" \
   ${VQA_STEPS[@]+"${VQA_STEPS[@]}"}
-
+fi
+if want 4; then
 stamp "4/6 LPM training on the frozen base (finetune_lpm: lambda_p=1, tau=0, fraction $LPM_FRACTION) -> $OUT_MODEL/lpm"
 rm -rf "$WORK/lpm"
 DS_ACCELERATOR=cpu OMP_NUM_THREADS="$THREADS" NUM_GPUS=1 GLOBAL_BATCH="$LPM_BATCH" PER_DEVICE_BATCH="$LPM_BATCH" \
-  DATA="$DATA/train.json" IMAGES="$DATA/images" DATA_FRACTION="$LPM_FRACTION" MASTER_PORT="${MASTER_PORT:-29517}" \
+  DATA="$TOY_DATA/train.json" IMAGES="$TOY_DATA/images" DATA_FRACTION="$LPM_FRACTION" MASTER_PORT="${MASTER_PORT:-29517}" \
   EXTRA_ARGS="--use_cpu True --dataloader_num_workers 0 --save_steps 100000 --logging_steps 20 --gradient_checkpointing False $LPM_STEPS" \
   bash scripts/v1_5/finetune_lpm.sh "$OUT_MODEL" "$WORK/lpm"
 mkdir -p "$OUT_MODEL/lpm"
 cp "$WORK/lpm/lpm.safetensors" "$WORK/lpm/lpm_config.json" "$OUT_MODEL/lpm/"
 # make the shipped config machine-independent (the absolute paths are informative only)
-"$PY" - "$OUT_MODEL/lpm/lpm_config.json" "$OUT_MODEL" "$DATA/train.json" <<'PYEOF'
+"$PY" - "$OUT_MODEL/lpm/lpm_config.json" "$OUT_MODEL" "$TOY_DATA/train.json" <<'PYEOF'
 import json, sys
 path, base, data = sys.argv[1:]
 cfg = json.load(open(path))
 cfg.update(base_model=base, data_path=data)
 json.dump(cfg, open(path, "w"), indent=2)
 PYEOF
-
+fi
+if want 5; then
 stamp "5/6 sweep: $METHODS x $BUDGETS on the toy test split"
 rm -rf "$WORK/sweep" "$WORK/sweep_after_layer"
 "$PY" -m llava.eval.sweep --model-path "$OUT_MODEL" --methods "$METHODS" --budgets "$BUDGETS" --benchmarks toy \
@@ -79,8 +87,11 @@ rm -rf "$WORK/sweep" "$WORK/sweep_after_layer"
 "$PY" -m llava.eval.sweep --model-path "$OUT_MODEL" --methods fastv,dart --budgets "$BUDGETS" --benchmarks toy \
   --eval-root "$DATA_ROOT" --out "$WORK/sweep_after_layer" --batch-size 50 --max-new-tokens 4 --device cpu \
   --method-option budget_mode=after_layer --no-progress > /dev/null
-
+fi
+if want 6; then
 stamp "6/6 report: table, plots, kept-patches figure"
 "$PY" -m learnpruner_ext.toy.report --sweep "$WORK/sweep" --after-layer "$WORK/sweep_after_layer" \
-  --figure-model "$OUT_MODEL" --data "$DATA"
+  --figure-model "$OUT_MODEL" --data "$TOY_DATA"
+fi
 stamp "done: $WORK/sweep/table_toy.md, $WORK/sweep/accuracy_vs_budget.png, $WORK/sweep/accuracy_by_type.png, $WORK/sweep/kept_patches.png"
+
