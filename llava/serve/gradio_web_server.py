@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from learnpruner_ext import BudgetError, PruningConfig, apply_pruning, available_methods  # noqa: E402
 from learnpruner_ext.flops import estimate_tflops  # noqa: E402
+from learnpruner_ext.lpm import shipped_lpm_path  # noqa: E402
 from learnpruner_ext.methods import get_method_class  # noqa: E402
 from learnpruner_ext.visualize import PatchMarks, draw_overlay, model_grid, processor_background  # noqa: E402
 
@@ -138,7 +139,8 @@ class DemoBackend:
     def __init__(self, model_path=None, lpm_path=None, device="auto", max_new_tokens=64):
         self.tokenizer, self.model, self.processor, _ = load_pretrained_model(model_path, device=device)
         self.model_path = model_path
-        self.lpm_path = lpm_path
+        # apply_pruning falls back to the checkpoint's own lpm/ folder; say which LPM really runs
+        self.lpm_path = lpm_path or shipped_lpm_path(getattr(self.model.config, "_name_or_path", None))
         self.max_new_tokens = max_new_tokens
         self.lock = threading.Lock()
         self.num_vision_tokens = self.model.num_vision_tokens
@@ -264,7 +266,7 @@ def build_demo(model_path=None, lpm_path=None, device="auto", max_new_tokens=64,
         gr.Markdown(
             f"## {title}\nModel: `{model_path or 'built-in default'}` - {n} vision tokens "
             f"({backend.grid}x{backend.grid} patches), {backend.num_layers} LLM layers."
-            + ("" if lpm_path or "learnpruner" not in backend.methods else
+            + ("" if backend.lpm_path or "learnpruner" not in backend.methods else
                "  \n*No `--lpm-path`: LearnPruner's stage 1 uses an untrained (random) LPM.*")  # fmt: skip
         )
         with gr.Row():
