@@ -35,7 +35,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .config import PruningConfig
 from .lpm import shipped_lpm_path
-from .methods import DecoderContext, PruningMethod, VisionContext, create_method
+from .methods import DecoderContext, PruningMethod, VisionContext, create_method, get_method_class
 
 
 @dataclass
@@ -480,7 +480,7 @@ def apply_pruning(model: PrunableLlavaForConditionalGeneration, config: PruningC
             f"apply_pruning needs a PrunableLlavaForConditionalGeneration, got {type(model).__name__}; load the "
             "checkpoint with llava.model.builder.load_pretrained_model or PrunableLlavaForConditionalGeneration.from_pretrained"
         )
-    if config.method == "learnpruner" and not config.lpm_path:
+    if get_method_class(config.method).uses_lpm and not config.lpm_path:
         shipped = shipped_lpm_path(getattr(model.config, "_name_or_path", None))
         if shipped:
             logging.getLogger(__name__).warning("learnpruner: no --lpm-path given; using the checkpoint's LPM %s", shipped)

@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     from llava.model.builder import load_pretrained_model
 
     from .config import BudgetError, PruningConfig
+    from .methods import get_method_class
     from .modeling import apply_pruning
 
     try:
@@ -243,8 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
     grid, background = model_grid(model), processor_background(processor)
     panels, summary = [], {"panels": []}
     for name in methods:
-        layer = args.layer if args.layer is not None and "decoder" in _acts_at(name) else None
-        config = PruningConfig(method=name, budget=args.budget, layer=layer, lpm_path=args.lpm_path if name == "learnpruner" else None)
+        layer = args.layer if args.layer is not None and "decoder" in get_method_class(name).acts_at else None
+        config = PruningConfig(method=name, budget=args.budget, layer=layer, lpm_path=args.lpm_path if get_method_class(name).uses_lpm else None)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -267,12 +268,6 @@ def main(argv: list[str] | None = None) -> dict:
     summary["panel_width"] = figure.width // len(panels)
     print(json.dumps(summary))
     return summary
-
-
-def _acts_at(name: str) -> str:
-    from .methods import get_method_class
-
-    return get_method_class(name).acts_at
 
 
 if __name__ == "__main__":

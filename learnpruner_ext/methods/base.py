@@ -191,6 +191,7 @@ class PruningMethod(nn.Module):
     acts_at: ClassVar[str] = "nowhere"
     signals: ClassVar[tuple[str, ...]] = ()
     defaults: ClassVar[dict[str, Any]] = {}
+    uses_lpm: ClassVar[bool] = False  # reads PruningConfig.lpm_path (a trained pruning module)
 
     def __init__(self, config: PruningConfig, num_vision_tokens: int, num_layers: int, vision_dim: int):
         super().__init__()

@@ -25,6 +25,7 @@ class LearnPruner(PruningMethod):
     acts_at = "vision+decoder"
     signals = ("vision_features", "projected_features", "text_attention")
     defaults = {"hidden_features": 512}
+    uses_lpm = True
 
     def __init__(self, config, num_vision_tokens, num_layers, vision_dim):
         super().__init__(config, num_vision_tokens, num_layers, vision_dim)

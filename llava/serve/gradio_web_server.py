@@ -195,7 +195,7 @@ class DemoBackend:
         if uses_layer and layer not in (None, ""):
             k = int(layer)
         config = PruningConfig(method=method, budget=budget, layer=k,
-                               lpm_path=self.lpm_path if method == "learnpruner" else None)  # fmt: skip
+                               lpm_path=self.lpm_path if get_method_class(method).uses_lpm else None)  # fmt: skip
         with self.lock:
             try:
                 _, notes = self._method(config)
