@@ -69,6 +69,7 @@ def tiny_configs(
     vision_layers: int = 3,
     vision_hidden: int = 32,
     text_hidden: int = 64,
+    rope_theta: float = 10000.0,
 ) -> LlavaConfig:
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden,
@@ -87,6 +88,7 @@ def tiny_configs(
         num_attention_heads=4,
         num_key_value_heads=2,  # exercise grouped-query attention
         max_position_embeddings=2048,
+        rope_theta=rope_theta,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

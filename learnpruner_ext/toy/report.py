@@ -11,6 +11,9 @@ the scorer's per-type accuracies) and writes into the sweep folder:
   pairs stay in the table as "infeasible"; an optional second sweep with FastV/DART's ``after_layer``
   budget convention is appended as separately labelled rows;
 * ``verdict`` lines: at each budget, does LearnPruner beat every feasible baseline on overall accuracy?
+  With ``--answer-key``, each verdict line is followed by LearnPruner's paired difference to every baseline
+  (same questions) with a 95 % paired-bootstrap interval, so a 0.5-point "win" on 1000 questions is not
+  mistaken for a real one;
 * ``accuracy_by_type.png``: accuracy against the budget, one panel per question type and overall;
 * ``kept_patches.png`` (with ``--figure-model``): kept patches (stage 1 importance / diversity, stage 2) of
   several methods on a few test images, drawn by :mod:`learnpruner_ext.visualize`.
@@ -34,7 +37,7 @@ def load_rows(sweep_dir: str | Path, label_suffix: str = "") -> tuple[dict, list
             continue
         rows.append({"method": r["method"] + label_suffix, "budget": r["budget"], "status": r["status"],
                      "overall": r["value"], "by_type": (r.get("extra") or {}).get("by_type", {}),
-                     "avg": r["avg_vision_tokens"], "note": r["note"]})
+                     "avg": r["avg_vision_tokens"], "note": r["note"], "answers_file": r.get("answers_file")})
     return results, rows
 
 
@@ -56,6 +59,41 @@ def verdicts(rows: list[dict], budgets: list[int]) -> list[str]:
         else:
             out.append(f"T={b}: LearnPruner {mine['overall']:.1f}% beats every feasible baseline "
                        f"(best baseline: {best['method']} {best['overall']:.1f}%)")
+    return out
+
+
+def paired_differences(rows: list[dict], budgets: list[int], answer_key: str | Path, n_boot: int = 2000,
+                       seed: int = 0) -> list[str]:
+    """LearnPruner minus each feasible baseline in overall accuracy (points), on the same questions, with a
+    95 % paired-bootstrap interval (questions resampled with replacement, ``n_boot`` times, fixed seed)."""
+    import numpy as np
+
+    from llava.eval._io import read_jsonl
+    from llava.eval.eval_toy import normalize_prediction
+
+    gold = {str(a["question_id"]): str(a["answer"]).lower()
+            for a in read_jsonl(answer_key, "answer key", ("question_id", "answer"))}
+    qids = sorted(gold)
+
+    def correct(path: str) -> np.ndarray:
+        preds = {str(r["question_id"]): normalize_prediction(r["text"]) for r in read_jsonl(path)}
+        return np.array([preds.get(q) == gold[q] for q in qids], dtype=np.float64)
+
+    resample = np.random.default_rng(seed).integers(0, len(qids), (n_boot, len(qids)))
+    out = []
+    for b in budgets:
+        mine = next((r for r in rows if r["method"] == "learnpruner" and r["budget"] == b and r["status"] == "ok"), None)
+        others = [r for r in rows if r["budget"] == b and r["method"] not in ("learnpruner", "none") and r["status"] == "ok"]
+        if mine is None or not mine.get("answers_file") or not others:
+            continue
+        ours = correct(mine["answers_file"])
+        parts = []
+        for r in others:
+            diff = 100 * (ours - correct(r["answers_file"]))
+            lo, hi = np.percentile(diff[resample].mean(1), [2.5, 97.5])
+            sign = "" if lo > 0 or hi < 0 else ", within noise"
+            parts.append(f"{r['method']} {diff.mean():+.1f} [{lo:+.1f}, {hi:+.1f}{sign}]")
+        out.append(f"T={b}: LearnPruner minus baseline, points [95% paired-bootstrap CI]: " + "; ".join(parts))
     return out
 
 
@@ -170,6 +208,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--after-layer", default=None, help="optional second sweep (FastV/DART, budget_mode=after_layer)")
     ap.add_argument("--figure-model", default=None, help="draw kept_patches.png with this checkpoint")
     ap.add_argument("--data", default="playground/data/toy", help="toy data folder (test questions and images)")
+    ap.add_argument("--answer-key", default=None,
+                    help="the toy test_answers.jsonl the sweep was scored with: adds paired-bootstrap intervals")
     ap.add_argument("--figure-budget", type=int, default=16)
     ap.add_argument("--figure-images", type=int, default=4)
     ap.add_argument("--figure-methods", default="learnpruner,vispruner,visionzip,divprune,random,cls")
@@ -179,6 +219,8 @@ def main(argv=None) -> dict:
     extra = [r for r in extra if r["method"] != "none (after_layer)"]
     table = markdown(results, rows, extra)
     verdict = verdicts(rows, results["budgets"])
+    if args.answer_key:
+        verdict += paired_differences(rows, results["budgets"], args.answer_key)
     Path(args.sweep, "table_toy.md").write_text(table + "\n" + "\n".join(f"- {v}" for v in verdict) + "\n")
     plot_by_type(results, rows + extra, os.path.join(args.sweep, "accuracy_by_type.png"))
     out = {"table": os.path.join(args.sweep, "table_toy.md"), "plot": os.path.join(args.sweep, "accuracy_vs_budget.png"),

@@ -3,14 +3,14 @@
 # LPM training (finetune_lpm) -> every method x budgets 32/16/8 through the real eval code -> table,
 # plots and the kept-patches figure. Results: docs/results_toy.md describes a run of exactly this.
 #
-#   bash scripts/toy/train_all.sh            # ~1 h on 2 CPU cores (measured: see docs/results_toy.md)
+#   bash scripts/toy/train_all.sh            # ~80 min on 2 CPU cores (measured: see docs/results_toy.md)
 #
 # Environment variables (defaults in brackets):
 #   OUT_MODEL   where the trained base goes [checkpoints/toy-llava]; its LPM goes to OUT_MODEL/lpm
 #   DATA_ROOT   eval root; the data goes to DATA_ROOT/toy [playground/data]
 #   WORK        intermediate outputs (vision-pretrained init, sweeps) [outputs/toy]
 #   NUM_TRAIN [20000]  NUM_TEST [1000]  SEED [0]
-#   PRETRAIN_EPOCHS [2]  VQA_EPOCHS [5]  VQA_MINUTES [22] (time cap of the VQA stage)
+#   PRETRAIN_EPOCHS [10]  VQA_EPOCHS [12]  VQA_MINUTES [55] (time cap of the VQA stage)
 #   LPM_FRACTION [0.25] (share of train.json for the LPM; the paper: 10% of 665K)  LPM_BATCH [16]
 #   METHODS [all registered]  BUDGETS [32,16,8]  SMOKE_STEPS (if set: tiny step counts, for tests)
 #   START_AT [1]  skip the stages before this one (e.g. START_AT=4 re-trains only the LPM and re-evaluates)
@@ -25,7 +25,7 @@ DATA_ROOT="${DATA_ROOT:-playground/data}"
 TOY_DATA="$DATA_ROOT/toy"
 WORK="${WORK:-outputs/toy}"
 NUM_TRAIN="${NUM_TRAIN:-20000}"; NUM_TEST="${NUM_TEST:-1000}"; SEED="${SEED:-0}"
-PRETRAIN_EPOCHS="${PRETRAIN_EPOCHS:-2}"; VQA_EPOCHS="${VQA_EPOCHS:-5}"; VQA_MINUTES="${VQA_MINUTES:-22}"
+PRETRAIN_EPOCHS="${PRETRAIN_EPOCHS:-10}"; VQA_EPOCHS="${VQA_EPOCHS:-12}"; VQA_MINUTES="${VQA_MINUTES:-55}"
 LPM_FRACTION="${LPM_FRACTION:-0.25}"; LPM_BATCH="${LPM_BATCH:-16}"
 METHODS="${METHODS:-none,learnpruner,vispruner,fastv,visionzip,divprune,dart,random,cls}"
 BUDGETS="${BUDGETS:-32,16,8}"
@@ -53,10 +53,10 @@ stamp "2/6 vision pretraining (per-patch colour/shape/centre/background/label/gl
   --batch-size 64 --lr 2e-3 --text-layers 4 --seed "$SEED" --num-threads "$THREADS" ${PRE_STEPS[@]+"${PRE_STEPS[@]}"}
 fi
 if want 3; then
-stamp "3/6 VQA training of the whole model (vision + projector + LLM) -> $OUT_MODEL"
+stamp "3/6 VQA training (projector + LLM; the pretrained vision tower stays frozen) -> $OUT_MODEL"
 rm -rf "$OUT_MODEL"
 "$PY" -m llava.train.train_full --model_name_or_path "$WORK/init" --data_path "$TOY_DATA/train.json" \
-  --image_folder "$TOY_DATA/images" --output_dir "$OUT_MODEL" --epochs "$VQA_EPOCHS" --batch_size 32 --lr 2e-3 \
+  --image_folder "$TOY_DATA/images" --output_dir "$OUT_MODEL" --epochs "$VQA_EPOCHS" --batch_size 8 --lr 5e-4 \
   --freeze_vision --bf16 --num_threads "$THREADS" --time_budget_min "$VQA_MINUTES" --seed "$SEED" \
   ${VQA_STEPS[@]+"${VQA_STEPS[@]}"}
 fi
@@ -90,7 +90,7 @@ rm -rf "$WORK/sweep" "$WORK/sweep_after_layer"
 fi
 if want 6; then
 stamp "6/6 report: table, plots, kept-patches figure"
-"$PY" -m learnpruner_ext.toy.report --sweep "$WORK/sweep" --after-layer "$WORK/sweep_after_layer" \
+"$PY" -m learnpruner_ext.toy.report --sweep "$WORK/sweep" --after-layer "$WORK/sweep_after_layer" --answer-key "$TOY_DATA/test_answers.jsonl" \
   --figure-model "$OUT_MODEL" --data "$TOY_DATA"
 fi
 stamp "done: $WORK/sweep/table_toy.md, $WORK/sweep/accuracy_vs_budget.png, $WORK/sweep/accuracy_by_type.png, $WORK/sweep/kept_patches.png"

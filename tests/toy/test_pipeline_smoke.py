@@ -82,7 +82,22 @@ def test_table_and_figures(run):
     for b in BUDGETS:
         assert any(label.startswith(f"*Retain Averaged {b} Tokens") for label in labels)
     assert labels.count("learnpruner") == 3 and labels.count("fastv (after_layer)") == 3
-    assert sum(line.startswith("- T=") for line in table) == 3  # the verdict lines
+    verdicts = [line for line in table if line.startswith("- T=") and "beat" in line]
+    paired = [line for line in table if line.startswith("- T=") and "paired-bootstrap" in line]
+    assert len(verdicts) == 3 and len(paired) == 3  # per budget: the verdict and LearnPruner's paired differences
+    assert all(line.count("[") == 5 for line in paired)  # vispruner, visionzip, divprune, random, cls
     for name in ("accuracy_vs_budget.png", "accuracy_by_type.png", "kept_patches.png"):
         assert (sweep / name).stat().st_size > 1000, name
     assert "done:" in stdout
+
+
+def test_vision_probe_on_the_pretrained_tower(run):
+    from learnpruner_ext.toy.probe_vision import PROBED, probe
+
+    tmp, _ = run
+    result = probe(str(tmp / "work" / "init"), str(tmp / "data" / "toy"), train_images=24, steps=3)
+    assert result["train_images"] == 24 and result["test_images"] == 28
+    acc = result["accuracy"]
+    for name in PROBED:
+        assert 0.0 <= acc[name] <= 100.0 and 0.0 <= acc[name + "@obj"] <= 100.0
+        assert acc[name + "@obj_n"] > 0
