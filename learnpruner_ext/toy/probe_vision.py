@@ -51,10 +51,10 @@ def probe(model_path: str, data: str, train_images: int = 2000, steps: int = 400
         torch.manual_seed(seed)
         head = torch.nn.Linear(x_train.shape[1], HEADS[name])
         opt = torch.optim.Adam(head.parameters(), lr=1e-2)
-        pool_all, pool_rare = torch.arange(len(y_train)), rare_train.nonzero().squeeze(1)
+        rare_idx = rare_train.nonzero().squeeze(1)
         for _ in range(steps):  # half the batch from the rare patches, as the pretraining loss weights them
-            idx = torch.cat([pool_all[torch.randint(len(pool_all), (2048,), generator=gen)],
-                             pool_rare[torch.randint(len(pool_rare), (2048,), generator=gen)]])
+            idx = torch.cat([torch.randint(len(y_train), (2048,), generator=gen),
+                             rare_idx[torch.randint(len(rare_idx), (2048,), generator=gen)]])
             loss = F.cross_entropy(head(x_train[idx]), y_train[idx], ignore_index=IGNORE)
             opt.zero_grad()
             loss.backward()

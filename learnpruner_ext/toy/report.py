@@ -41,12 +41,18 @@ def load_rows(sweep_dir: str | Path, label_suffix: str = "") -> tuple[dict, list
     return results, rows
 
 
+def _contenders(rows: list[dict], budget: int) -> tuple[dict | None, list[dict]]:
+    """(LearnPruner's row, the feasible baselines' rows) at one budget."""
+    ok = [r for r in rows if r["budget"] == budget and r["status"] == "ok"]
+    mine = next((r for r in ok if r["method"] == "learnpruner"), None)
+    return mine, [r for r in ok if r["method"] not in ("learnpruner", "none")]
+
+
 def verdicts(rows: list[dict], budgets: list[int]) -> list[str]:
     """One line per budget: LearnPruner's overall accuracy against every feasible baseline."""
     out = []
     for b in budgets:
-        mine = next((r for r in rows if r["method"] == "learnpruner" and r["budget"] == b and r["status"] == "ok"), None)
-        others = [r for r in rows if r["budget"] == b and r["method"] not in ("learnpruner", "none") and r["status"] == "ok"]
+        mine, others = _contenders(rows, b)
         if mine is None or not others:
             out.append(f"T={b}: not comparable (LearnPruner or baselines missing)")
             continue
@@ -69,21 +75,18 @@ def paired_differences(rows: list[dict], budgets: list[int], answer_key: str | P
     import numpy as np
 
     from llava.eval._io import read_jsonl
-    from llava.eval.eval_toy import normalize_prediction
+    from llava.eval.eval_toy import correct_by_question
 
-    gold = {str(a["question_id"]): str(a["answer"]).lower()
-            for a in read_jsonl(answer_key, "answer key", ("question_id", "answer"))}
-    qids = sorted(gold)
+    answers = read_jsonl(answer_key, "answer key", ("question_id", "answer"))
 
-    def correct(path: str) -> np.ndarray:
-        preds = {str(r["question_id"]): normalize_prediction(r["text"]) for r in read_jsonl(path)}
-        return np.array([preds.get(q) == gold[q] for q in qids], dtype=np.float64)
+    def correct(path: str) -> np.ndarray:  # 0/1 per question, questions in sorted-key order
+        by_key = correct_by_question(read_jsonl(path), answers)[0]
+        return np.array([by_key[k] for k in sorted(by_key)], dtype=np.float64)
 
-    resample = np.random.default_rng(seed).integers(0, len(qids), (n_boot, len(qids)))
+    resample = np.random.default_rng(seed).integers(0, len(answers), (n_boot, len(answers)))
     out = []
     for b in budgets:
-        mine = next((r for r in rows if r["method"] == "learnpruner" and r["budget"] == b and r["status"] == "ok"), None)
-        others = [r for r in rows if r["budget"] == b and r["method"] not in ("learnpruner", "none") and r["status"] == "ok"]
+        mine, others = _contenders(rows, b)
         if mine is None or not mine.get("answers_file") or not others:
             continue
         ours = correct(mine["answers_file"])

@@ -21,8 +21,10 @@ def normalize_prediction(text):
     return str(text).strip().rstrip(".").strip().lower()
 
 
-def score_toy(results, answers):
-    """results: [{"question_id", "text"}]; answers: [{"question_id", "answer", "type", "pope_category"}]."""
+def correct_by_question(results, answers):
+    """({question key: answered correctly?} for every question of the answer key, in its order; unanswered
+    questions are False, number of answered questions). Raises EvalError on duplicate results or ids missing
+    from the key."""
     check_unique(results)
     keys = {key(a["question_id"]): a for a in answers}
     preds = {}
@@ -30,10 +32,17 @@ def score_toy(results, answers):
         if key(r["question_id"]) not in keys:
             raise EvalError(f"{where(r)}: question_id {r['question_id']!r} is not in the answer key")
         preds[key(r["question_id"])] = normalize_prediction(r["text"])
+    return {k: preds.get(k) == str(a["answer"]).lower() for k, a in keys.items()}, len(preds)
+
+
+def score_toy(results, answers):
+    """results: [{"question_id", "text"}]; answers: [{"question_id", "answer", "type", "pope_category"}]."""
+    correct_by_key, answered = correct_by_question(results, answers)
+    keys = {key(a["question_id"]): a for a in answers}
     per_type, per_pope = defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0])
     correct = 0
     for k, a in keys.items():
-        ok = preds.get(k) == str(a["answer"]).lower()
+        ok = correct_by_key[k]
         correct += ok
         per_type[a["type"]][0] += ok
         per_type[a["type"]][1] += 1
@@ -42,8 +51,8 @@ def score_toy(results, answers):
             per_pope[a["pope_category"]][1] += 1
     order = [t for t in TYPE_ORDER if t in per_type] + sorted(set(per_type) - set(TYPE_ORDER))
     n = len(keys)
-    return {"accuracy": 100 * correct / n if n else 0.0, "correct": correct, "n": n, "answered": len(preds),
-            "missing": n - len(preds),
+    return {"accuracy": 100 * correct / n if n else 0.0, "correct": correct, "n": n, "answered": answered,
+            "missing": n - answered,
             "by_type": {t: 100 * per_type[t][0] / per_type[t][1] for t in order},
             "type_counts": {t: per_type[t][1] for t in order},
             "existence_by_pope_category": {c: 100 * v[0] / v[1] for c, v in sorted(per_pope.items())}}
