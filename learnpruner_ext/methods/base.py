@@ -229,5 +229,11 @@ class PruningMethod(nn.Module):
         """Pick ``plan.r2`` of the ``Nv`` vision tokens: indices [B, R2] into ``ctx.vision_index``."""
         raise NotImplementedError(f"{self.name} does not prune inside the LLM")
 
+    def overhead_flops(self, model_config, text_tokens: int, text_after_image: int) -> float:
+        """Prefill FLOPs the selection itself adds beyond the pruned model's forward (``learnpruner_ext.flops``).
+
+        0.0 means "not modelled": only methods that override this report their scoring cost."""
+        return 0.0
+
     def extra_repr(self) -> str:
         return f"name={self.name}, plan={self.plan}"

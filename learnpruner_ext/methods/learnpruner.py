@@ -13,6 +13,7 @@ import warnings
 import torch
 
 from ..config import TokenPlan, default_stage2_layer, two_stage_plan
+from ..flops import learnpruner_overhead_flops
 from ..lpm import LearnablePruningModule
 from ..selection import importance_plus_diversity, topk_indices
 from .base import DecoderContext, PruningMethod, VisionContext, VisionSelection, register_method
@@ -44,6 +45,9 @@ class LearnPruner(PruningMethod):
                 "arbitrarily; pass --lpm-path to a trained LPM (see docs/training.md)",
                 stacklevel=2,
             )
+
+    def overhead_flops(self, model_config, text_tokens: int, text_after_image: int) -> float:
+        return learnpruner_overhead_flops(model_config, self.plan, text_tokens, text_after_image)
 
     def make_plan(self, num_vision_tokens: int, num_layers: int) -> TokenPlan:
         layer = self.config.layer if self.config.layer is not None else default_stage2_layer(num_layers)

@@ -22,6 +22,7 @@ byte-identical json/jsonl files and identical pixels.
 import argparse
 import json
 import os
+import re
 from collections import Counter
 
 import numpy as np
@@ -253,6 +254,30 @@ def make_question(rng, scene, qtype, image_size=192, want=None):
     raise ValueError(f"unknown question type {qtype!r}")
 
 
+def question_type(question: str) -> str:
+    """The question type of a question written by :func:`make_question` (first matching template wins).
+
+    The training conversations carry no type field; this recovers it, e.g. to score the base on questions it
+    was trained on (:mod:`learnpruner_ext.toy.train_questions`).
+    """
+    q = question.removesuffix(SUFFIX).replace("<image>", "").strip()
+    for qtype, pattern in _QUESTION_PATTERNS:
+        if pattern.fullmatch(q):
+            return qtype
+    raise ValueError(f"not a toy-world question: {question!r}")
+
+
+_QUESTION_PATTERNS = [(t, re.compile(p)) for t, p in (
+    ("existence", r"Is there an? \w+ \w+ in the image\?"),
+    ("background", r"What color is the background\?"),  # before "color": that pattern matches it too
+    ("color", r"What color is the \w+\?"),
+    ("shape", r"What shape is the \w+ object\?"),
+    ("count", r"How many [\w ]+ are there\?"),
+    ("position", r"Is the \w+ \w+ (on|at) the \w+ or the \w+\?"),
+    ("text", r"What letters are written in the image\?"),
+)]
+
+
 def _scene_with_questions(rng, image_size, specs, tries=100):
     """Sample scenes until every (qtype, want) in ``specs`` yields a question."""
     for _ in range(tries):
@@ -288,7 +313,7 @@ def _jsonl(rows):
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
-def generate(out_dir, seed=0, num_train=20000, num_test=1000, image_size=192, progress=True):
+def generate(out_dir, seed=0, num_train=60000, num_test=1000, image_size=192, progress=True):
     """Write the full benchmark under ``out_dir``; returns the summary (= meta.json + out_dir)."""
     def _int(name, v, lo, what):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
@@ -375,7 +400,7 @@ def main(argv=None):
                                  description="Generate the deterministic toy VQA benchmark (LLaVA formats).")
     ap.add_argument("--out", required=True, help="output directory, e.g. playground/data/toy")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--num-train", type=int, default=20000, help="training images (2-3 QA turns each)")
+    ap.add_argument("--num-train", type=int, default=60000, help="training images (2-3 QA turns each)")
     ap.add_argument("--num-test", type=int, default=1000, help="test images (one question each)")
     ap.add_argument("--image-size", type=int, default=192, help="square image side in px (>= 64)")
     args = ap.parse_args(argv)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from learnpruner_ext.flops import count_flops, kv_cache_bytes, learnpruner_overhead_flops, plan_for
+from learnpruner_ext.flops import count_flops, kv_cache_bytes, method_for, plan_for
 
 MIB = 2**20
 
@@ -127,10 +127,11 @@ def analytic_row(config, method: str, budget: int | None, text_tokens: int, text
                  bytes_per_value: int = 2, **plan_kw) -> dict:  # fmt: skip
     """FLOPs and KV cache of one (method, budget), from the registry's TokenPlan; no weights."""
     n, layers, dv = geometry(config)
-    plan = plan_for(method, budget, n, layers, dv, **plan_kw)
+    pruner = method_for(method, budget, n, layers, dv, **plan_kw)
+    plan = pruner.plan
     tpl = plan.tokens_per_layer
     after = text_tokens - PREFIX_TOKENS if text_after_image is None else text_after_image
-    overhead = learnpruner_overhead_flops(config, plan, text_tokens, after) if method == "learnpruner" else 0.0
+    overhead = pruner.overhead_flops(config, text_tokens, after)
     fl = count_flops(config, tpl, text_tokens, overhead=overhead)
     kv = kv_cache_bytes(config, tpl, text_tokens, bytes_per_value)
     return {

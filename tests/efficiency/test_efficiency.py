@@ -125,6 +125,7 @@ def test_flops_learnpruner_match_flop_counter(tiny, budget):
         method = apply_pruning(model, PruningConfig("learnpruner", budget))
     text = sample.prefix.shape[1] + sample.suffix.shape[1]
     overhead = learnpruner_overhead_flops(model.config, method.plan, text, sample.suffix.shape[1])
+    assert overhead > 0 and method.overhead_flops(model.config, text, sample.suffix.shape[1]) == overhead
     fl = count_flops(model.config, method.plan.tokens_per_layer, text, overhead=overhead)
     counted = _counted(model, sample)
     # exact with the scoring overhead included; the model-only figure (Table 5 convention) is within 10%
