@@ -24,7 +24,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-path", default=None)
     parser.add_argument("--out", default="docs/img/demo.png")
-    parser.add_argument("--question", default="What shape is the object?")
+    parser.add_argument("--question", default=None, help="default: the first example's question")
     args = parser.parse_args()
     model_path = args.model_path
     if model_path is None and not (DEFAULT_MODEL_PATH / "config.json").is_file():
@@ -37,7 +37,7 @@ def main():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    example = sorted(Path(demo.backend_example_dir).glob("*.png"))[0]
+    example, example_question = demo.examples[0]
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS, headless=True)
@@ -45,7 +45,7 @@ def main():
             page.goto(url)
             page.locator("#image_input input[type=file]").set_input_files(str(example))
             page.locator("#image_input img").first.wait_for()
-            page.locator("#question textarea").fill(args.question)
+            page.locator("#question textarea").fill(args.question or example_question)
             page.locator("#also_unpruned input").check()
             page.locator("#ask").click()
             page.wait_for_function("() => document.querySelector('#answer textarea')?.value.length > 0", timeout=120_000)

@@ -24,6 +24,9 @@ import json
 import os
 import re
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+from functools import partial
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -313,8 +316,27 @@ def _jsonl(rows):
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
-def generate(out_dir, seed=0, num_train=60000, num_test=1000, image_size=192, progress=True):
-    """Write the full benchmark under ``out_dir``; returns the summary (= meta.json + out_dir)."""
+def _train_item(i, out_dir, seed, image_size, types, weights):
+    """Training image i: writes its PNG, returns (conversation, scene record, question types)."""
+    rng = np.random.default_rng([seed, 0, i])
+    k = int(rng.integers(TRAIN_TURNS[0], TRAIN_TURNS[1] + 1))
+    qtypes = [types[j] for j in rng.choice(len(types), size=k, replace=False, p=weights)]
+    scene, qs = _scene_with_questions(rng, image_size, [(t, None) for t in qtypes])
+    iid = f"train_{i:06d}"
+    _write(os.path.join(out_dir, "images", "train", f"{iid}.png"), draw_scene(scene, image_size))
+    conv = []
+    for j, (q, a, _) in enumerate(qs):
+        conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q + SUFFIX},
+                 {"from": "gpt", "value": a}]
+    return ({"id": iid, "image": f"train/{iid}.png", "conversations": conv},
+            {"image": f"train/{iid}.png", "image_size": image_size, **scene}, qtypes)
+
+
+def generate(out_dir, seed=0, num_train=60000, num_test=1000, image_size=192, progress=True, workers=None):
+    """Write the full benchmark under ``out_dir``; returns the summary (= meta.json + out_dir).
+
+    ``workers``: processes drawing the training images (default: one per CPU core, one per 1000 images at
+    most); the output does not depend on it."""
     def _int(name, v, lo, what):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
             raise ValueError(f"{name} must be {what}, got {v!r}")
@@ -328,21 +350,17 @@ def generate(out_dir, seed=0, num_train=60000, num_test=1000, image_size=192, pr
     bar = tqdm(total=num_train + num_test, desc="toy VQA", unit="img", disable=not progress)
 
     train, train_scenes, counts = [], [], {"train": Counter(), "test": Counter()}
-    for i in range(num_train):
-        rng = np.random.default_rng([seed, 0, i])
-        k = int(rng.integers(TRAIN_TURNS[0], TRAIN_TURNS[1] + 1))
-        qtypes = [types[j] for j in rng.choice(len(types), size=k, replace=False, p=weights)]
-        scene, qs = _scene_with_questions(rng, image_size, [(t, None) for t in qtypes])
-        iid = f"train_{i:06d}"
-        _write(os.path.join(out_dir, "images", "train", f"{iid}.png"), draw_scene(scene, image_size))
-        conv = []
-        for j, (q, a, _) in enumerate(qs):
-            conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q + SUFFIX},
-                     {"from": "gpt", "value": a}]
-        train.append({"id": iid, "image": f"train/{iid}.png", "conversations": conv})
-        train_scenes.append({"image": f"train/{iid}.png", "image_size": image_size, **scene})
-        counts["train"].update(qtypes)
-        bar.update()
+    # Every image has its own RNG stream ([seed, 0, i]), so worker processes write byte-identical files.
+    make = partial(_train_item, out_dir=out_dir, seed=seed, image_size=image_size, types=types, weights=weights)
+    if workers is None:
+        workers = min(os.cpu_count() or 1, max(1, num_train // 1000))
+    with (ProcessPoolExecutor(workers) if workers > 1 else nullcontext()) as pool:
+        items = pool.map(make, range(num_train), chunksize=256) if pool else map(make, range(num_train))
+        for conv, scene, qtypes in items:
+            train.append(conv)
+            train_scenes.append(scene)
+            counts["train"].update(qtypes)
+            bar.update()
 
     # Test: exact type quotas, shuffled; existence answers alternate yes/no and
     # POPE categories rotate per yes/no pair.

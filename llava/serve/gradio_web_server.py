@@ -37,7 +37,7 @@ from ..mm_utils import MAX_IMAGE_PIXELS, load_image, tokenizer_image_token  # no
 from ..model.builder import load_pretrained_model  # noqa: E402
 
 MAX_SIDE = 4096  # longer images are downscaled (with a notice) before processing
-EXAMPLE_QUESTIONS = ("What shape is the object?", "How many objects are there?", "What color is the background?")
+EXAMPLE_QUESTION_TYPES = ("shape", "count", "background")  # one example per type, asked as the toy benchmark asks
 
 
 class InputProblem(Exception):
@@ -92,18 +92,18 @@ def open_request_image(path) -> tuple[Image.Image, str | None]:
     return image, notice
 
 
-def make_example_images(out_dir: Path, count: int = 3, seed: int = 0, image_size: int = 192) -> list[str]:
-    """Toy-world scenes (learnpruner_ext.toy) written as PNGs for the examples."""
-    from learnpruner_ext.toy.generate import draw_scene, sample_scene
+def make_examples(out_dir: Path, seed: int = 0, image_size: int = 192) -> list[tuple[str, str]]:
+    """(image path, question) pairs: toy-world scenes (learnpruner_ext.toy) with a question the scene answers."""
+    from learnpruner_ext.toy.generate import _scene_with_questions, draw_scene
 
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(count):
-        scene = sample_scene(rng, image_size=image_size)
+    examples = []
+    for i, qtype in enumerate(EXAMPLE_QUESTION_TYPES):
+        rng = np.random.default_rng([seed, i])
+        scene, [(question, _, _)] = _scene_with_questions(rng, image_size, [(qtype, None)])
         path = Path(out_dir) / f"toy_example_{i}.png"
         draw_scene(scene, image_size=image_size).save(path)
-        paths.append(str(path))
-    return paths
+        examples.append((str(path), question))
+    return examples
 
 
 def method_default_layer(name: str, num_vision_tokens: int, num_layers: int) -> int | None:
@@ -248,7 +248,7 @@ def build_demo(model_path=None, lpm_path=None, device="auto", max_new_tokens=64,
     default_method = "learnpruner" if "learnpruner" in backend.methods else backend.methods[0]
     default_budget = max(1, round(n * 64 / 576))
     example_dir = Path(tempfile.mkdtemp(prefix="llava_demo_examples_"))
-    examples = make_example_images(example_dir)
+    examples = make_examples(example_dir)
 
     def run(image_path, question, method, budget, layer, also_unpruned):
         try:
@@ -290,7 +290,7 @@ def build_demo(model_path=None, lpm_path=None, device="auto", max_new_tokens=64,
                 stats = gr.Textbox(label="Tokens, latency, estimated TFLOPs", lines=3, interactive=False, elem_id="stats")
                 chart = gr.Plot(label="Vision tokens per LLM layer", elem_id="chart")
                 info = gr.JSON(label="Details", elem_id="info")
-        gr.Examples([[p, q] for p, q in zip(examples, EXAMPLE_QUESTIONS)], inputs=[image, question])
+        gr.Examples([list(e) for e in examples], inputs=[image, question])
         method.change(on_method, inputs=method, outputs=layer)
         inputs = [image, question, method, budget, layer, unpruned]
         outputs = [answer, unpruned_answer, overlay, chart, stats, status, info]
@@ -298,7 +298,7 @@ def build_demo(model_path=None, lpm_path=None, device="auto", max_new_tokens=64,
         question.submit(run, inputs=inputs, outputs=outputs)
     demo.queue(default_concurrency_limit=concurrency_limit)
     demo.backend = backend
-    demo.backend_example_dir = str(example_dir)
+    demo.examples = examples  # [(image path, question)], e.g. for scripts/demo_screenshot.py
     return demo
 
 

@@ -15,8 +15,9 @@ TEXT_FILES = ["train.json", "test_questions.jsonl", "test_answers.jsonl", "test_
               "llava_pope_test.jsonl", "meta.json"] + [f"pope/coco_pope_{c}.json" for c in G.POPE_CATEGORIES]
 
 
-def _run(path, seed=0, n_train=40, n_test=60, size=192):
-    G.generate(path, seed=seed, num_train=n_train, num_test=n_test, image_size=size, progress=False)
+def _run(path, seed=0, n_train=40, n_test=60, size=192, workers=1):
+    G.generate(path, seed=seed, num_train=n_train, num_test=n_test, image_size=size, progress=False,
+               workers=workers)
     return Path(path)
 
 
@@ -39,7 +40,7 @@ def _digest(root):
 
 
 def test_deterministic(out, tmp_path):
-    assert _digest(out) == _digest(_run(tmp_path / "b"))
+    assert _digest(out) == _digest(_run(tmp_path / "b", workers=2))  # worker processes change nothing
     assert _digest(out) != _digest(_run(tmp_path / "c", seed=1))
     assert not list(out.rglob("*.tmp*"))
 
@@ -220,3 +221,36 @@ def test_train_questions_export(out, tmp_path):
         assert a["answer"] == gpt["value"] and q["category"] == a["type"] in G.QUESTION_MIX
     with pytest.raises(ValueError, match="num_images"):
         TQ.train_questions(out / "train.json", 0)
+
+
+def test_focus_mix(out, tmp_path):
+    from learnpruner_ext.toy import focus_mix as FM
+
+    train = json.load(open(out / "train.json"))
+    FM.main(["--data", str(out / "train.json"), "--types", "position,text", "--base-samples", "10",
+             "--copies", "2", "--out", str(tmp_path / "focus.json")])
+    mix = json.load(open(tmp_path / "focus.json"))
+    base = [s for s in mix if not s["id"].endswith("_focus")]
+    focused = [s for s in mix if s["id"].endswith("_focus")]
+    by_id = {s["id"]: s for s in train}
+    assert len(base) == 10 and len({s["id"] for s in base}) == 10
+    assert all(s == by_id[s["id"]] for s in base)  # drawn unchanged, without replacement
+    wanted = [(s["image"], h["value"].replace("<image>", "").strip(), g["value"]) for s in train
+              for h, g in zip(s["conversations"][0::2], s["conversations"][1::2])
+              if G.question_type(h["value"].replace("<image>", "").strip()) in ("position", "text")]
+    got = [(s["image"], h["value"].replace("<image>", "").strip(), g["value"]) for s in focused
+           for h, g in zip(s["conversations"][0::2], s["conversations"][1::2])]
+    assert len(wanted) >= 5 and sorted(got) == sorted(wanted * 2)  # every chosen turn, `copies` times, no other
+    for s in focused:  # the image placeholder exactly once, on the first turn
+        humans = [t["value"] for t in s["conversations"][0::2]]
+        assert humans[0].startswith("<image>\n") and not any("<image>" in h for h in humans[1:])
+    left_right = FM.focus_mix(train, ["position"], 0, question_regex="left")
+    lr_questions = [h["value"] for s in left_right for h in s["conversations"][0::2]]
+    assert lr_questions and all("left or the right" in q or "right or the left" in q for q in lr_questions)
+    assert len(lr_questions) == sum("left" in q for _, q, _ in wanted)
+    with pytest.raises(ValueError, match="the mix is empty"):
+        FM.focus_mix(train, ["position"], 0, question_regex="nowhere")
+    with pytest.raises(ValueError, match="unknown question type"):
+        FM.focus_mix(train, ["colour"], 1)
+    with pytest.raises(ValueError, match="base_samples"):
+        FM.focus_mix(train, ["position"], len(train) + 1)
