@@ -45,7 +45,7 @@ def focus_mix(conversations: list[dict], types: list[str], base_samples: int, co
         kept = []
         for human, gpt in zip(turns[0::2], turns[1::2]):
             question = human["value"].replace("<image>", "").strip()
-            if question_type(question.split("\n")[0]) in types and (pattern is None or pattern.search(question)):
+            if question_type(question) in types and (pattern is None or pattern.search(question)):
                 kept += [{"from": "human", "value": question}, dict(gpt)]
         if kept:
             kept[0]["value"] = "<image>\n" + kept[0]["value"]

@@ -281,7 +281,7 @@ _QUESTION_PATTERNS = [(t, re.compile(p)) for t, p in (
 )]
 
 
-def _scene_with_questions(rng, image_size, specs, tries=100):
+def scene_with_questions(rng, image_size, specs, tries=100):
     """Sample scenes until every (qtype, want) in ``specs`` yields a question."""
     for _ in range(tries):
         scene = sample_scene(rng, image_size, force_label=True if any(t == "text" for t, _ in specs) else None)
@@ -321,7 +321,7 @@ def _train_item(i, out_dir, seed, image_size, types, weights):
     rng = np.random.default_rng([seed, 0, i])
     k = int(rng.integers(TRAIN_TURNS[0], TRAIN_TURNS[1] + 1))
     qtypes = [types[j] for j in rng.choice(len(types), size=k, replace=False, p=weights)]
-    scene, qs = _scene_with_questions(rng, image_size, [(t, None) for t in qtypes])
+    scene, qs = scene_with_questions(rng, image_size, [(t, None) for t in qtypes])
     iid = f"train_{i:06d}"
     _write(os.path.join(out_dir, "images", "train", f"{iid}.png"), draw_scene(scene, image_size))
     conv = []
@@ -375,7 +375,7 @@ def generate(out_dir, seed=0, num_train=60000, num_test=1000, image_size=192, pr
             want = ("yes" if n_exist % 2 == 0 else "no", POPE_CATEGORIES[n_exist // 2 % 3])
             n_exist += 1
         rng = np.random.default_rng([seed, 2, i])
-        scene, [(q, a, cat)] = _scene_with_questions(rng, image_size, [(qtype, want)])
+        scene, [(q, a, cat)] = scene_with_questions(rng, image_size, [(qtype, want)])
         iid = f"test_{i:06d}"
         image = f"test/{iid}.png"
         _write(os.path.join(out_dir, "images", "test", f"{iid}.png"), draw_scene(scene, image_size))

@@ -94,12 +94,12 @@ def open_request_image(path) -> tuple[Image.Image, str | None]:
 
 def make_examples(out_dir: Path, seed: int = 0, image_size: int = 192) -> list[tuple[str, str]]:
     """(image path, question) pairs: toy-world scenes (learnpruner_ext.toy) with a question the scene answers."""
-    from learnpruner_ext.toy.generate import _scene_with_questions, draw_scene
+    from learnpruner_ext.toy.generate import scene_with_questions, draw_scene
 
     examples = []
     for i, qtype in enumerate(EXAMPLE_QUESTION_TYPES):
         rng = np.random.default_rng([seed, i])
-        scene, [(question, _, _)] = _scene_with_questions(rng, image_size, [(qtype, None)])
+        scene, [(question, _, _)] = scene_with_questions(rng, image_size, [(qtype, None)])
         path = Path(out_dir) / f"toy_example_{i}.png"
         draw_scene(scene, image_size=image_size).save(path)
         examples.append((str(path), question))

@@ -111,6 +111,13 @@ def train(args: argparse.Namespace) -> dict:
                                     model_config=model.config)
     items = cache_dataset(dataset, args.preprocess_workers)
     print(f"[train_full] {len(items)} samples tokenised and processed in {time.time() - t0:.0f}s", flush=True)
+    if not items:
+        raise SystemExit(f"[train_full] {args.data_path} has no training samples; nothing to train on")
+    if len(items) < args.batch_size:
+        # the loop drops the last partial batch, so a smaller set would never yield a step
+        print(f"[train_full] only {len(items)} samples (< --batch_size {args.batch_size}); "
+              f"using batch size {len(items)}", flush=True)
+        args.batch_size = len(items)
     collate = DataCollatorForSupervisedDataset(tokenizer.pad_token_id)
     inner = model.model
     if args.freeze_vision:
@@ -122,13 +129,6 @@ def train(args: argparse.Namespace) -> dict:
     if vision:
         groups.append({"params": vision, "lr": args.vision_lr or args.lr})
     opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
-    if not items:
-        raise SystemExit(f"[train_full] {args.data_path} has no training samples; nothing to train on")
-    if len(items) < args.batch_size:
-        # the loop drops the last partial batch, so a smaller set would never yield a step
-        print(f"[train_full] only {len(items)} samples (< --batch_size {args.batch_size}); "
-              f"using batch size {len(items)}", flush=True)
-        args.batch_size = len(items)
     steps_per_epoch = max(1, len(items) // args.batch_size)
     steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     warmup = max(1, round(args.warmup_ratio * steps))

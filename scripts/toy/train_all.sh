@@ -39,6 +39,15 @@ stamp() { echo "[train_all] $1 ($(( $(date +%s) - t0 )) s elapsed)"; }
 START_AT="${START_AT:-1}"
 want() { [ "$1" -ge "$START_AT" ]; }
 
+# VQA training of the base (projector + LLM; the pretrained vision tower stays frozen), fresh output folder:
+#   train_vqa INIT_MODEL DATA_JSON OUT_DIR EPOCHS LR MINUTES
+train_vqa() {
+  rm -rf "$3"
+  "$PY" -m llava.train.train_full --model_name_or_path "$1" --data_path "$2" --image_folder "$TOY_DATA/images" \
+    --output_dir "$3" --epochs "$4" --batch_size 8 --lr "$5" --time_budget_min "$6" \
+    --freeze_vision --bf16 --num_threads "$THREADS" --seed "$SEED" ${VQA_STEPS[@]+"${VQA_STEPS[@]}"}
+}
+
 PRE_STEPS=(); VQA_STEPS=(); LPM_STEPS=""
 if [ -n "${SMOKE_STEPS:-}" ]; then
   PRE_STEPS=(--max-steps "$SMOKE_STEPS" --batch-size 8)
@@ -57,11 +66,7 @@ stamp "2/7 vision pretraining (per-patch colour/shape/centre/background/label/gl
 fi
 if want 3; then
 stamp "3/7 VQA training (projector + LLM; the pretrained vision tower stays frozen) -> $WORK/vqa"
-rm -rf "$WORK/vqa"
-"$PY" -m llava.train.train_full --model_name_or_path "$WORK/init" --data_path "$TOY_DATA/train.json" \
-  --image_folder "$TOY_DATA/images" --output_dir "$WORK/vqa" --epochs "$VQA_EPOCHS" --batch_size 8 --lr 5e-4 \
-  --freeze_vision --bf16 --num_threads "$THREADS" --time_budget_min "$VQA_MINUTES" --seed "$SEED" \
-  ${VQA_STEPS[@]+"${VQA_STEPS[@]}"}
+train_vqa "$WORK/init" "$TOY_DATA/train.json" "$WORK/vqa" "$VQA_EPOCHS" 5e-4 "$VQA_MINUTES"
 fi
 if want 4; then
 # Left/right position is the one skill the main stage leaves at chance (docs/results_toy.md), and mixing
@@ -71,19 +76,11 @@ if want 4; then
 stamp "4/7 focus phase (a): left/right position turns only -> $WORK/focus_a"
 "$PY" -m learnpruner_ext.toy.focus_mix --data "$TOY_DATA/train.json" --types position --question-regex left \
   --base-samples 0 --seed "$SEED" --out "$WORK/train_focus_a.json"
-rm -rf "$WORK/focus_a"
-"$PY" -m llava.train.train_full --model_name_or_path "$WORK/vqa" --data_path "$WORK/train_focus_a.json" \
-  --image_folder "$TOY_DATA/images" --output_dir "$WORK/focus_a" --epochs 2 --batch_size 8 --lr 3e-4 \
-  --freeze_vision --bf16 --num_threads "$THREADS" --time_budget_min 10 --seed "$SEED" \
-  ${VQA_STEPS[@]+"${VQA_STEPS[@]}"}
+train_vqa "$WORK/vqa" "$WORK/train_focus_a.json" "$WORK/focus_a" 2 3e-4 10
 stamp "4/7 focus phase (b): $FOCUS_BASE full-mix conversations + the left/right turns -> $OUT_MODEL"
 "$PY" -m learnpruner_ext.toy.focus_mix --data "$TOY_DATA/train.json" --types position --question-regex left \
   --base-samples "$FOCUS_BASE" --seed "$SEED" --out "$WORK/train_focus_b.json"
-rm -rf "$OUT_MODEL"
-"$PY" -m llava.train.train_full --model_name_or_path "$WORK/focus_a" --data_path "$WORK/train_focus_b.json" \
-  --image_folder "$TOY_DATA/images" --output_dir "$OUT_MODEL" --epochs 1 --batch_size 8 --lr 2e-4 \
-  --freeze_vision --bf16 --num_threads "$THREADS" --time_budget_min 15 --seed "$SEED" \
-  ${VQA_STEPS[@]+"${VQA_STEPS[@]}"}
+train_vqa "$WORK/focus_a" "$WORK/train_focus_b.json" "$OUT_MODEL" 1 2e-4 15
 fi
 if want 5; then
 stamp "5/7 LPM training on the frozen base (finetune_lpm: lambda_p=1, tau=0, fraction $LPM_FRACTION) -> $OUT_MODEL/lpm"

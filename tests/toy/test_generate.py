@@ -201,7 +201,7 @@ def test_question_type_recovers_every_type(out):
     # every type's template, straight from make_question (background must not be read as colour)
     rng = np.random.default_rng(0)
     for qtype in G.QUESTION_MIX:
-        scene, [(q, _, _)] = G._scene_with_questions(rng, 192, [(qtype, None)])
+        scene, [(q, _, _)] = G.scene_with_questions(rng, 192, [(qtype, None)])
         assert G.question_type("<image>\n" + q + G.SUFFIX) == qtype
     with pytest.raises(ValueError, match="not a toy-world question"):
         G.question_type("What is the meaning of life?")
