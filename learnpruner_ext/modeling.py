@@ -297,6 +297,7 @@ class PrunableLlavaModel(LlavaModel):
             encoder_layer_input=hidden[feature_idx - 1],
             has_cls=self.has_cls_token,
             project=self.multi_modal_projector,  # merging methods (VisionZip) project their own tokens
+            cls_token=hidden[feature_idx][:, 0] if self.has_cls_token else None,
             project_all=project_all,
         )
         selection = pruner.select_vision(ctx)

@@ -19,7 +19,7 @@ from .. import scoring
 from ..config import PruningConfig, TokenPlan
 
 # Signals a method may declare; contexts refuse to compute undeclared ones so declarations stay honest.
-SIGNALS = ("cls_attention", "vision_features", "projected_features", "text_attention", "keys", "hidden_states")
+SIGNALS = ("cls_attention", "cls_feature", "vision_features", "projected_features", "text_attention", "keys", "hidden_states")
 ACTS_AT = ("nowhere", "vision", "decoder", "vision+decoder")
 
 _REGISTRY: dict[str, type["PruningMethod"]] = {}
@@ -55,7 +55,9 @@ def create_method(config: PruningConfig, *, num_vision_tokens: int, num_layers: 
 class VisionSelection:
     """Result of a vision-stage method for a batch of images."""
 
-    index: torch.Tensor  # [B, R1] patch indices, ascending (for merged tokens: a representative patch)
+    # [B, R1] patch index of each token, in the order the tokens enter the LLM: ascending for methods that
+    # gather patches; merging methods (VisionZip) give a representative patch per token, in their own order
+    index: torch.Tensor
     tokens: torch.Tensor | None = None  # [B, R1, D] replacement tokens (merging methods); None = gather
     is_diverse: torch.Tensor | None = None  # [B, R1] bool, tokens picked for diversity (for figures)
 
@@ -73,6 +75,7 @@ class VisionContext:
     generator: torch.Generator | None = None
     # the model's projector: [B, R, Dv] vision features -> [B, R, D] LLM tokens (for merging methods)
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
+    cls_token: torch.Tensor | None = None  # [B, Dv] the feature layer's [CLS] output; None if the tower has none
 
     def _check(self, signal: str) -> None:
         if signal not in self.method.signals:
@@ -94,6 +97,14 @@ class VisionContext:
         if self.has_cls:
             return scoring.cls_attention(self.encoder_layer, self.encoder_layer_input)
         return scoring.mean_received_attention(self.encoder_layer, self.encoder_layer_input)
+
+    @cached_property
+    def cls_feature(self) -> torch.Tensor:
+        """[B, Dv] the feature layer's [CLS] hidden state, in the space of ``features`` (the projector's input)."""
+        self._check("cls_feature")
+        if self.cls_token is None:
+            raise RuntimeError(f"method {self.method.name!r} reads the [CLS] feature, but this vision tower has no [CLS] token")
+        return self.cls_token
 
     @cached_property
     def vision_features(self) -> torch.Tensor:

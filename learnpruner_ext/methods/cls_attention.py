@@ -1,4 +1,7 @@
-"""[CLS]-only baseline: keep the ``T`` patches with the highest [CLS] attention before the LLM."""
+"""[CLS]-only baseline: keep the ``T`` patches with the highest [CLS] attention before the LLM.
+
+Reference: VisPruner's important-token step (Theia-4869/VisPruner @ aefa01adc7c7ce6334e880c88225e90cede760d1,
+``llava/model/llava_arch.py``, ``important_ratio = 1``); ties as ``torch.topk``, attention in fp32."""
 
 from __future__ import annotations
 

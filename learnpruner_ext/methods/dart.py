@@ -14,8 +14,15 @@ Inside the LLM at layer ``K`` (default 2), keep ``R2`` vision tokens chosen by d
 
 Budget: like FastV (``budget_mode`` ``"average"``/``"after_layer"``, see :mod:`.fastv`).
 
+Reference: ZichenWen1/DART (no snapshot could be fetched; read through the fork xqy1111111/DART at the last
+upstream commit 5a19452fc173017191c247848673e0bde755695a), ``llava/model/language_model/modeling_llama_self.py``
+(``get_retained_image_token``).
+
 Deviation: DART gives every pivot ``floor(T_max / #pivots)`` tokens, so it keeps ``image_pivots`` plus a
-multiple of the pivot count (132 at "128"); we distribute the remainder to hit ``R2`` exactly.
+multiple of the pivot count (132 at "128"); we distribute the remainder to hit ``R2`` exactly. DART iterates
+its pivots as a Python ``set`` (hash order); we take image pivots by descending key norm, then text pivots.
+Similarities in fp32 (DART: ``F.cosine_similarity`` in the model dtype); ties among equally similar tokens go
+to the lowest position (stable sort; DART: ``topk`` of the negated similarity).
 """
 
 from __future__ import annotations

@@ -4,6 +4,13 @@ Before the LLM, keep ``T`` tokens chosen by the greedy solution of the Max-Min D
 cosine distance on the projector's output: the first pick is the token whose largest similarity to any
 other token is smallest, then repeatedly the token whose largest similarity to the picked set is
 smallest (:func:`learnpruner_ext.selection.max_min_diversity` with an empty start). No options.
+
+Reference: vbdi/divprune @ 799e2d950aa01ba7860907f5a6d86061f885dca6, ``LLaVA/llava/model/llava_arch.py``
+(``DivPrune``: distance ``1 - cos`` on the projected tokens, first pick by nearest-other-token distance, then
+``argmax`` of the min distance to the picked set). Deviations (docs/methods.md): similarities in fp32 and
+``argmin`` of the max similarity (first index on ties; the same as ``argmax`` of ``1 - cos`` up to rounding);
+picked tokens are excluded explicitly; exactly ``T`` tokens (the reference keeps ``round(ratio * N)``); each
+sample's own vision tokens (the reference hard-codes 35 system tokens and batch row 0).
 """
 
 from __future__ import annotations

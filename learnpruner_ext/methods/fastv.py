@@ -15,6 +15,12 @@ tokens that receive the most attention are kept and layers ``[K, L)`` see only t
   only the tokens kept after layer ``K`` (``R2 = T``), the way FastV's own paper reports it; the plan records
   ``convention="after_layer"``. Nothing is adjusted silently.
 * ``K`` is ``PruningConfig.layer`` (``--pruning-layer``), default 2.
+
+Reference: pkunlp-icler/FastV @ d1659729b5bf1be225e99ee15783deeea80f63b1,
+``src/transformers/src/transformers/models/llama/modeling_llama.py`` (the ``fast_v_inplace`` branch: layer
+``K-1``'s head-averaged attention from the last position, ``topk``, kept tokens keep their original position
+ids). Deviations (docs/methods.md): per-sample vision spans and padding instead of a fixed ``SYS_LENGTH`` and
+batch row 0; attention recomputed in fp32; KV cache supported; ties as ``torch.topk``.
 """
 
 from __future__ import annotations

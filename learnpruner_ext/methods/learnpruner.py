@@ -1,4 +1,4 @@
-"""LearnPruner (paper: learnpruner.txt, SPEC §1).
+"""LearnPruner (paper: learnpruner.txt, SPEC §1; no public reference code was found, so the paper is the reference).
 
 Stage 1, after the vision encoder: the LPM's keep probability ranks tokens; the top ``R1 - D`` are kept
 and ``D = round(lambda * R1)`` diversity tokens are added by greedy max-min cosine similarity on the

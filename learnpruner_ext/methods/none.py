@@ -1,4 +1,4 @@
-"""No pruning: the unpruned model, the reference every table row is compared to."""
+"""No pruning: the unpruned model, the reference every table row is compared to (upstream LLaVA-1.5's forward)."""
 
 from ..config import TokenPlan, check_budget
 from .base import PruningMethod, register_method

@@ -1,4 +1,4 @@
-"""Random baseline: keep ``T`` patches drawn uniformly at random before the LLM."""
+"""Random baseline: keep ``T`` patches drawn uniformly at random before the LLM (no reference code: a baseline)."""
 
 from __future__ import annotations
 

@@ -1,21 +1,31 @@
 """VisionZip, training-free (Yang et al., CVPR 2025; SPEC §4): dominant plus merged contextual tokens.
 
-Before the LLM, ``T = dominant + contextual`` tokens per image:
+Reference: dvlab-research/VisionZip @ 3151f6df4fca36a4cd1c985e5956e725b1f9ad02,
+``visionzip/clip_encoder.py`` (``CLIPVisionTower_VisionZip.forward``), ``visionzip/utils.py`` (the metric)
+and ``visionzip/main.py`` (``dominant_num = dominant - 1``). Everything is read from the feature layer
+(CLIP's penultimate layer, ``mm_vision_select_layer = -2``), ``T = dominant + contextual`` tokens per image:
 
-* **Dominant**: the ``dominant`` patches with the highest [CLS] attention of the feature layer.
-* **Contextual**: the other ``N - dominant`` patches (in patch order) are split into ``contextual``
-  *targets*, taken uniformly (every ``max(1, (N - dominant) // contextual)``-th, the first ``contextual``
-  of them) and the rest, each of which joins the target whose key is most similar (cosine of the feature
-  layer's head-averaged keys, ``k_proj(layer_norm1(x))``). A contextual token is the mean of its target
-  and every token assigned to it, taken on the vision features and then projected.
+* **Dominant**: with ``cls_dominant=True`` (default, official) the [CLS] token of the feature layer plus
+  the ``dominant - 1`` patches with the highest [CLS] attention (54 = [CLS] + 53 at 64 tokens). With
+  ``cls_dominant=False`` all ``dominant`` tokens are patches and [CLS] is dropped (this toolkit's earlier
+  convention; LLaVA-1.5's own projector input has no [CLS]). A tower with no [CLS] (SigLIP) always uses
+  patches only. Dominant patches are kept in ascending patch order, as the official ``masked_select``.
+* **Contextual**: the other patches, in patch order, are split into ``contextual`` *targets* — every
+  ``max(1, rest // contextual)``-th, the first ``contextual`` of them — and the rest, each of which joins
+  the target whose key is most similar: cosine of the feature layer's head-averaged keys
+  ``k_proj(layer_norm1(x))`` (``argmax``, first target on ties). A contextual token is
+  ``target + mean(members)`` on the feature-layer hidden states, the mean running over the members only;
+  a target with no members stays itself (the official sum divided by ``counts.clamp(min=1)``).
+* **Order into the LLM** (official): [CLS], the dominant patches ascending, then the contextual tokens in
+  target order. Every token then goes through the projector.
 * **Split**: options ``dominant`` / ``contextual`` (counts; give one or both, they must add up to ``T``),
   otherwise ``contextual = round(T * contextual_ratio)`` with ``contextual_ratio = 10/64`` — 54 + 10 at
-  64 tokens, 108 + 20 at 128, 162 + 30 at 192, as in the paper.
+  64 tokens, 108 + 20 at 128, 162 + 30 at 192, as the paper.
 
-Deviations: VisionZip also keeps the [CLS] token as one of its dominant tokens; LLaVA-1.5's projector
-input has no [CLS] (select strategy ``default``), so all ``dominant`` tokens are patches. Tokens enter the
-LLM sorted by their representative patch (the dominant patch itself, or the contextual target) instead of
-"all dominant, then all contextual".
+Deviations (docs/methods.md): similarities, the [CLS] attention and the merge are computed in fp32 (the
+official code uses the model dtype); the [CLS] attention is head-averaged rather than head-summed (same
+ranking); keys are normalised with ``F.normalize`` (eps 1e-12; differs only for an all-zero key, where the
+official division gives NaN). In the trace the [CLS] token's representative patch index is 0 (:data:`CLS_INDEX`).
 """
 
 from __future__ import annotations
@@ -27,39 +37,53 @@ from ..config import BudgetError, TokenPlan
 from ._common import check_int, check_unit_interval, vision_only_plan
 from .base import PruningMethod, VisionContext, VisionSelection, register_method
 
+# Representative patch index of the [CLS] token in VisionSelection.index / the trace: [CLS] precedes patch 0
+# in the encoder's sequence, and patch 0 is kept anyway whenever there are contextual tokens (it is either
+# dominant or the first target), so a figure marks no extra patch; "original" positions give it patch 0's.
+CLS_INDEX = 0
+
 
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def visionzip_select(
-    attention: torch.Tensor, keys: torch.Tensor, features: torch.Tensor, dominant: int, contextual: int
+    attention: torch.Tensor,
+    keys: torch.Tensor,
+    features: torch.Tensor,
+    dominant: int,
+    contextual: int,
+    cls_feature: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """attention [B, N], keys [B, N, d], features [B, N, C] ->
-    (representative patch index [B, dominant + contextual] ascending, merged features [B, R, C] aligned)."""
+    """attention [B, N], keys [B, N, d], features [B, N, C], cls_feature [B, C] or None ->
+    (representative patch index [B, dominant + contextual], tokens [B, dominant + contextual, C]) in the
+    official order: [CLS] (if ``cls_feature`` is given and ``dominant > 0``), dominant patches ascending,
+    contextual tokens in target order."""
     batch, n = attention.shape
-    device = attention.device
-    dominant_index = attention.topk(dominant, dim=-1).indices  # [B, D]
-    is_dominant = torch.zeros(batch, n, dtype=torch.bool, device=device)
-    is_dominant.scatter_(1, dominant_index, True)
-    rest = n - dominant
-    remaining = (~is_dominant).nonzero()[:, 1].view(batch, rest)  # ascending patch order
-    index, tokens = dominant_index, _gather(features, dominant_index)
+    with_cls = cls_feature is not None and dominant > 0
+    patches = dominant - int(with_cls)
+    is_dominant = torch.zeros(batch, n, dtype=torch.bool, device=attention.device)
+    is_dominant.scatter_(1, attention.float().topk(patches, dim=-1).indices, True)
+    dominant_index = is_dominant.nonzero()[:, 1].view(batch, patches)  # ascending patch order
+    index, tokens = [dominant_index], [_gather(features, dominant_index)]
+    if with_cls:
+        index.insert(0, dominant_index.new_full((batch, 1), CLS_INDEX))
+        tokens.insert(0, cls_feature[:, None].to(features.dtype))
     if contextual:
+        rest = n - patches
+        remaining = (~is_dominant).nonzero()[:, 1].view(batch, rest)  # ascending patch order
         step = max(1, rest // contextual)
-        is_target = torch.zeros(rest, dtype=torch.bool, device=device)
-        is_target[torch.arange(0, rest, step, device=device)[:contextual]] = True
-        target_pos, other_pos = is_target.nonzero()[:, 0], (~is_target).nonzero()[:, 0]
-        target_index, other_index = remaining[:, target_pos], remaining[:, other_pos]  # patch indices
+        is_target = torch.zeros(rest, dtype=torch.bool, device=attention.device)
+        is_target[torch.arange(0, rest, step, device=attention.device)[:contextual]] = True
+        target_index, member_index = remaining[:, is_target], remaining[:, ~is_target]  # patch indices
         unit = F.normalize(keys.float(), dim=-1)
-        similarity = _gather(unit, other_index) @ _gather(unit, target_index).transpose(1, 2)  # [B, O, C]
-        assign = F.one_hot(similarity.argmax(-1), contextual).to(features.dtype)  # [B, O, C]
-        counts = 1 + assign.sum(1)[..., None]  # the target itself plus its members
-        merged = (_gather(features, target_index) + assign.transpose(1, 2) @ _gather(features, other_index)) / counts
-        index = torch.cat([index, target_index], dim=1)
-        tokens = torch.cat([tokens, merged], dim=1)
-    index, order = index.sort(dim=1)
-    return index, _gather(tokens, order)
+        similarity = _gather(unit, member_index) @ _gather(unit, target_index).transpose(1, 2)  # [B, M, C]
+        assign = F.one_hot(similarity.argmax(-1), contextual).float()  # [B, M, C], first target on ties
+        counts = assign.sum(1).clamp(min=1)[..., None]  # [B, C, 1] members per target; 0 -> 1 (sum is 0)
+        members_mean = assign.transpose(1, 2) @ _gather(features, member_index).float() / counts
+        index.append(target_index)
+        tokens.append((_gather(features, target_index).float() + members_mean).to(features.dtype))
+    return torch.cat(index, dim=1), torch.cat(tokens, dim=1)
 
 
 @register_method
@@ -67,14 +91,17 @@ class VisionZip(PruningMethod):
     name = "visionzip"
     paper = "VisionZip (Yang et al., CVPR 2025), training-free"
     acts_at = "vision"
-    signals = ("cls_attention", "keys", "vision_features")
-    defaults = {"dominant": None, "contextual": None, "contextual_ratio": 10 / 64}
+    signals = ("cls_attention", "keys", "vision_features", "cls_feature")
+    defaults = {"dominant": None, "contextual": None, "contextual_ratio": 10 / 64, "cls_dominant": True}
 
     def validate_options(self) -> None:
         for key in ("dominant", "contextual"):
             if self.options[key] is not None:
                 check_int(self.name, key, self.options[key])
         check_unit_interval(self.name, "contextual_ratio", self.options["contextual_ratio"])
+        if not isinstance(self.options["cls_dominant"], bool):
+            value = self.options["cls_dominant"]
+            raise ValueError(f"visionzip: option cls_dominant must be true or false, got {value!r}")
 
     def make_plan(self, num_vision_tokens: int, num_layers: int) -> TokenPlan:
         plan = vision_only_plan(self, num_vision_tokens, num_layers)
@@ -98,5 +125,8 @@ class VisionZip(PruningMethod):
         if self.plan.r1 == self.plan.num_vision_tokens:
             return None
         dominant, contextual = self.split
-        index, merged = visionzip_select(ctx.cls_attention, ctx.keys(), ctx.vision_features, dominant, contextual)
+        cls_feature = ctx.cls_feature if self.options["cls_dominant"] and ctx.has_cls else None
+        index, merged = visionzip_select(
+            ctx.cls_attention, ctx.keys(), ctx.vision_features, dominant, contextual, cls_feature
+        )
         return VisionSelection(index=index, tokens=ctx.project(merged))

@@ -9,6 +9,13 @@ Before the LLM, keep ``T`` tokens per image:
   on the normalised vision-encoder features (the projector's input, as the reference code does) until
   ``T - T_imp`` are left.
 
+Reference: Theia-4869/VisPruner @ aefa01adc7c7ce6334e880c88225e90cede760d1, ``llava/model/llava_arch.py``
+(``encode_images``) and ``llava/model/multimodal_encoder/clip_encoder.py`` (attention of the feature layer).
+Deviations (docs/methods.md): attention and similarities in fp32; ties in the attention ranking and in
+Algorithm 1's scores are broken by a stable sort (lowest position first; the reference's ``argsort`` is not
+stable); removals per round are capped at the size of set ``a``; an odd number of residual tokens works
+(the reference's indexing fails when ``N - T_imp`` is odd).
+
 Options: ``important_ratio`` (``r``, default 0.5 — the paper leaves it a hyper-parameter; the reference
 README runs 128 tokens with 0.5), ``removal_step`` (tokens removed per iteration, 8 as in the reference).
 """

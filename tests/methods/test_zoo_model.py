@@ -192,7 +192,7 @@ def eager_vision(eager, batch):
     enc = layers[len(layers) + layer + 1]
     keys = enc.self_attn.k_proj(enc.layer_norm1(out.hidden_states[layer - 1]))
     keys = keys.view(*keys.shape[:2], -1, enc.self_attn.head_dim).mean(2)[:, 1:]
-    return feats, cls_att, keys
+    return feats, cls_att, keys, out.hidden_states[layer][:, 0]
 
 
 @pytest.mark.parametrize("name", ["cls", "vispruner"])
@@ -204,7 +204,7 @@ def test_cls_attention_methods_match_eager_clip(loaded, images, eager, name):
     batch = batch_for(loaded, images, QUESTIONS)
     model(**batch)
     index = model.last_pruning_trace().stage1_index
-    feats, cls_att, _ = eager_vision(eager, batch)
+    feats, cls_att, _, _ = eager_vision(eager, batch)
     for b in range(3):
         order = cls_att[b].argsort(descending=True).tolist()
         n_imp = 6 if name == "cls" else 3
@@ -213,20 +213,38 @@ def test_cls_attention_methods_match_eager_clip(loaded, images, eager, name):
         assert index[b].tolist() == sorted(order[:n_imp] + diverse)
 
 
-def test_visionzip_tokens_match_eager_reference(loaded, images, eager):
+@pytest.mark.parametrize("cls_dominant", [True, False])
+def test_visionzip_tokens_match_eager_reference(loaded, images, eager, cls_dominant):
+    """Tokens entering the LLM = projector(official VisionZip tokens) computed from eager CLIP outputs:
+    [CLS] + 4 patches + 1 contextual at T = 6 (or 5 patches + 1 with cls_dominant=False)."""
     _, model, _ = loaded
-    method = use(model, "visionzip", 6)
+    method = use(model, "visionzip", 6, options={"cls_dominant": cls_dominant})
     batch = batch_for(loaded, images, QUESTIONS)
     out = model(**batch)
     index = model.last_pruning_trace().stage1_index
-    feats, cls_att, keys = eager_vision(eager, batch)
+    feats, cls_att, keys, cls = eager_vision(eager, batch)
     dominant, contextual = method.split
     assert (dominant, contextual) == (5, 1)
     for b in range(3):
-        ref_index, ref_tokens = visionzip_reference(cls_att[b], keys[b], feats[b], dominant, contextual)
+        ref_index, ref_tokens = visionzip_reference(cls_att[b], keys[b], feats[b], dominant, contextual,
+                                                    cls[b] if cls_dominant else None)  # fmt: skip
         assert index[b].tolist() == ref_index
         projected = eager.model.multi_modal_projector(ref_tokens[None])[0]
         assert (out.image_hidden_states[b] - projected).abs().max() <= 1e-5
+        if cls_dominant:  # the first token is the projected [CLS] of the feature layer
+            assert (out.image_hidden_states[b, 0] - eager.model.multi_modal_projector(cls[b])).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("budget", [1, 2, 5, 9, 15])
+def test_visionzip_keeps_exactly_t_tokens_in_every_layer(loaded, images, budget):
+    """[CLS] takes one of the T slots: T tokens enter the LLM and every layer sees exactly T."""
+    _, model, _ = loaded
+    method = use(model, "visionzip", budget)
+    out = model(**batch_for(loaded, images, QUESTIONS))
+    trace = model.last_pruning_trace()
+    assert sum(method.split) == budget and out.image_hidden_states.shape[1] == budget
+    assert trace.vision_tokens_per_layer == [budget] * model.config.text_config.num_hidden_layers
+    assert trace.stage1_index.shape == (3, budget) and trace.average_vision_tokens == budget
 
 
 def test_divprune_uses_projected_features(loaded, images, eager):
@@ -237,7 +255,7 @@ def test_divprune_uses_projected_features(loaded, images, eager):
     batch = batch_for(loaded, images, QUESTIONS)
     model(**batch)
     index = model.last_pruning_trace().stage1_index
-    feats, _, _ = eager_vision(eager, batch)
+    feats, _, _, _ = eager_vision(eager, batch)
     projected = eager.model.multi_modal_projector(feats)
     for b in range(3):
         assert index[b].tolist() == divprune_reference(projected[b], 5)
@@ -251,7 +269,7 @@ def test_unknown_method_lists_valid_names():
 
     parser = argparse.ArgumentParser()
     add_pruning_args(parser)
-    with pytest.raises(SystemExit, match="valid methods: " + ", ".join(available_methods())):
+    with pytest.raises((ValueError, SystemExit), match="valid methods: " + ", ".join(available_methods())):
         pruning_config_from_args(parser.parse_args(["--pruning-method", "fastvv"]))
     for name in ZOO:
         assert name in available_methods()

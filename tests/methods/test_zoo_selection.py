@@ -58,9 +58,9 @@ def test_remove_duplicates_drops_the_duplicates():
     assert sorted(remove_duplicates(feats, 5, step=8)[0].tolist()) == [1, 3, 5, 6, 7]
 
 
-def fake_vision_context(method, features=None, attention=None, projected=None, keys=None):
+def fake_vision_context(method, features=None, attention=None, projected=None, keys=None, cls=None):
     ctx = VisionContext(method, features, projected, encoder_layer=None, encoder_layer_input=None, has_cls=True,
-                        project=lambda x: x * 10)  # fmt: skip
+                        project=lambda x: x * 10, cls_token=cls)  # fmt: skip
     for name, value in (("cls_attention", attention), ("projected_features", projected), ("_keys", keys)):
         if value is not None:
             ctx.__dict__[name] = value
@@ -129,49 +129,123 @@ def test_divprune_equals_exhaustive_greedy_max_min():
 
 
 # --------------------------------------------------------------------------- VisionZip
-def visionzip_reference(att, keys, feats, dominant, contextual):
+def visionzip_reference(att, keys, feats, dominant, contextual, cls=None):
+    """VisionZip's official rule (dvlab-research/VisionZip @ 3151f6d, clip_encoder.py) with Python lists.
+
+    Dominant: [CLS] (when given) plus the top-(dominant - 1) patches by [CLS] attention, ascending; without
+    [CLS], the top-dominant patches. The other patches, ascending: every max(1, rest // contextual)-th is a
+    target (the first `contextual`), every other one joins the target of highest key cosine (first on ties).
+    Contextual token = target + mean(members), or the target alone if it has none. Order: [CLS], dominant
+    patches, contextual tokens by target. Returns (representative index list, [CLS] = 0; tokens [T, C])."""
     n = len(att)
-    dom = sorted(sorted(range(n), key=lambda i: -float(att[i]))[:dominant])
+    with_cls = cls is not None and dominant > 0
+    dom = sorted(sorted(range(n), key=lambda i: -float(att[i]))[: dominant - with_cls])
     rest = [i for i in range(n) if i not in dom]
-    if not contextual:
-        return dom, torch.stack([feats[i] for i in dom])
-    step = max(1, len(rest) // contextual)
-    targets = [rest[j] for j in range(0, len(rest), step)][:contextual]
-    groups = {t: [t] for t in targets}
-    for i in rest:
-        if i not in targets:
-            groups[max(targets, key=lambda t: cos(keys[i], keys[t]))].append(i)
-    tokens = {i: feats[i] for i in dom}
-    tokens.update({t: torch.stack([feats[j] for j in g]).mean(0) for t, g in groups.items()})
-    order = sorted(tokens)
-    return order, torch.stack([tokens[i] for i in order])
+    index, tokens = ([0], [cls]) if with_cls else ([], [])
+    index, tokens = index + dom, tokens + [feats[i] for i in dom]
+    if contextual:
+        step = max(1, len(rest) // contextual)
+        targets = [rest[j] for j in range(0, len(rest), step)][:contextual]
+        members = {t: [] for t in targets}
+        for i in rest:
+            if i not in targets:
+                sims = [cos(keys[i], keys[t]) for t in targets]
+                members[targets[sims.index(max(sims))]].append(i)
+        for t in targets:
+            merged = feats[t] + torch.stack([feats[j] for j in members[t]]).mean(0) if members[t] else feats[t]
+            index, tokens = index + [t], tokens + [merged]
+    return index, torch.stack(tokens)
 
 
-@pytest.mark.parametrize("budget,options", [(8, {}), (10, {"contextual": 3}), (6, {"dominant": 6}), (16, {"contextual_ratio": 0.5})])
-def test_visionzip_matches_reference(budget, options):
+@pytest.mark.parametrize("cls_dominant", [True, False])
+@pytest.mark.parametrize("budget,options", [(8, {}), (10, {"contextual": 3}), (6, {"dominant": 6}), (16, {"contextual_ratio": 0.5}),
+                                            (12, {"contextual": 11})])  # fmt: skip
+def test_visionzip_matches_reference(budget, options, cls_dominant):
     torch.manual_seed(3)
-    att, keys, feats = torch.rand(2, 24), torch.randn(2, 24, 4), torch.randn(2, 24, 6)
-    m = method("visionzip", budget, **options)
-    sel = m.select_vision(fake_vision_context(m, feats, att, keys=keys))
+    att, keys, feats, cls = torch.rand(2, 24), torch.randn(2, 24, 4), torch.randn(2, 24, 6), torch.randn(2, 6)
+    m = method("visionzip", budget, cls_dominant=cls_dominant, **options)
+    sel = m.select_vision(fake_vision_context(m, feats, att, keys=keys, cls=cls))
     dominant, contextual = m.split
-    assert dominant + contextual == budget
+    assert dominant + contextual == budget and sel.tokens.shape == (2, budget, 6)
     for b in range(2):
-        index, tokens = visionzip_reference(att[b], keys[b], feats[b], dominant, contextual)
+        index, tokens = visionzip_reference(att[b], keys[b], feats[b], dominant, contextual, cls[b] if cls_dominant else None)
         assert sel.index[b].tolist() == index
         assert torch.allclose(sel.tokens[b], tokens * 10, atol=1e-5)  # projected by ctx.project
 
 
-def test_visionzip_merges_known_groups():
-    """Dominant = token 0. Remaining 1..7, contextual 2 -> targets 1 and 4 (every 7 // 2 = 3rd); keys put 2, 3
-    with target 1 and 5, 6, 7 with target 4, so the contextual tokens are means of {1,2,3} and {4,5,6,7}."""
+def known_groups_case(member_key_of_7):
+    """8 patches with features 0..7 and [CLS] feature 100; patch 0 has the top [CLS] attention, patch 7 the second.
+    Keys: 1, 2, 3 along e0; 4, 5, 6 along e1; patch 7 along ``member_key_of_7``."""
     e = torch.eye(2)
-    keys = torch.stack([e[0], e[0], e[0], e[0], e[1], e[1], e[1], e[1]])[None]
+    keys = torch.stack([e[0], e[0], e[0], e[0], e[1], e[1], e[1], member_key_of_7])[None]
     feats = torch.arange(8.0)[None, :, None]
-    att = torch.tensor([[9.0, 1, 1, 1, 1, 1, 1, 1]])
-    m = method("visionzip", 3, n=8, dominant=1)
-    sel = m.select_vision(fake_vision_context(m, feats, att, keys=keys))
-    assert sel.index[0].tolist() == [0, 1, 4]
-    assert sel.tokens[0, :, 0].tolist() == pytest.approx([0.0, 20.0, 55.0])  # x10 projector: 0, mean(1, 2, 3), mean(4..7)
+    att = torch.tensor([[9.0, 1, 1, 1, 1, 1, 1, 2]])
+    return att, keys, feats, torch.tensor([[100.0]])
+
+
+def test_visionzip_contextual_is_target_plus_member_mean():
+    """Official default (cls_dominant): T = 4 = 2 dominant ([CLS] + patch 0) + 2 contextual. Remaining patches
+    1..7, step 7 // 2 = 3 -> targets 1 and 4; members 2, 3 join 1 and 5, 6, 7 join 4. Contextual tokens:
+    1 + mean(2, 3) = 3.5 and 4 + mean(5, 6, 7) = 10 (the old (target + sum) / (1 + n) gave 2 and 5.5).
+    Projected x10: [1000, 0, 35, 100]; [CLS] first with representative index 0."""
+    att, keys, feats, cls = known_groups_case(torch.tensor([0.0, 1.0]))
+    m = method("visionzip", 4, n=8, dominant=2)
+    sel = m.select_vision(fake_vision_context(m, feats, att, keys=keys, cls=cls))
+    assert sel.index[0].tolist() == [0, 0, 1, 4]
+    assert sel.tokens[0, :, 0].tolist() == pytest.approx([1000.0, 0.0, 35.0, 100.0])
+
+
+def test_visionzip_target_without_members_stays_itself():
+    """As above, but every member's key is along e0 (7's too), so target 1 takes 2, 3, 5, 6, 7 and target 4 has
+    none. Official: 4 + (sum of nothing) / clamp(0, min=1) = 4; 1 + mean(2, 3, 5, 6, 7) = 1 + 23/5 = 5.6."""
+    e = torch.eye(2)
+    att, keys, feats, cls = known_groups_case(e[0])
+    keys[0, 5:7] = e[0]
+    m = method("visionzip", 4, n=8, dominant=2)
+    sel = m.select_vision(fake_vision_context(m, feats, att, keys=keys, cls=cls))
+    assert sel.index[0].tolist() == [0, 0, 1, 4]
+    assert sel.tokens[0, :, 0].tolist() == pytest.approx([1000.0, 0.0, 56.0, 40.0])
+
+
+def test_visionzip_ties_join_the_first_target():
+    """Patch 7's key is at 45 degrees to both targets' keys (equal cosine): it joins target 1, the first."""
+    att, keys, feats, cls = known_groups_case(torch.tensor([1.0, 1.0]))
+    m = method("visionzip", 4, n=8, dominant=2)
+    sel = m.select_vision(fake_vision_context(m, feats, att, keys=keys, cls=cls))
+    assert sel.tokens[0, 2:, 0].tolist() == pytest.approx([10 * (1 + 12 / 3), 10 * (4 + 11 / 2)])  # 1+mean(2,3,7), 4+mean(5,6)
+
+
+def test_visionzip_patch_dominant_convention():
+    """cls_dominant=False (the earlier convention): both dominant tokens are patches, 0 and 7 (top attention);
+    remaining 1..6, step 3 -> targets 1, 4 with members {2, 3}, {5, 6}: 1 + 2.5 and 4 + 5.5. No [CLS]."""
+    att, keys, feats, cls = known_groups_case(torch.tensor([0.0, 1.0]))
+    m = method("visionzip", 4, n=8, dominant=2, cls_dominant=False)
+    sel = m.select_vision(fake_vision_context(m, feats, att, keys=keys, cls=cls))
+    assert sel.index[0].tolist() == [0, 7, 1, 4]
+    assert sel.tokens[0, :, 0].tolist() == pytest.approx([0.0, 70.0, 35.0, 95.0])
+
+
+def test_visionzip_keeps_cls_among_dominant_by_default():
+    """At 64 of 576 tokens the official split is 54 dominant = [CLS] + 53 patches, + 10 contextual."""
+    torch.manual_seed(4)
+    att, keys, feats, cls = torch.rand(2, 576), torch.randn(2, 576, 4), torch.randn(2, 576, 6), torch.randn(2, 6)
+    m = create_method(PruningConfig("visionzip", 64), num_vision_tokens=576, num_layers=32, vision_dim=6)
+    assert m.options["cls_dominant"] is True and m.split == (54, 10)
+    sel = m.select_vision(fake_vision_context(m, feats, att, keys=keys, cls=cls))
+    assert sel.tokens.shape == (2, 64, 6)
+    assert torch.equal(sel.tokens[:, 0], cls * 10)
+    for b in range(2):
+        top53 = sorted(att[b].topk(53).indices.tolist())
+        assert sel.index[b, :54].tolist() == [0] + top53
+
+
+def test_visionzip_cls_feature_needs_a_cls_token():
+    m = method("visionzip", 8)
+    ctx = fake_vision_context(m, torch.randn(1, 24, 6), torch.rand(1, 24), keys=torch.randn(1, 24, 4))
+    with pytest.raises(RuntimeError, match="no \\[CLS\\] token"):
+        m.select_vision(ctx)
+    with pytest.raises(ValueError, match="cls_dominant must be true or false"):
+        method("visionzip", 8, cls_dominant="yes")
 
 
 def test_visionzip_default_split_is_54_10_at_64():
@@ -179,6 +253,8 @@ def test_visionzip_default_split_is_54_10_at_64():
     assert m.split == (54, 10)
     m = create_method(PruningConfig("visionzip", 128), num_vision_tokens=576, num_layers=32, vision_dim=1024)
     assert m.split == (108, 20)
+    m = create_method(PruningConfig("visionzip", 192), num_vision_tokens=576, num_layers=32, vision_dim=1024)
+    assert m.split == (162, 30)
 
 
 # --------------------------------------------------------------------------- DART
