@@ -2,14 +2,13 @@
 
 - read_jsonl / load_json: read answer/question/annotation files; bad input raises EvalError
   naming the file (and line) and what to do about it.
+- read_answers / check_same_run: an answer file, refused if it mixes runs (RUN_KEYS differ across lines).
 - write_atomic / atomic_path: output files appear whole or not at all (temp file + rename).
 - report / cli: readable summary, and with --json ONE JSON object on the last stdout line.
-- parse_letter: multiple-choice letter from a model response (ScienceQA, MMBench).
 """
 import contextlib
 import json
 import os
-import re
 import sys
 import tempfile
 
@@ -44,7 +43,7 @@ def load_json(path, what="annotation file"):
             raise EvalError(f"{path}: not valid JSON ({e}); is this really the {what}?") from None
 
 
-def read_jsonl(path, what="result file", required=("question_id", "text")):
+def read_jsonl(path, what="result file", required=("question_id", "text"), allow_empty=False):
     """List of dicts, one per non-blank line; each gets "_where" = "path:line" for error messages."""
     _need_file(path, what)
     records = []
@@ -64,8 +63,37 @@ def read_jsonl(path, what="result file", required=("question_id", "text")):
                 raise EvalError(f"{path}:{lineno}: line lacks key(s) {missing}; is this the right {what}?")
             r["_where"] = f"{path}:{lineno}"
             records.append(r)
-    if not records:
+    if not records and not allow_empty:
         raise EvalError(f"{what} {path} is empty; did answer generation finish (and were the chunks merged)?")
+    return records
+
+
+# Fields of every answer line that name the run it came from (written by llava/eval/answer_loop.py).
+RUN_KEYS = ("method", "budget", "model_id", "model_fingerprint")
+_ABSENT = object()
+
+
+def check_same_run(records):
+    """Refuse answers of more than one run: each RUN_KEYS field must have the same value on every line,
+    or be absent from every line (plain upstream answer files have none of them). Names the first
+    conflicting line and the line it disagrees with (the first line)."""
+    if not records:
+        return
+    first = records[0]
+    for r in records[1:]:
+        for k in RUN_KEYS:
+            a, b = first.get(k, _ABSENT), r.get(k, _ABSENT)
+            if a != b:
+                show = lambda v: "no " + repr(k) if v is _ABSENT else f"{k}={v!r}"
+                raise EvalError(f"{where(r)}: {show(b)}, but {where(first)} has {show(a)}: this file mixes answers "
+                                "of different runs (method, budget or model). Score each run's answers separately: "
+                                "re-generate into a fresh --answers-file, or merge only the chunks of one run")
+
+
+def read_answers(path, what="result file", allow_empty=False):
+    """An answer file (read_jsonl) whose lines all come from one run (check_same_run)."""
+    records = read_jsonl(path, what, allow_empty=allow_empty)
+    check_same_run(records)
     return records
 
 
@@ -128,16 +156,3 @@ def cli(main, argv=None):
         main(argv)
     except EvalError as e:
         sys.exit(f"error: {e}")
-
-
-_LEAD = re.compile(r"^\(?([A-Z])(?:[).:]|\s*$)")                   # "A", "A.", "(A)", "B) text", "C: text"
-_STATED = re.compile(r"(?i:\banswer(?:\s+is)?)\s*:?\s*\(?([A-Z])\b")  # "The answer is B.", "Answer: (C)"
-
-
-def parse_letter(text, n_choices):
-    """Option letter of a response, or None if none can be read or it is not one of the n choices."""
-    s = str(text).strip()
-    m = _LEAD.match(s) or _STATED.search(s)
-    if m and LETTERS.index(m.group(1)) < n_choices:
-        return m.group(1)
-    return None

@@ -1,7 +1,8 @@
 """GQA scorer: accuracy = exact match of the normalised prediction with the question's answer
 (the "Accuracy" of GQA's official eval script; its consistency/validity/plausibility/grounding
-metrics are not computed). Predictions are normalised as LLaVA's converter does: strip, drop
-trailing periods, lowercase. Reported x100 on testdev-balanced.
+metrics are not computed). Predictions are normalised as upstream LLaVA's scripts/convert_gqa_for_eval.py
+(haotian-liu/LLaVA c121f0432da27facab705978f83c4ada465e46fd) does: drop trailing periods, lowercase; we
+also strip surrounding whitespace, which the generators already do. Reported x100 on testdev-balanced.
 
     python -m llava.eval.eval_gqa --question-file testdev_balanced_questions.json \
         --result-file answers.jsonl [--predictions-out testdev_balanced_predictions.json] [--json]
@@ -11,7 +12,7 @@ trailing periods, lowercase. Reported x100 on testdev-balanced.
 import argparse
 from collections import defaultdict
 
-from llava.eval._io import EvalError, check_unique, cli, key, load_json, read_jsonl, report, warn, where, write_json
+from llava.eval._io import EvalError, check_unique, cli, key, load_json, read_answers, report, warn, where, write_json
 
 
 def normalize_prediction(text):
@@ -51,7 +52,7 @@ def main(argv=None):
     questions = load_json(args.question_file, "GQA question file")
     if not isinstance(questions, dict):
         raise EvalError(f"{args.question_file}: expected GQA's questions json {{question_id: {{...}}}}")
-    m, preds = score_gqa(read_jsonl(args.result_file), questions)
+    m, preds = score_gqa(read_answers(args.result_file), questions)
     lines = [f"GQA accuracy: {m['accuracy']:.2f} ({m['correct']}/{m['n']})"]
     lines += [f"  {t:<10} {a:6.2f}" for t, a in m["by_structural_type"].items()]
     if m["missing"]:

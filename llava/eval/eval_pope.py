@@ -1,7 +1,10 @@
 """POPE scorer (object hallucination, COCO random / popular / adversarial splits).
 
-A response is "no" if its first sentence (text before the first ".", commas dropped) contains the
-word "no" or "not", else "yes" (the convention of POPE / LLaVA). With "yes" as the positive class,
+Reading of a response: upstream LLaVA's llava/eval/eval_pope.py (haotian-liu/LLaVA
+c121f0432da27facab705978f83c4ada465e46fd), which copies POPE's own evaluate.py: keep the text before
+the first ".", delete commas, split on single spaces; the answer is "no" if one of the words is exactly
+"No", "not" or "no" (case-sensitive), else "yes". So "NO", "No!" and "Not visible." read as yes.
+With "yes" as the positive class,
 per category: TP/FP/TN/FN, accuracy, precision, recall, F1 and yes-ratio (share answered yes).
 The paper number is the mean F1 over the three categories, x100.
 
@@ -13,17 +16,18 @@ the annotation dir (JSON lines), matched on (image, question text).
 """
 import argparse
 import os
-import re
 
-from llava.eval._io import EvalError, check_unique, cli, key, read_jsonl, report, warn, where
+from llava.eval._io import EvalError, check_unique, cli, key, read_answers, read_jsonl, report, warn, where
 
 CATEGORIES = ("random", "popular", "adversarial")
 
 
+NO_WORDS = ("No", "not", "no")  # eval_pope.py: 'No' in words or 'not' in words or 'no' in words
+
+
 def parse_yes_no(text):
-    first = str(text).split(".")[0].replace(",", "")
-    words = re.findall(r"[a-z']+", first.lower())
-    return "no" if "no" in words or "not" in words else "yes"
+    words = str(text).split(".")[0].replace(",", "").split(" ")
+    return "no" if any(w in words for w in NO_WORDS) else "yes"
 
 
 def confusion_metrics(preds, labels):
@@ -99,7 +103,7 @@ def main(argv=None):
         if key(q["question_id"]) in questions:
             raise EvalError(f"{q['_where']}: duplicate question_id {q['question_id']!r} in the question file")
         questions[key(q["question_id"])] = q
-    results = read_jsonl(args.result_file)
+    results = read_answers(args.result_file)
     cats = sorted({questions[key(r["question_id"])]["category"] for r in results if key(r["question_id"]) in questions})
     labels = None if all("label" in q for q in qlines) else load_labels(args.annotation_dir, cats)
     m = score_pope(results, questions, labels)

@@ -1,5 +1,12 @@
-"""TextVQA scorer: official VQA soft accuracy (leave-one-out over the 10 human answers, see
-eval_vqa.soft_accuracy) on TextVQA val, reported x100.
+"""TextVQA scorer: upstream LLaVA's accuracy (llava/eval/eval_textvqa.py + m4c_evaluator.py
+``TextVQAAccuracyEvaluator``, haotian-liu/LLaVA c121f0432da27facab705978f83c4ada465e46fd) on TextVQA val, x100.
+
+The prediction and all 10 human answers are always processed by ``EvalAIAnswerProcessor``
+(``vqa_normalize.evalai_process``: lowercase, delete "," and "?", "'s" -> " 's", punctuation, number
+words, articles, the official contraction map), then scored by the VQA leave-one-out rule
+(``eval_vqa.leave_one_out``: mean over the 10 subsets of 9 of min(1, matches / 3)). So "hello,world"
+is "helloworld", "whats up" is "what's up" while the human "what's up" is "what 's up", and "lets go" /
+"im open" are not expanded (the map has neither).
 
     python -m llava.eval.eval_textvqa --annotation-file TextVQA_0.5.1_val.json --result-file answers.jsonl [--json]
 
@@ -12,8 +19,14 @@ file, falling back to the lowercased question alone when it is unique in the ann
 import argparse
 from collections import defaultdict
 
-from llava.eval._io import EvalError, cli, key, load_json, read_jsonl, report, warn, where
-from llava.eval.eval_vqa import soft_accuracy
+from llava.eval._io import EvalError, cli, key, load_json, read_answers, report, warn, where
+from llava.eval.eval_vqa import leave_one_out
+from llava.eval.vqa_normalize import evalai_process
+
+
+def textvqa_accuracy(pred, gt_answers):
+    """TextVQAAccuracyEvaluator's score of one prediction."""
+    return leave_one_out(evalai_process(pred), [evalai_process(a) for a in gt_answers])
 
 
 def question_from_prompt(prompt):
@@ -61,7 +74,7 @@ def score_textvqa(results, data):
         if not a.get("answers"):
             raise EvalError(f"question {a['question_id']} has no human answers; TextVQA test has no public "
                             "answers, score on val (TextVQA_0.5.1_val.json)")
-        accs.append(soft_accuracy(r["text"], a["answers"]))
+        accs.append(textvqa_accuracy(r["text"], a["answers"]))
     return {"accuracy": 100 * sum(accs) / len(accs), "n": len(accs), "missing": len(data) - len(accs)}
 
 
@@ -74,7 +87,7 @@ def main(argv=None):
     ann = load_json(args.annotation_file, "TextVQA annotation file")
     if not isinstance(ann, dict) or not isinstance(ann.get("data"), list):
         raise EvalError(f"{args.annotation_file}: expected the official TextVQA json {{'data': [...]}}")
-    m = score_textvqa(read_jsonl(args.result_file), ann["data"])
+    m = score_textvqa(read_answers(args.result_file), ann["data"])
     if m["missing"]:
         warn(f"{m['missing']} annotated questions have no answer; accuracy is over the {m['n']} answered")
     report(m, [f"TextVQA accuracy: {m['accuracy']:.2f} ({m['n']} questions)"], args.json)

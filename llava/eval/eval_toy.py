@@ -12,7 +12,8 @@ of each question type (existence, color, shape, count, position, background, tex
 import argparse
 from collections import defaultdict
 
-from llava.eval._io import EvalError, check_unique, cli, key, read_jsonl, report, warn, where
+from llava.eval._io import (EvalError, check_same_run, check_unique, cli, key, read_answers, read_jsonl, report, warn,
+                            where)
 
 TYPE_ORDER = ("existence", "color", "shape", "count", "position", "background", "text")
 
@@ -23,8 +24,9 @@ def normalize_prediction(text):
 
 def correct_by_question(results, answers):
     """({question key: answered correctly?} for every question of the answer key, in its order; unanswered
-    questions are False, number of answered questions). Raises EvalError on duplicate results or ids missing
-    from the key."""
+    questions are False, number of answered questions). Raises EvalError on answers of mixed runs, duplicate
+    results or ids missing from the key."""
+    check_same_run(results)
     check_unique(results)
     keys = {key(a["question_id"]): a for a in answers}
     preds = {}
@@ -65,7 +67,7 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true", help="print metrics as one JSON object on the last line")
     args = ap.parse_args(argv)
     answers = read_jsonl(args.answer_file, "toy answer key", required=("question_id", "answer", "type"))
-    m = score_toy(read_jsonl(args.result_file), answers)
+    m = score_toy(read_answers(args.result_file), answers)
     lines = [f"toy accuracy: {m['accuracy']:.2f} ({m['correct']}/{m['n']})"]
     lines += [f"  {t:<11} {a:6.2f}  (n={m['type_counts'][t]})" for t, a in m["by_type"].items()]
     if m["missing"]:

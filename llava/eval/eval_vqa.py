@@ -1,10 +1,19 @@
-"""VQA soft accuracy (VQAv2 / TextVQA official metric) and the VQAv2 test-dev submission file.
+"""VQAv2 accuracy (the official VQA metric, local scoring on val) and the VQAv2 test-dev submission file.
 
-Official metric: both the prediction and the 10 human answers are normalised (vqa_normalize), then
-    acc = mean over the 10 leave-one-out subsets of 9 answers of min(#matches in the subset / 3, 1)
-so 0 matches -> 0, 1 -> 0.3, 2 -> 0.6, 3 -> 0.9, >=4 -> 1.0. The benchmark score is the mean x100.
-(The VQA API normalises only when the humans disagree; we always normalise, like the EvalAI/M4C
-answer processor. VQAv2 test-dev itself is scored by the EvalAI server from the submission file.)
+Official metric (GT-Vision-Lab/VQA a013f0043c1e2cdc995922dfe257f7149aa9af06,
+PythonEvaluationTools/vqaEvaluation/vqaEval.py, ``VQAEval.evaluate``):
+ 1. every answer (prediction and the 10 human answers): newlines/tabs -> spaces, strip;
+ 2. only if the human answers disagree (``len(set(gtAnswers)) > 1``) are the prediction and the human
+    answers processed (``vqa_normalize.vqa_eval_process``: punctuation, lowercase, number words, articles,
+    contractions). When all humans agree the comparison is exact: "Two" against ten "2" scores 0, and so
+    does "Yes" against ten "yes";
+ 3. acc = mean over the 10 leave-one-out subsets of 9 answers of min(#matches in the subset / 3, 1), so
+    0 matches -> 0, 1 -> 0.3, 2 -> 0.6, 3 -> 0.9, >=4 -> 1.0. The score is the mean x100.
+
+Submission file: upstream LLaVA's scripts/convert_vqav2_for_submission.py (c121f0432da27facab705978f83c4ada465e46fd)
+applies ``EvalAIAnswerProcessor`` (``vqa_normalize.evalai_process``) to each answer: "Two" -> "2",
+"the dog" -> "dog". The EvalAI server then runs the metric above on those strings, so
+``accuracy_as_submitted`` (the metric on the processed strings) is what the server would give on val.
 
     python -m llava.eval.eval_vqa --question-file llava_vqav2_mscoco_test2015.jsonl \
         --result-file answers.jsonl --submission-out answers_upload/test-dev.json
@@ -13,38 +22,44 @@ answer processor. VQAv2 test-dev itself is scored by the EvalAI server from the 
 """
 import argparse
 
-from llava.eval._io import EvalError, check_unique, cli, key, load_json, read_jsonl, report, warn, where, write_json
-from llava.eval.vqa_normalize import normalize_answer
+from llava.eval._io import (EvalError, check_unique, cli, key, load_json, read_answers, read_jsonl, report, warn, where,
+                            write_json)
+from llava.eval.vqa_normalize import clean_whitespace, evalai_process, vqa_eval_process
 
 
-def soft_accuracy(pred, gt_answers):
-    """Leave-one-out VQA accuracy of one prediction against the human answers (usually 10)."""
-    gts = [normalize_answer(a) for a in gt_answers]
+def leave_one_out(pred, gts):
+    """Mean over the len(gts) subsets that leave one human answer out of min(1, #matches / 3)."""
     if not gts:
-        raise ValueError("soft_accuracy needs at least one ground-truth answer")
-    pred = normalize_answer(pred)
+        raise ValueError("the VQA accuracy needs at least one ground-truth answer")
     n, m = len(gts), sum(g == pred for g in gts)
     # m of the n subsets drop a matching answer (m-1 matches left), the other n-m keep all m.
     return (m * min(1.0, (m - 1) / 3) + (n - m) * min(1.0, m / 3)) / n
+
+
+def vqa_accuracy(pred, gt_answers):
+    """vqaEval.py's accuracy of one prediction against the human answers (usually 10)."""
+    gts = [clean_whitespace(a) for a in gt_answers]
+    pred = clean_whitespace(pred)
+    if len(set(gts)) > 1:
+        gts = [vqa_eval_process(a) for a in gts]
+        pred = vqa_eval_process(pred)
+    return leave_one_out(pred, gts)
 
 
 def score_vqa(results, gt_answers):
     """results: [{"question_id", "text"}]; gt_answers: {question_id: [human answers]} -> metrics dict."""
     check_unique(results)
     gt = {key(q): a for q, a in gt_answers.items()}
-    accs = []
+    accs, submitted = [], []
     for r in results:
         answers = gt.get(key(r["question_id"]))
         if answers is None:
             raise EvalError(f"{where(r)}: question_id {r['question_id']!r} is not in the annotations; "
                             "wrong annotation file or result file?")
-        accs.append(soft_accuracy(r["text"], answers))
-    return {"accuracy": 100 * sum(accs) / len(accs), "n": len(accs), "missing": len(gt) - len(accs)}
-
-
-def light_normalize(text):
-    """What goes into the EvalAI submission: strip, drop trailing periods, lowercase."""
-    return str(text).strip().rstrip(".").lower()
+        accs.append(vqa_accuracy(r["text"], answers))
+        submitted.append(vqa_accuracy(evalai_process(r["text"]), answers))
+    return {"accuracy": 100 * sum(accs) / len(accs), "accuracy_as_submitted": 100 * sum(submitted) / len(submitted),
+            "n": len(accs), "missing": len(gt) - len(accs)}
 
 
 def vqav2_submission(questions, results):
@@ -59,7 +74,7 @@ def vqav2_submission(questions, results):
     out = []
     for q in questions:
         r = answers.get(key(q["question_id"]))
-        out.append({"question_id": int(q["question_id"]), "answer": light_normalize(r["text"]) if r else ""})
+        out.append({"question_id": int(q["question_id"]), "answer": evalai_process(r["text"]) if r else ""})
     return out
 
 
@@ -82,11 +97,12 @@ def main(argv=None):
     if not args.submission_out and not args.annotation_file:
         ap.error("nothing to do: give --submission-out and/or --annotation-file")
     questions = read_jsonl(args.question_file, "question file", required=("question_id",))
-    results = read_jsonl(args.result_file)
+    results = read_answers(args.result_file)
     metrics, lines = {}, []
     if args.annotation_file:
         metrics = score_vqa(results, load_vqa_annotations(args.annotation_file))
-        lines.append(f"VQA accuracy: {metrics['accuracy']:.2f} ({metrics['n']} questions)")
+        lines.append(f"VQA accuracy: {metrics['accuracy']:.2f} ({metrics['n']} questions); on the submission "
+                     f"strings (what EvalAI would give): {metrics['accuracy_as_submitted']:.2f}")
         if metrics["missing"]:
             warn(f"{metrics['missing']} annotated questions have no answer; accuracy is over answered ones")
     if args.submission_out:

@@ -85,7 +85,8 @@ def build_minibench(root: Path) -> Path:
     for cat, rows in ann.items():
         jsonl(pope / "coco" / f"coco_pope_{cat}.json", rows)
 
-    # MME: two questions per image sharing a question_id; both release layouts
+    # MME: two questions per image sharing a question_id; both release layouts (as upstream's convert_answer_to_mme.py
+    # reads them): <cat>/images/ + <cat>/questions_answers_YN/, or the .txt beside the images
     mme = root / "MME"
     rel = mme / "MME_Benchmark_release_version"
     qs = []
@@ -93,7 +94,7 @@ def build_minibench(root: Path) -> Path:
         stem = f"{i:04d}"
         img_rel = f"{cat}/{sub + '/' if sub else ''}{stem}.png"
         save_image(rel / img_rel, i)
-        gt_dir = rel / cat / ("questions_answer_YES_or_NO" if sub else "")
+        gt_dir = rel / cat / ("questions_answers_YN" if sub else "")
         gt_dir.mkdir(parents=True, exist_ok=True)
         pair = [(f"Is there a {list(COLORS)[i]} shape in this image? Please answer yes or no.", "Yes"),
                 (f"Is there a {list(COLORS)[i + 1]} shape in this image? Please answer yes or no.", "No")]

@@ -58,7 +58,8 @@ CHUNKS=${#GPULIST[@]}
 if [ "$CHUNKS" -eq 0 ]; then CHUNKS=1; fi
 
 # run_chunks MODULE RUN_DIR ARGS...: one generator process per chunk (in parallel, one GPU each),
-# then concatenate the chunk files into RUN_DIR/merge.jsonl.
+# then merge the chunk files into RUN_DIR/merge.jsonl (llava.eval.merge_answers: refuses a missing
+# chunk, answers of different runs and duplicate questions).
 run_chunks() {
     local module="$1" dir="$2"
     shift 2
@@ -81,10 +82,9 @@ run_chunks() {
         echo "error: answer generation failed (see above); fix it and re-run the same command to resume" >&2
         exit 1
     fi
-    local merged="$dir/merge.jsonl"
-    : > "$merged.tmp"
-    for idx in $(seq 0 $((CHUNKS - 1))); do cat "$dir/${CHUNKS}_${idx}.jsonl" >> "$merged.tmp"; done
-    mv "$merged.tmp" "$merged"
+    local chunk_files=()
+    for idx in $(seq 0 $((CHUNKS - 1))); do chunk_files+=("$dir/${CHUNKS}_${idx}.jsonl"); done
+    "$PYTHON" -m llava.eval.merge_answers --out "$dir/merge.jsonl" "${chunk_files[@]}"
 }
 
 # score RUN_DIR MODULE ARGS...: run a scorer (llava/eval/eval_*.py), print its summary and write its

@@ -1,5 +1,7 @@
 #!/bin/bash
 # MME: perception + cognition scores. Usage: bash scripts/v1_5/eval/mme.sh [CKPT] [METHOD] [BUDGET] [LPM]
+# Ground truth: MME_Benchmark_release_version/<category>/questions_answers_YN/*.txt (subtasks with an images/
+# folder) or <category>/*.txt beside the images, as upstream's convert_answer_to_mme.py reads it.
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 SPLIT="llava_mme"
