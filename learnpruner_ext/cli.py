@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from typing import Any, Callable
 
 from .config import POSITION_MODES, PruningConfig
 from .methods import available_methods
@@ -26,12 +28,12 @@ def add_pruning_args(parser: argparse.ArgumentParser) -> None:
 
 def pruning_config_from_args(args: argparse.Namespace) -> PruningConfig:
     if args.pruning_method not in available_methods():
-        raise SystemExit(f"unknown --pruning-method {args.pruning_method!r}; valid methods: {', '.join(available_methods())}")
+        raise ValueError(f"unknown --pruning-method {args.pruning_method!r}; valid methods: {', '.join(available_methods())}")
     options = {}
     for item in args.method_option:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--method-option expects KEY=VALUE, got {item!r}")
+            raise ValueError(f"--method-option expects KEY=VALUE, got {item!r}")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -47,3 +49,12 @@ def pruning_config_from_args(args: argparse.Namespace) -> PruningConfig:
         seed=args.pruning_seed,
         options=options,
     )
+
+
+def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> Any:
+    """Run an entry point's ``main``; bad input (``ValueError``, ``FileNotFoundError``, incl. ``BudgetError``)
+    ends the process with one ``error: ...`` line and exit code 1 instead of a traceback."""
+    try:
+        return main(argv)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")

@@ -53,10 +53,16 @@ class PruningConfig:
                 f"visual token budget must be a positive integer, got {self.budget!r}; "
                 "pass e.g. --visual-token-budget 64 (or omit it / use method 'none' for no pruning)"
             )
+        if self.budget is not None and self.method == "none":
+            raise BudgetError(
+                f"a visual token budget ({self.budget}) was given but the pruning method is 'none', which keeps "
+                "every vision token; choose a method (e.g. --pruning-method learnpruner) or drop the budget"
+            )
         if self.ratio < 1:
-            raise ValueError(f"ratio R1/R2 must be >= 1, got {self.ratio}")
+            raise ValueError(f"pruning ratio R1/R2 must be >= 1 (LearnPruner uses 3), got {self.ratio}; pass e.g. --pruning-ratio 3")
         if not 0.0 <= self.diversity <= 1.0:
-            raise ValueError(f"diversity share lambda must be in [0, 1], got {self.diversity}")
+            raise ValueError(f"diversity share lambda must be in [0, 1] (LearnPruner uses 0.1), got {self.diversity}; "
+                             "pass e.g. --diversity-ratio 0.1")
         if self.position_mode not in POSITION_MODES:
             raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {self.position_mode!r}")
 
@@ -84,6 +90,19 @@ class TokenPlan:
     @property
     def average(self) -> float:
         return sum(self.tokens_per_layer) / self.num_layers
+
+
+def budget_notice(plan: TokenPlan, budget: int | None, method: str) -> str | None:
+    """One line for the user when the plan's achieved average differs from the requested ``T``, else None.
+
+    Token counts are whole numbers, so e.g. LearnPruner's ``R2 = ceil(...)``, ``R1 = rho * R2`` can give a
+    little more than ``T`` (a budget of 1 keeps R1 = 3, R2 = 1).
+    """
+    if budget is None or math.isclose(plan.average, budget):
+        return None
+    stage2 = f", R2={plan.r2} from layer {plan.layer}" if plan.layer is not None else ""
+    return (f"{method}: requested an average of {budget} vision tokens per layer; the plan achieves "
+            f"{plan.average:.2f} (R1={plan.r1}{stage2}, token counts are whole numbers)")
 
 
 def check_budget(budget: int | None, num_vision_tokens: int) -> int:

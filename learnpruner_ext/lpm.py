@@ -81,8 +81,22 @@ class LearnablePruningModule(nn.Module):
             raise FileNotFoundError(
                 f"no LPM at {path}: expected {LPM_WEIGHTS} and {LPM_CONFIG} (written by llava.train.train_lpm)"
             )
-        config = json.loads((folder / LPM_CONFIG).read_text())
-        lpm = cls(config["in_features"], config.get("hidden_features", 512))
-        lpm.load_state_dict(load_file(str(weights)))
+        config_file = folder / LPM_CONFIG
+        try:
+            config = json.loads(config_file.read_text())
+            lpm = cls(int(config["in_features"]), int(config.get("hidden_features", 512)))
+        except (ValueError, KeyError, TypeError) as err:  # bad JSON, a missing key, a non-integer width
+            raise ValueError(
+                f"bad LPM config {config_file}: {type(err).__name__}: {err}; it must be a JSON object with integer "
+                "'in_features' and 'hidden_features' (re-save the LPM with llava.train.train_lpm)"
+            ) from None
+        try:
+            state = load_file(str(weights))
+            lpm.load_state_dict(state)
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error type on corrupt files
+            raise ValueError(
+                f"cannot load LPM weights {weights}: {str(err).splitlines()[0]}; the file is corrupt or truncated, or "
+                f"does not match {config_file} ({lpm.in_features} -> {lpm.hidden_features} -> 2); re-copy or retrain it"
+            ) from None
         lpm.trained = bool(config.get("trained", True))
         return lpm

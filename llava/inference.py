@@ -13,7 +13,17 @@ from .mm_utils import process_images, tokenizer_image_token
 
 
 def build_prompt(question: str, conv_mode: str = "vicuna_v1") -> str:
-    """One user turn with the image first (unless the question already places ``<image>``)."""
+    """One user turn with the image first (unless the question already places ``<image>``).
+
+    Refuses (``ValueError``) an empty question and one with more than one ``<image>`` (one image per prompt).
+    """
+    if not question or not question.strip():
+        raise ValueError("the question is empty; give a question about the image (e.g. --query 'What is shown?')")
+    if question.count(DEFAULT_IMAGE_TOKEN) > 1:
+        raise ValueError(
+            f"the question contains {question.count(DEFAULT_IMAGE_TOKEN)} '{DEFAULT_IMAGE_TOKEN}' tokens but one image is "
+            f"given; remove the extra '{DEFAULT_IMAGE_TOKEN}' (the image is placed before the question by default)"
+        )
     if DEFAULT_IMAGE_TOKEN not in question:
         question = DEFAULT_IMAGE_TOKEN + "\n" + question
     conv = get_conv_template(conv_mode)
@@ -52,6 +62,16 @@ class GenerationSettings:
     top_p: float | None = None
     num_beams: int = 1
     max_new_tokens: int = 128
+
+    def __post_init__(self):
+        if not (isinstance(self.num_beams, int) and self.num_beams >= 1):
+            raise ValueError(f"--num_beams must be an integer >= 1 (1 = greedy), got {self.num_beams!r}")
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise ValueError(f"--max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"--top_p must be in (0, 1], got {self.top_p!r}")
 
     def kwargs(self, tokenizer) -> dict:
         sampling = self.temperature > 0

@@ -1,6 +1,7 @@
 """Bad input gets a clear error naming the problem; the CLI prints the documented JSON."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -77,8 +78,7 @@ def test_missing_and_corrupt_image(tmp_path, tiny_hf):
     bad.write_bytes(b"not an image at all")
     with pytest.raises(ValueError, match="cannot read image"):
         load_image(bad)
-    with pytest.raises(SystemExit, match="cannot read image"):
-        run_llava.main(["--model-path", str(tiny_hf), "--image-file", str(bad), "--query", "q"])
+    assert "cannot read image" in cli_error(["--model-path", str(tiny_hf), "--image-file", str(bad), "--query", "q"])
 
 
 def test_prompt_image_count(tiny_hf):
@@ -104,3 +104,83 @@ def test_lpm_width_mismatch(tiny_hf, tmp_path):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json missing"):
         load_pretrained_model(str(tmp_path))
+
+
+# ---------------------------------------------------------------- one clear `error:` line, never a traceback
+def cli_error(argv):
+    """Run run_llava's CLI entry (``run_main(main)``, what ``python -m llava.eval.run_llava`` runs) -> its error line."""
+    from learnpruner_ext.cli import run_main
+
+    with pytest.raises(SystemExit) as exc:
+        run_main(run_llava.main, argv)
+    message = str(exc.value)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+@pytest.fixture(scope="module")
+def broken_lpms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lpms")
+    LearnablePruningModule(32).save_pretrained(root / "truncated")
+    weights = root / "truncated" / "lpm.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    LearnablePruningModule(32).save_pretrained(root / "badconfig")
+    (root / "badconfig" / "lpm_config.json").write_text('{"hidden_features": 512}')
+    return root
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--pruning-method", "learnpruner", "--visual-token-budget", "0"], "must be a positive integer, got 0"),
+        (["--pruning-method", "learnpruner", "--visual-token-budget", "-3"], "must be a positive integer, got -3"),
+        (["--pruning-method", "learnpruner", "--visual-token-budget", "6", "--pruning-ratio", "0"], "R1/R2 must be >= 1"),
+        (["--pruning-method", "learnpruner", "--visual-token-budget", "6", "--diversity-ratio", "2"], r"lambda must be in \[0, 1\]"),
+        (["--visual-token-budget", "6"], "pruning method is 'none'"),  # a budget without a method
+        (["--pruning-method", "none", "--visual-token-budget", "6"], "pruning method is 'none'"),
+        (["--num_beams", "0"], "--num_beams must be an integer >= 1"),
+        (["--max_new_tokens", "0"], "--max_new_tokens must be an integer >= 1"),
+        (["--device", "cuda"], "CUDA is not available"),
+        (["--query", ""], "the question is empty"),
+        (["--query", "  \n "], "the question is empty"),
+        (["--query", "<image> <image> two?"], "contains 2 '<image>' tokens"),
+    ],
+)
+def test_cli_errors_are_one_line(tiny_hf, image_file, extra, message):
+    if "--device" in extra and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    argv = ["--model-path", str(tiny_hf), "--image-file", str(image_file), "--query", "What color?", "--max_new_tokens", "2"]
+    assert re.search(message, cli_error(argv + extra))
+
+
+@pytest.mark.parametrize("which,message", [("truncated", r"cannot load LPM weights .*truncated/lpm\.safetensors"),
+                                           ("badconfig", r"bad LPM config .*badconfig/lpm_config\.json.*'in_features'")])
+def test_corrupt_lpm_names_the_file(tiny_hf, image_file, broken_lpms, which, message):
+    argv = ["--model-path", str(tiny_hf), "--image-file", str(image_file), "--query", "q", "--pruning-method",
+            "learnpruner", "--visual-token-budget", "6", "--lpm-path", str(broken_lpms / which)]
+    assert re.search(message, cli_error(argv))
+
+
+def test_cli_error_subprocess_has_no_traceback(tiny_hf, image_file):
+    out = subprocess.run(
+        [sys.executable, "-m", "llava.eval.run_llava", "--model-path", str(tiny_hf), "--image-file", str(image_file),
+         "--query", "q", "--visual-token-budget", "0", "--pruning-method", "learnpruner"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == ["error: visual token budget must be a positive integer, got 0; pass e.g. "
+                                               "--visual-token-budget 64 (or omit it / use method 'none' for no pruning)"]
+
+
+@pytest.mark.filterwarnings("ignore:.*UNTRAINED")
+def test_achieved_average_is_printed_when_it_differs(tiny_hf, image_file, capsys):
+    """16 tokens, 8 layers, k = round(8*12/32) = 3, rho = 3. T=1: R2 = ceil(1*8/(3*3+5)) = 1, R1 = 3, so the
+    average is (3*3 + 1*5)/8 = 1.75, not 1. T=6: R2 = ceil(48/14) = 4, R1 = 12 -> (36 + 20)/8 = 7.0. T=7 (vispruner,
+    before the LLM) keeps exactly 7: no note."""
+    result = run(tiny_hf, image_file, "--pruning-method", "learnpruner", "--visual-token-budget", "1")
+    assert result["average_vision_tokens"] == 1.75
+    assert "note: learnpruner: requested an average of 1 vision tokens per layer; the plan achieves 1.75 (R1=3, R2=1 from layer 3" in capsys.readouterr().err
+    run(tiny_hf, image_file, "--pruning-method", "learnpruner", "--visual-token-budget", "6")
+    assert "achieves 7.00" in capsys.readouterr().err
+    run(tiny_hf, image_file, "--pruning-method", "vispruner", "--visual-token-budget", "7")
+    assert "note:" not in capsys.readouterr().err

@@ -9,13 +9,14 @@ says how an answer line is identified (:func:`run` ``answer_key``). This module 
 * chunking (:func:`get_chunk`, upstream's split: ``ceil(n / num_chunks)`` questions per chunk);
 * resume: answers already in ``--answers-file`` are skipped; a truncated last line (a run killed
   mid-write) is dropped and redone; a file written by a different method / budget / model /
-  settings is refused rather than mixed;
+  settings is refused rather than mixed (the model is identified by its folder name *and* a
+  fingerprint of its weights and config, ``llava.model.fingerprint``);
 * input checks before any model work: malformed question lines (with their line number), missing
   images (all of them, named), answer lines that do not belong to this question file / chunk;
 * batching: prompts with an image are batched together (left padding, greedy decoding equals batch
   size 1), text-only prompts are batched separately and run without ``pixel_values``;
 * writing: one JSON line per answer, flushed and fsync'ed after every batch, with upstream's fields
-  ``question_id, prompt, text, answer_id, model_id, metadata`` plus the token accounting
+  ``question_id, prompt, text, answer_id, model_id, metadata`` plus ``model_fingerprint`` and the token accounting
   ``method, budget, r1, r2, layer, convention, vision_tokens_per_layer``;
 * a tqdm progress bar with ETA.
 """
@@ -36,11 +37,13 @@ import torch
 from tqdm import tqdm
 
 from learnpruner_ext import apply_pruning
-from learnpruner_ext.cli import add_pruning_args, pruning_config_from_args
+from learnpruner_ext.cli import add_pruning_args, pruning_config_from_args, run_main
+from learnpruner_ext.config import budget_notice
 
 from ..conversation import get_conv_template
 from ..inference import GenerationSettings, generate_answers
 from ..mm_utils import get_model_name_from_path, load_image, tokenizer_image_token
+from ..model.fingerprint import folder_fingerprint
 
 
 class InputError(ValueError):
@@ -149,13 +152,28 @@ def run_identity(args: argparse.Namespace, pruning, prompt_settings: dict | None
             diversity_ratio=pruning.diversity,
             position_mode=pruning.position_mode,
             lpm_path=os.path.abspath(pruning.lpm_path) if pruning.lpm_path else None,
+            lpm_fingerprint=_lpm_fingerprint(pruning.lpm_path),
             pruning_seed=pruning.seed,
             method_options=dict(sorted(pruning.options.items())),
         )
     settings.update(prompt_settings or {})
     model_path = args.model_path or _default_model_path()
     return {"method": pruning.method, "budget": pruning.budget, "model_id": get_model_name_from_path(model_path),
-            "settings": settings}  # fmt: skip
+            "model_fingerprint": _model_fingerprint(model_path), "settings": settings}  # fmt: skip
+
+
+IDENTITY_KEYS = ("method", "budget", "model_id", "model_fingerprint")  # top-level fields of every answer line
+
+
+def _model_fingerprint(model_path: str) -> str | None:
+    return folder_fingerprint(model_path) if os.path.isdir(model_path) else None  # missing: the loader says so
+
+
+def _lpm_fingerprint(lpm_path: str | None) -> str | None:
+    if not lpm_path:
+        return None
+    folder = os.path.dirname(lpm_path) if lpm_path.endswith(".safetensors") else lpm_path
+    return folder_fingerprint(folder) if os.path.isdir(folder) else None
 
 
 def _default_model_path() -> str:
@@ -165,7 +183,7 @@ def _default_model_path() -> str:
 
 
 def _describe(identity: dict) -> str:
-    return f"method={identity['method']!r} budget={identity['budget']!r} model_id={identity['model_id']!r}"
+    return " ".join(f"{k}={identity.get(k)!r}" for k in IDENTITY_KEYS)
 
 
 def read_existing_answers(path: str, identity: dict, answer_key: Callable[[dict], tuple]) -> Counter:
@@ -212,12 +230,13 @@ def read_existing_answers(path: str, identity: dict, answer_key: Callable[[dict]
 
 
 def _check_identity(path: str, lineno: int, rec: dict, identity: dict) -> None:
-    theirs = {k: rec.get(k) for k in ("method", "budget", "model_id")}
+    theirs = {k: rec.get(k) for k in IDENTITY_KEYS}
     if "method" not in rec or theirs != {k: identity[k] for k in theirs}:
         raise InputError(
             f"{path}:{lineno}: this answers file holds answers of another run "
             f"({_describe(theirs) if 'method' in rec else 'no method recorded'}) but this run is "
-            f"{_describe(identity)}; answers of different runs are never mixed: use another --answers-file "
+            f"{_describe(identity)}; answers of different runs (another method, budget, or model: the fingerprint "
+            "covers the weights and config) are never mixed: use another --answers-file "
             "(the eval scripts put method and budget in the path) or delete this one"
         )
     their_settings = (rec.get("metadata") or {}).get("settings")
@@ -347,6 +366,9 @@ def run(
     pruning = pruning_config_from_args(args)
     identity = run_identity(args, pruning, prompt_settings)
     answers_file = os.path.expanduser(args.answers_file)
+    if os.path.isdir(answers_file) or answers_file.endswith(os.sep):
+        raise InputError(f"--answers-file {args.answers_file} is a folder; give a file path, e.g. {os.path.join(answers_file, 'answers.jsonl')}")
+    settings = GenerationSettings(args.temperature, args.top_p, args.num_beams, args.max_new_tokens)
     done = read_existing_answers(answers_file, identity, answer_key)
     pending = pending_items(items, done, answer_key, answers_file)
     check_images(pending)
@@ -367,8 +389,9 @@ def run(
     else:
         tokenizer, model, processor = loaded
         apply_pruning(model, pruning)
-    settings = GenerationSettings(args.temperature, args.top_p, args.num_beams, args.max_new_tokens)
-    model_id = identity["model_id"]
+    notice = budget_notice(model.pruner.plan, pruning.budget, pruning.method) if model.pruner is not None else None
+    if notice:
+        print(f"note: {notice}", file=sys.stderr)
     bar = tqdm(total=len(items), initial=summary.already, desc=os.path.basename(answers_file), unit="q",
                disable=getattr(args, "no_progress", False), file=sys.stderr, dynamic_ncols=True)  # fmt: skip
     with open(answers_file, "a", encoding="utf-8") as out:
@@ -385,7 +408,8 @@ def run(
                     **item.record,
                     "text": text,
                     "answer_id": uuid.uuid4().hex,
-                    "model_id": model_id,
+                    "model_id": identity["model_id"],
+                    "model_fingerprint": identity["model_fingerprint"],
                     "metadata": {"settings": identity["settings"], **({} if item.has_image else {"text_only": True})},
                     "method": identity["method"],
                     "budget": identity["budget"],
@@ -402,7 +426,4 @@ def run(
 
 def cli(main: Callable[[list[str] | None], Any]) -> None:
     """Run a generator's ``main``; input errors end the process with a one-line message (exit code 1)."""
-    try:
-        main(None)
-    except (InputError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    run_main(main)

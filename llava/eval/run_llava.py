@@ -10,9 +10,10 @@ import argparse
 import json
 import sys
 
-from learnpruner_ext.cli import add_pruning_args, pruning_config_from_args
+from learnpruner_ext.cli import add_pruning_args, pruning_config_from_args, run_main
+from learnpruner_ext.config import budget_notice
 
-from ..inference import GenerationSettings, generate_answers
+from ..inference import GenerationSettings, build_prompt, generate_answers
 from ..mm_utils import load_image
 from ..model.builder import load_pretrained_model
 
@@ -36,17 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Answer and print; bad input raises ``ValueError`` / ``FileNotFoundError`` (the CLI prints ``error: ...``)."""
     args = build_parser().parse_args(argv)
     pruning = pruning_config_from_args(args)
-    try:
-        image = load_image(args.image_file)
-        tokenizer, model, processor, _ = load_pretrained_model(
-            args.model_path, args.model_base, device=args.device, dtype=args.dtype, pruning=pruning
-        )
-        settings = GenerationSettings(args.temperature, args.top_p, args.num_beams, args.max_new_tokens)
-        [answer] = generate_answers(model, tokenizer, processor, [image], [args.query], args.conv_mode, settings)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
+    settings = GenerationSettings(args.temperature, args.top_p, args.num_beams, args.max_new_tokens)
+    build_prompt(args.query, args.conv_mode)  # an empty query or two <image> fail before the model loads
+    image = load_image(args.image_file)
+    tokenizer, model, processor, _ = load_pretrained_model(
+        args.model_path, args.model_base, device=args.device, dtype=args.dtype, pruning=pruning
+    )
+    notice = budget_notice(model.pruner.plan, pruning.budget, pruning.method) if model.pruner is not None else None
+    if notice:
+        print(f"note: {notice}", file=sys.stderr)
+    [answer] = generate_answers(model, tokenizer, processor, [image], [args.query], args.conv_mode, settings)
     trace = model.last_pruning_trace()
     result = {"answer": answer, "method": pruning.method, "budget": pruning.budget, **trace.summary()}
     if args.json:
@@ -62,4 +65,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -27,6 +27,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from learnpruner_ext import BudgetError, PruningConfig, apply_pruning, available_methods  # noqa: E402
+from learnpruner_ext.config import budget_notice  # noqa: E402
 from learnpruner_ext.flops import estimate_tflops  # noqa: E402
 from learnpruner_ext.lpm import shipped_lpm_path  # noqa: E402
 from learnpruner_ext.methods import get_method_class  # noqa: E402
@@ -184,6 +185,10 @@ class DemoBackend:
         question = (question or "").strip()
         if not question:
             raise InputProblem("Empty question: type a question about the image.")
+        try:
+            build_prompt(question)
+        except ValueError as err:  # e.g. "<image><image>": one image per question
+            raise InputProblem(f"Invalid question: {err}") from err
         if method not in self.methods:
             raise InputProblem(f"Unknown pruning method {method!r}; available: {', '.join(self.methods)}")
         try:
@@ -194,7 +199,7 @@ class DemoBackend:
         k = None
         if uses_layer and layer not in (None, ""):
             k = int(layer)
-        config = PruningConfig(method=method, budget=budget, layer=k,
+        config = PruningConfig(method=method, budget=None if method == "none" else budget, layer=k,
                                lpm_path=self.lpm_path if get_method_class(method).uses_lpm else None)  # fmt: skip
         with self.lock:
             try:
@@ -204,6 +209,8 @@ class DemoBackend:
             except ValueError as err:
                 raise InputProblem(f"Invalid settings for {method}: {err}") from err
             notices.extend(notes)
+            notice = budget_notice(self.model.pruner.plan, config.budget, method) if self.model.pruner is not None else None
+            notices.extend([notice] if notice else [])
             answer, latency, trace = self._generate(image, question)
             unpruned_answer, unpruned_latency = "", None
             if also_unpruned:
@@ -219,7 +226,7 @@ class DemoBackend:
         tflops_full = estimate_tflops(self.model.config, full, text_tokens)
         counts = marks.counts()
         info = {
-            "method": method, "budget": budget, "r1": trace.r1, "r2": trace.r2, "layer": trace.layer,
+            "method": method, "budget": config.budget, "r1": trace.r1, "r2": trace.r2, "layer": trace.layer,
             "num_vision_tokens": self.num_vision_tokens, "grid": self.grid,
             "marked": counts, "vision_tokens_per_layer": tokens,
             "average_vision_tokens": trace.average_vision_tokens,

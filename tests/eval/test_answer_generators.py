@@ -14,6 +14,7 @@ import pytest
 
 from llava.eval import answer_loop, eval_mmbench, model_vqa_loader, model_vqa_mmbench, model_vqa_science
 from llava.eval.answer_loop import InputError, get_chunk
+from llava.model.fingerprint import folder_fingerprint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -209,6 +210,33 @@ def test_refuses_answers_of_another_run(tiny_ckpt, tiny_lpm, eval_root, tmp_path
     assert answers.read_text() == content  # the refused runs changed nothing
 
 
+def test_refuses_another_model_of_the_same_name(tiny_ckpt, tiny_lpm, eval_root, tmp_path):
+    """Two checkpoints both called tiny-llava (same shapes, other weights) never share an answers file; a copy of
+    the same checkpoint elsewhere does (the fingerprint covers content, not location)."""
+    import shutil
+
+    from learnpruner_ext.tiny import save_tiny_checkpoint
+
+    copy = shutil.copytree(tiny_ckpt, tmp_path / "copy" / "tiny-llava")
+    other = save_tiny_checkpoint(tmp_path / "other" / "tiny-llava", format="hf", seed=1, text_layers=4, image_size=56)
+    assert folder_fingerprint(copy) == folder_fingerprint(tiny_ckpt) != folder_fingerprint(other)
+    answers = tmp_path / "a.jsonl"
+    model_vqa_loader.main(gen_args(tiny_ckpt, tiny_lpm, answers, batch=4) + mme_args(eval_root))
+    content = answers.read_text()
+    assert {r["model_fingerprint"] for r in read(answers)} == {folder_fingerprint(tiny_ckpt)}
+    s = model_vqa_loader.main(gen_args(copy, tiny_lpm, answers) + mme_args(eval_root))
+    assert s.generated == 0 and s.already == s.total  # the same weights: resumed, nothing redone
+    with pytest.raises(InputError, match=rf"another run.*model_fingerprint='{folder_fingerprint(tiny_ckpt)}'.*"
+                                         rf"model_fingerprint='{folder_fingerprint(other)}'"):
+        model_vqa_loader.main(gen_args(other, tiny_lpm, answers) + mme_args(eval_root))
+    assert answers.read_text() == content
+
+
+def test_answers_file_is_a_folder(tiny_ckpt, tiny_lpm, eval_root, tmp_path, no_model):
+    with pytest.raises(InputError, match=r"--answers-file .* is a folder; give a file path"):
+        model_vqa_loader.main(gen_args(tiny_ckpt, tiny_lpm, tmp_path) + mme_args(eval_root))
+
+
 def test_malformed_question_line(eval_root, tmp_path, no_model, tiny_ckpt, tiny_lpm):
     lines = (eval_root / "MME" / "llava_mme.jsonl").read_text().splitlines()
     bad = tmp_path / "q.jsonl"
@@ -248,7 +276,7 @@ def test_science_and_mmbench_bad_input(eval_root, tmp_path, no_model, tiny_ckpt,
 def test_answers_for_other_questions_refused(tiny_ckpt, tiny_lpm, eval_root, tmp_path, no_model):
     ok = tmp_path / "ok.jsonl"
     line = {"question_id": "elsewhere/1.png", "prompt": "?", "text": "yes", "method": "learnpruner", "budget": 8,
-            "model_id": "tiny-llava"}
+            "model_id": "tiny-llava", "model_fingerprint": folder_fingerprint(tiny_ckpt)}
     ok.write_text(json.dumps(line) + "\n")
     with pytest.raises(InputError, match="not in this chunk of the question file"):
         model_vqa_loader.main(gen_args(tiny_ckpt, tiny_lpm, ok) + mme_args(eval_root))

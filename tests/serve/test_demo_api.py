@@ -54,7 +54,13 @@ def test_answer_and_overlay_match_trace(client, image_file):
 def test_method_without_stage2(client, image_file):
     *_, status, info = ask(client, handle_file(image_file), method="none", budget=16)
     assert status.startswith("OK"), status
-    assert info["r1"] == 16 and info["r2"] is None
+    assert info["r1"] == 16 and info["r2"] is None and info["budget"] is None  # the budget box is ignored for none
+
+
+def test_budget_rounding_is_reported(client, image_file):
+    """T=1 on 16 tokens, 8 layers, k=3: R2 = ceil(8/(3*3+5)) = 1, R1 = 3 -> (3*3 + 1*5)/8 = 1.75 per layer."""
+    *_, status, info = ask(client, handle_file(image_file), budget=1)
+    assert status.startswith("OK") and "achieves 1.75" in status and info["average_vision_tokens"] == 1.75
 
 
 def test_bad_inputs_then_good_request(client, image_file, tmp_path):
@@ -69,6 +75,8 @@ def test_bad_inputs_then_good_request(client, image_file, tmp_path):
     assert "not a readable image" in ask(client, handle_file(str(not_image)))[5]
     assert "too large" in ask(client, handle_file(str(huge)))[5]
     assert "Empty question" in ask(client, handle_file(image_file), question="   ")[5]
+    status = ask(client, handle_file(image_file), question="<image><image> What is this?")[5]
+    assert status.startswith("Error: Invalid question") and "2 '<image>' tokens" in status
     assert "Invalid settings" in ask(client, handle_file(image_file), layer=99)[5]
     if "fastv" in available_methods():  # all 16 tokens in layers [0, 2) of 8: the average is >= 5
         assert "Infeasible budget" in ask(client, handle_file(image_file), method="fastv", budget=1, layer=2)[5]
