@@ -38,8 +38,9 @@ from ..mm_utils import get_model_name_from_path
 
 CSV_FIELDS = ("method", "budget", "benchmark", "status", "metric", "value", "n", "missing", "r1", "r2", "layer",
               "avg_vision_tokens", "extra", "note", "answers_file")  # fmt: skip
-EXTRA_METRICS = {"mme": ("perception", "cognition"), "pope": ("accuracy_mean",), "sqa": ("accuracy",), "toy": ("by_type",),
-                 "mmbench": ("accuracy_single",), "mmbench_cn": ("accuracy_single",)}  # fmt: skip
+EXTRA_METRICS = {"mme": ("perception", "cognition", "other"), "pope": ("accuracy_mean",), "sqa": ("accuracy", "failed"),
+                 "toy": ("by_type",), "mmbench": ("accuracy_single", "no_match"),
+                 "mmbench_cn": ("accuracy_single", "no_match")}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,3 +37,16 @@ def test_script_end_to_end(bench, script_runs):
     if bench.startswith("mmbench"):
         assert metrics["n"] == 4 and metrics["missing"] == 0
         assert list((root / folder / "answers_upload" / split).glob(f"{run}.*"))
+
+
+def test_budget_without_method_is_refused(tmp_path):
+    """`pope.sh CKPT none 16` would have written answers to a run folder named ...-none-16 for an unpruned model."""
+    import subprocess
+
+    from minibench import ROOT
+
+    env = {"PATH": "/usr/bin:/bin", "EVAL_ROOT": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run(["bash", "scripts/v1_5/eval/pope.sh", str(tmp_path / "ckpt"), "none", "16"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 2 and out.stderr.startswith("error: BUDGET=16 was given but METHOD is 'none'")
+    assert not list(tmp_path.iterdir())  # nothing was created

@@ -33,6 +33,12 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
+if [ -n "$BUDGET" ] && [ "$METHOD" = none ]; then
+    echo "error: BUDGET=$BUDGET was given but METHOD is 'none', which keeps every vision token; pass a method" \
+         "(e.g. bash $0 $CKPT learnpruner $BUDGET LPM_DIR) or drop the budget" >&2
+    exit 2
+fi
+
 CKPT_NAME="$(basename "${CKPT%/}")"
 case "$CKPT_NAME" in  # as llava.mm_utils.get_model_name_from_path: "<run>_checkpoint-N"
     checkpoint-*) CKPT_NAME="$(basename "$(dirname "${CKPT%/}")")_$CKPT_NAME" ;;
