@@ -3,19 +3,24 @@
 An entry is ``{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value": str}, ...]}``; ``image``
 is relative to ``image_folder`` and absent for text-only samples. The JSON list is read once; tokenising
 and image decoding happen per item in ``__getitem__``. Structure and image files of the selected subset
-are checked up front, so a bad sample stops the run before training starts, naming the sample.
+are checked up front (every image decoded in full, as ``__getitem__`` would), so a bad sample stops the run
+before training starts, naming the sample; all bad images are reported in one error.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from ..constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
 from ..conversation import SeparatorStyle, get_conv_template
@@ -65,6 +70,59 @@ def check_entry(entry, index: int) -> None:
         raise ValueError(f"sample {sid}: text-only sample (no 'image') contains {DEFAULT_IMAGE_TOKEN}")
     if image is not None and (not isinstance(image, str) or count > 1):
         raise ValueError(f"sample {sid}: expected one image path and at most one {DEFAULT_IMAGE_TOKEN}")
+
+
+MISSING = "missing"
+
+
+class BadImagesError(FileNotFoundError, ValueError):
+    """Selected samples whose image is missing (a ``FileNotFoundError``) or cannot be decoded (a ``ValueError``)."""
+
+
+def check_image(path: str | Path) -> str | None:
+    """Why the data loader could not use ``path`` (``"missing"`` or the decoder's error), or None if it can.
+
+    Decodes the whole file with :func:`llava.mm_utils.load_image`, as ``__getitem__`` does. ``Image.verify()``
+    is not enough: it passes a truncated JPEG, which only a full decode (``load()``) rejects.
+    """
+    try:
+        load_image(path)
+    except FileNotFoundError:
+        return MISSING
+    except ValueError as err:  # load_image's "cannot read image ..." wraps the decoder's error
+        return str(err.__cause__ or err)
+    return None
+
+
+def _threads_per_rank() -> int:
+    """``concurrent.futures``' default pool size, ``min(32, cores + 4)``, over the cores this rank gets."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(32, max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))) + 4)
+
+
+def find_bad_images(paths: list[Path], threads: int | None = None) -> dict[int, str]:
+    """``{position in paths: reason}`` for every image :func:`check_image` rejects.
+
+    A thread pool decodes the files (Pillow releases the GIL while decoding). Under ``torch.distributed`` each
+    rank checks every ``world_size``-th file and the results are gathered, so each image is decoded once.
+    """
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    mine = range(rank, len(paths), world)
+    bad = {}
+    with ThreadPoolExecutor(threads or _threads_per_rank()) as pool, tqdm(
+        total=len(mine), desc="checking images", unit="img", disable=rank != 0 or not mine
+    ) as bar:
+        for i, reason in zip(mine, pool.map(check_image, [paths[i] for i in mine])):
+            bar.update()
+            if reason is not None:
+                bad[i] = reason
+    if world > 1:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, bad)
+        bad = {i: reason for part in parts for i, reason in part.items()}
+    return dict(sorted(bad.items()))
 
 
 def place_image_token(turns: list[dict]) -> list[dict]:
@@ -141,6 +199,7 @@ class LazySupervisedDataset(Dataset):
         data_seed: int = 0,
         skip_missing_images: bool = False,
         model_config=None,
+        check_images: bool = True,
     ):
         check_fraction(data_fraction)
         data_path = Path(data_path)
@@ -160,28 +219,41 @@ class LazySupervisedDataset(Dataset):
         self.total_entries = len(entries)
         selected = select_subset(len(entries), data_fraction, data_seed)
         self.image_folder = Path(image_folder) if image_folder is not None else None
-        self.entries, missing = [], []
+        with_image = []
         for index in selected:
-            entry = entries[index]
-            check_entry(entry, index)
-            if entry.get("image") is not None and self.image_folder is None:
-                raise ValueError(f"sample {_sample_id(entry, index)} has an image: pass --image_folder")
-            if entry.get("image") is not None and not (self.image_folder / entry["image"]).is_file():
-                missing.append((_sample_id(entry, index), str(self.image_folder / entry["image"])))
-                continue
-            self.entries.append(entry)
-        self.num_skipped = len(missing)
-        if missing and not skip_missing_images:
-            shown = "; ".join(f"sample {sid}: {path}" for sid, path in missing[:5])
-            raise FileNotFoundError(
-                f"{len(missing)} of {len(selected)} selected samples have no image file under --image_folder "
-                f"{self.image_folder} ({shown}{' ...' if len(missing) > 5 else ''}); fix the paths or pass "
-                "--skip_missing_images to train without them"
+            check_entry(entries[index], index)
+            if entries[index].get("image") is not None:
+                if self.image_folder is None:
+                    raise ValueError(f"sample {_sample_id(entries[index], index)} has an image: pass --image_folder")
+                with_image.append(index)
+        paths = {i: self.image_folder / entries[i]["image"] for i in with_image}
+        if check_images:  # each file once: LLaVA-665K has several samples on most COCO images
+            unique = list(dict.fromkeys(paths.values()))
+            found = {unique[k]: reason for k, reason in find_bad_images(unique).items()}
+            bad = {i: found[path] for i, path in paths.items() if path in found}
+        else:  # existence only; an undecodable image then stops training at its step
+            bad = {i: MISSING for i, path in paths.items() if not path.is_file()}
+        self.num_skipped = len(bad)
+        self.num_missing = sum(reason == MISSING for reason in bad.values())
+        self.num_unreadable = self.num_skipped - self.num_missing
+        if bad and not skip_missing_images:
+            listed = "; ".join(f"sample {_sample_id(entries[i], i)}: entry {i}, {paths[i]}: {reason}"
+                               for i, reason in bad.items())  # fmt: skip
+            raise BadImagesError(
+                f"{len(bad)} of {len(selected)} selected samples have an image under --image_folder "
+                f"{self.image_folder} that is missing ({self.num_missing}) or cannot be decoded "
+                f"({self.num_unreadable}): {listed}. Fix or restore these files, or pass --skip_missing_images True "
+                "to train without these samples (--check_images False only checks that the files exist)"
             )
-        if missing:
-            logger.warning("skipping %d samples whose image file is missing (first: %s)", len(missing), missing[0][1])
+        if bad:
+            first = next(iter(bad))
+            logger.warning(
+                "skipping %d samples whose image is missing (%d) or cannot be decoded (%d); first: %s (%s)",
+                len(bad), self.num_missing, self.num_unreadable, paths[first], bad[first],
+            )  # fmt: skip
+        self.entries = [entries[i] for i in selected if i not in bad]
         if not self.entries:
-            raise ValueError(f"no usable samples in {data_path} (selected {len(selected)}, skipped {len(missing)})")
+            raise ValueError(f"no usable samples in {data_path} (selected {len(selected)}, skipped {len(bad)})")
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.num_image_tokens = num_image_tokens
@@ -192,6 +264,10 @@ class LazySupervisedDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def fingerprint(self) -> str:
+        """sha256 of the samples trained on, in order: changes with the file's content, subset or skips."""
+        return hashlib.sha256(json.dumps(self.entries, sort_keys=True).encode()).hexdigest()
 
     def __getitem__(self, index: int) -> dict:
         entry = self.entries[index]

@@ -3,7 +3,8 @@
 A checkpoint ``checkpoint-N/`` holds ``lpm.safetensors`` + ``lpm_config.json`` (fp32 weights,
 ``trained: true``, base model, step) and what resuming needs: ``trainer_state.json``, RNG states, the
 scheduler and the optimizer (``optimizer.pt``, or DeepSpeed's ``global_stepN/`` saved without the frozen
-base weights). The base model is never written: it is frozen and comes from ``--model_name_or_path``.
+base weights), and ``run_args.json``, the arguments a resume is compared with (``train_lpm.RESUME_ARGS``).
+The base model is never written: it is frozen and comes from ``--model_name_or_path``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from transformers.trainer import SCHEDULER_NAME
 
 from learnpruner_ext.lpm import LPM_CONFIG, LPM_WEIGHTS, LearnablePruningModule
 
+RUN_ARGS = "run_args.json"  # written with every checkpoint; train_lpm compares a resume with it
 METRICS = ("ntp_loss", "prune_loss", "kept_ratio")
 
 
@@ -37,9 +39,10 @@ class _ProgressPostfix(TrainerCallback):
 
 
 class LPMTrainer(Trainer):
-    def __init__(self, *args, lpm_metadata: dict | None = None, **kwargs):
+    def __init__(self, *args, lpm_metadata: dict | None = None, run_args: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.lpm_metadata = dict(lpm_metadata or {})
+        self.run_args = dict(run_args or {})
         self._sums = torch.zeros(5, dtype=torch.float64)  # ntp, prune, batches, kept*images, images
         self.add_callback(_ProgressPostfix(self))
 
@@ -105,6 +108,7 @@ class LPMTrainer(Trainer):
             lpm.trained = True
             lpm.save_pretrained(output_dir, **self.lpm_metadata, step=self.state.global_step)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+            Path(output_dir, RUN_ARGS).write_text(json.dumps(self.run_args, indent=1) + "\n")
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self.is_deepspeed_enabled:
@@ -115,6 +119,23 @@ class LPMTrainer(Trainer):
 
         if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Resume the schedule from ``checkpoint`` at this run's ``--learning_rate``.
+
+        The saved scheduler carries the old peak lr (``base_lrs``); when ``--allow_changed_args`` let a new one
+        through, every group's base and current lr are rescaled to it, so the schedule continues at its step
+        with the new peak instead of silently keeping the old one.
+        """
+        super()._load_optimizer_and_scheduler(checkpoint)
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # unwrap accelerate's (DeepSpeed)
+        if checkpoint is None or not hasattr(scheduler, "base_lrs"):
+            return
+        for k, (group, old) in enumerate(zip(scheduler.optimizer.param_groups, scheduler.base_lrs)):
+            if old != self.args.learning_rate:
+                group["lr"] *= self.args.learning_rate / old
+                group["initial_lr"] = scheduler.base_lrs[k] = self.args.learning_rate
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Non-DeepSpeed resume: the LPM weights (DeepSpeed restores them from its own checkpoint)."""

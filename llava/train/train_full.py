@@ -7,8 +7,9 @@
 The data path is the LPM mode's (:mod:`llava.train.data`): LLaVA-665K conversations, the ``v1``
 (vicuna_v1) template, the loss on the assistant answers and their ``</s>`` only. Every parameter trains
 (``--freeze_vision`` keeps the tower fixed). Because the toy data set is small, samples are tokenised and
-their images processed once (by the same ``LazySupervisedDataset``) and kept in memory in bf16; each
-epoch reshuffles them. ``--bf16`` trains under bf16 autocast with eager attention, the fast choice on CPU
+their images processed once (by the same ``LazySupervisedDataset``, whose image pre-pass reports all bad
+images together: ``--check_images``, ``--skip_missing_images``) and kept in memory in bf16; each epoch
+reshuffles them. ``--bf16`` trains under bf16 autocast with eager attention, the fast choice on CPU
 (``../shared/SPEC.md`` §5); the model is saved in fp32 with ``sdpa`` for inference, in HF format
 (``save_pretrained``) with its tokenizer and image processor, so ``load_pretrained_model`` reads it.
 
@@ -37,6 +38,15 @@ from llava.model.builder import load_pretrained_model
 from llava.train.data import DataCollatorForSupervisedDataset, LazySupervisedDataset
 
 
+def _bool(text: str) -> bool:
+    """``True``/``False`` (any case, or 1/0, yes/no), as ``train_lpm``'s HfArgumentParser reads booleans."""
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model_name_or_path", required=True, help="initial checkpoint (e.g. the vision-pretrained toy init)")
@@ -52,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight_decay", type=float, default=0.0)
     p.add_argument("--warmup_ratio", type=float, default=0.03)
     p.add_argument("--data_fraction", type=float, default=1.0)
+    p.add_argument("--check_images", type=_bool, default=True, metavar="True|False",
+                   help="decode every image before training and report all bad ones together (default True); "
+                   "False only checks that the files exist")
+    p.add_argument("--skip_missing_images", type=_bool, nargs="?", const=True, default=False, metavar="True|False",
+                   help="drop samples whose image is missing or cannot be decoded (counted in the log) instead "
+                   "of stopping")
     p.add_argument("--freeze_vision", action="store_true")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast + eager attention (training only)")
     p.add_argument("--seed", type=int, default=0)
@@ -108,7 +124,11 @@ def train(args: argparse.Namespace) -> dict:
     dataset = LazySupervisedDataset(args.data_path, tokenizer, processor, num_image_tokens=model.num_vision_tokens,
                                     image_token_id=model.config.image_token_id, image_folder=args.image_folder,
                                     conv_mode=args.version, data_fraction=args.data_fraction, data_seed=args.seed,
-                                    model_config=model.config)
+                                    model_config=model.config, check_images=args.check_images,
+                                    skip_missing_images=args.skip_missing_images)
+    if dataset.num_skipped:
+        print(f"[train_full] skipped {dataset.num_skipped} samples: image missing ({dataset.num_missing}) "
+              f"or undecodable ({dataset.num_unreadable})", flush=True)
     items = cache_dataset(dataset, args.preprocess_workers)
     print(f"[train_full] {len(items)} samples tokenised and processed in {time.time() - t0:.0f}s", flush=True)
     if not items:

@@ -8,7 +8,9 @@
 (also ``torchrun llava/train/train_lpm.py ...`` or ``python -m llava.train.train_lpm ...``; see
 ``scripts/v1_5/finetune_lpm.sh`` and ``docs/training.md``). Only the LPM trains; checkpoints and the
 final output hold only the LPM, loadable with ``python -m llava.eval.run_llava --lpm-path OUTPUT_DIR``.
-A run restarted with the same ``--output_dir`` resumes from its last checkpoint.
+A run restarted with the same ``--output_dir`` resumes from its last checkpoint; it is refused when the
+arguments in :data:`RESUME_ARGS` or the samples differ from the checkpoint's ``run_args.json``, unless
+``--allow_changed_args True``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from learnpruner_ext.lpm import KEEP, LPM_CONFIG, LearnablePruningModule
 from learnpruner_ext.training import LPMTrainingModel
 from llava.model.builder import load_pretrained_model
 from llava.train.data import DataCollatorForSupervisedDataset, LazySupervisedDataset, check_fraction
-from llava.train.lpm_trainer import LPMTrainer
+from llava.train.lpm_trainer import RUN_ARGS, LPMTrainer
 
 logger = logging.getLogger("llava.train.train_lpm")
 
@@ -50,7 +52,9 @@ class DataArguments:
                                  "subset is drawn with --data_seed (default: --seed)"})  # fmt: skip
     lazy_preprocess: bool = field(default=True, metadata={"help": "accepted for upstream compatibility; always lazy"})
     skip_missing_images: bool = field(default=False, metadata={"help": "drop samples whose image file is missing "
-                                      "(counted in the log) instead of stopping"})  # fmt: skip
+                                      "or cannot be decoded (counted in the log) instead of stopping"})  # fmt: skip
+    check_images: bool = field(default=True, metadata={"help": "decode every image once before training and report "
+                               "all bad ones together; False only checks that the files exist"})  # fmt: skip
 
 
 @dataclass
@@ -64,6 +68,19 @@ class TrainingArguments(transformers.TrainingArguments):
                                              "(prune 0, keep B) so training starts from keeping (B > 0) or dropping "
                                              "(B < 0) most tokens; default: plain random init"})  # fmt: skip
     remove_unused_columns: bool = field(default=False)
+    allow_changed_args: bool = field(default=False, metadata={"help": "resume even when the data, lr, batch sizes, "
+                                     "world size, base or LPM/loss settings differ from the checkpoint's "
+                                     "run_args.json (the new values apply)"})  # fmt: skip
+
+
+# what a resumed run must share with the checkpoint: the optimizer, scheduler, step and data order come from
+# it. max_steps / num_train_epochs are left out on purpose: raising them is how a run is extended.
+RESUME_ARGS = (
+    "model_name_or_path", "model_base", "version", "data_path", "image_folder", "data_fraction", "data_seed", "seed",
+    "model_max_length", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "effective_batch_size",
+    "lpm_hidden", "prune_loss_weight", "prune_target_ratio",
+)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None):
@@ -71,32 +88,62 @@ def parse_args(argv: list[str] | None = None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def resolve_resume(args: TrainingArguments, base_model: str) -> str | None:
+def resolve_resume(args: TrainingArguments) -> str | None:
     """``--resume_from_checkpoint PATH|true|false``; by default the last ``checkpoint-N`` of ``--output_dir``."""
     requested = args.resume_from_checkpoint
     if requested is not None and str(requested).lower() in ("false", "no", "none"):
         return None
     if requested is None or str(requested).lower() in ("true", "yes", "auto", "last"):
         last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
-        if last is None:
-            if requested is not None:
-                logger.warning("no checkpoint in %s to resume from; starting a new run", args.output_dir)
-            return None
-        checkpoint = last
+        if last is None and requested is not None:
+            logger.warning("no checkpoint in %s to resume from; starting a new run", args.output_dir)
+        return last
+    if not Path(requested).is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {requested} does not exist")
+    return requested
+
+
+def _resolved(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).resolve())
+
+
+def run_args(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments) -> dict:
+    """The :data:`RESUME_ARGS` of this run (paths resolved, the effective data seed and batch size)."""
+    values = {**vars(model_args), **vars(data_args), **args.to_dict(), "world_size": args.world_size}
+    values.update(
+        model_name_or_path=_resolved(model_args.model_name_or_path), model_base=_resolved(model_args.model_base),
+        data_path=_resolved(data_args.data_path), image_folder=_resolved(data_args.image_folder),
+        data_seed=args.data_seed if args.data_seed is not None else args.seed,
+        effective_batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+    )  # fmt: skip
+    return {key: values[key] for key in RESUME_ARGS}
+
+
+def check_changed_args(checkpoint: str, current: dict, allow: bool) -> None:
+    """Refuse to resume ``checkpoint`` when a value in ``current`` differs from the one it was saved with.
+
+    The values come from the checkpoint's ``run_args.json``; an older checkpoint without one has only its
+    ``lpm_config.json`` ``base_model`` to compare.
+    """
+    saved_file, config_file = Path(checkpoint) / RUN_ARGS, Path(checkpoint) / LPM_CONFIG
+    if saved_file.is_file():
+        saved = json.loads(saved_file.read_text())
     else:
-        checkpoint = requested
-        if not Path(checkpoint).is_dir():
-            raise FileNotFoundError(f"--resume_from_checkpoint {checkpoint} does not exist")
-    config_file = Path(checkpoint) / LPM_CONFIG
-    if config_file.is_file():
-        saved = json.loads(config_file.read_text()).get("base_model")
-        if saved is not None and saved != base_model:
-            raise ValueError(
-                f"checkpoint {checkpoint} was trained on {saved}, not {base_model}; use another --output_dir "
-                "or pass --resume_from_checkpoint false"
-            )
-    logger.warning("resuming from %s", checkpoint)
-    return checkpoint
+        base = json.loads(config_file.read_text()).get("base_model") if config_file.is_file() else None
+        saved = {"model_name_or_path": base} if base is not None else {}
+        logger.warning("%s has no %s: only its base model can be compared with this run", checkpoint, RUN_ARGS)
+    changed = [f"{key} {saved[key]!r} -> {new!r}" for key, new in current.items() if key in saved and saved[key] != new]
+    if not changed:
+        return
+    if allow:
+        logger.warning("resuming %s with changed arguments (--allow_changed_args): %s", checkpoint, ", ".join(changed))
+        return
+    raise ValueError(
+        f"checkpoint {checkpoint} was trained with other values (checkpoint -> this run): {', '.join(changed)}. "
+        "Resuming would mix the two runs (the optimizer, schedule and data order come from the checkpoint). "
+        "Rerun with the checkpoint's values, pass --allow_changed_args True to resume with the new ones, or start "
+        "over with another --output_dir or --resume_from_checkpoint false"
+    )
 
 
 def _dtype(args: TrainingArguments) -> str:
@@ -110,10 +157,15 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
         raise ValueError("--data_path is required")
     LPMTrainingModel.check_objective(args.prune_loss_weight, args.prune_target_ratio)  # before loading 7B weights
     base_model = str(Path(model_args.model_name_or_path).resolve())
-    resume = resolve_resume(args, base_model)
+    device = str(args.device)  # also sets up torch.distributed, which world_size needs
+    resume = resolve_resume(args)
+    current = run_args(model_args, data_args, args)
+    if resume is not None:
+        check_changed_args(resume, current, args.allow_changed_args)
+        logger.warning("resuming from %s", resume)
     transformers.set_seed(args.seed)
     tokenizer, vlm, image_processor, _ = load_pretrained_model(
-        model_args.model_name_or_path, model_args.model_base, device=str(args.device), dtype=_dtype(args)
+        model_args.model_name_or_path, model_args.model_base, device=device, dtype=_dtype(args)
     )
     tokenizer.model_max_length = args.model_max_length
     data_seed = args.data_seed if args.data_seed is not None else args.seed
@@ -130,11 +182,16 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
         data_seed=data_seed,
         skip_missing_images=data_args.skip_missing_images,
         model_config=vlm.config,
+        check_images=data_args.check_images,
     )
+    skipped = f", {dataset.num_skipped} skipped: image missing or undecodable" if dataset.num_skipped else ""
     logger.warning(
         "training the LPM on %d of %d samples (fraction %s, seed %d%s)", len(dataset), dataset.total_entries,
-        data_args.data_fraction, data_seed, f", {dataset.num_skipped} skipped: image missing" if dataset.num_skipped else "",
+        data_args.data_fraction, data_seed, skipped,
     )  # fmt: skip
+    samples = {"num_samples": len(dataset), "samples_sha256": dataset.fingerprint()}
+    if resume is not None:  # the data as read now, after skips: a changed file or skip set changes the order
+        check_changed_args(resume, samples, args.allow_changed_args)
     lpm = LearnablePruningModule(vlm.config.vision_config.hidden_size, args.lpm_hidden)
     if args.lpm_init_keep_bias is not None:
         with torch.no_grad():
@@ -156,6 +213,7 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
         train_dataset=dataset,
         data_collator=DataCollatorForSupervisedDataset(tokenizer.pad_token_id),
         lpm_metadata=metadata,
+        run_args={**current, **samples},
     )
     return trainer, resume
 

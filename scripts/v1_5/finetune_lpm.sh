@@ -13,6 +13,9 @@
 #   DATA_FRACTION   [0.1]     DATA_SEED [42]     EPOCHS [1]
 #   LR              [1e-3]    GLOBAL_BATCH [128] PER_DEVICE_BATCH [16]
 #   PRUNE_LOSS_WEIGHT [1.0]   PRUNE_TARGET_RATIO [0.0]   LPM_HIDDEN [512]
+#   CHECK_IMAGES    [True]    decode every image before training; all bad ones are reported in one error
+#   SKIP_MISSING_IMAGES [False]  True: train without the samples whose image is missing or undecodable
+#   ALLOW_CHANGED_ARGS  [False]  True: resume although data, lr, batch sizes, GPUs, ... differ from the checkpoint's
 #   DS_CONFIG       [./scripts/zero2.json]     NUM_GPUS [all visible GPUs]
 #   LAUNCHER        deepspeed | torchrun [deepspeed]      MASTER_PORT [29500]
 #   PYTHON / DEEPSPEED / TORCHRUN  interpreter and launchers [.venv/bin/... if present]
@@ -24,7 +27,8 @@
 # lr such as 2e-5 (LLaVA's full-finetune value) or 2e-4 would barely move it. See docs/training.md.
 #
 # Re-running the same command resumes from the last checkpoint in OUTPUT_DIR (finished steps are not
-# repeated). The result, OUTPUT_DIR/lpm.safetensors + lpm_config.json, is what --lpm-path takes.
+# repeated); it stops, naming the difference, if the data, lr, batch sizes or GPU count changed
+# (OUTPUT_DIR/checkpoint-N/run_args.json holds the values it compares). The result, OUTPUT_DIR/lpm.safetensors + lpm_config.json, is what --lpm-path takes.
 
 set -euo pipefail
 
@@ -42,6 +46,9 @@ PER_DEVICE_BATCH="${PER_DEVICE_BATCH:-16}"
 PRUNE_LOSS_WEIGHT="${PRUNE_LOSS_WEIGHT:-1.0}"
 PRUNE_TARGET_RATIO="${PRUNE_TARGET_RATIO:-0.0}"
 LPM_HIDDEN="${LPM_HIDDEN:-512}"
+CHECK_IMAGES="${CHECK_IMAGES:-True}"
+SKIP_MISSING_IMAGES="${SKIP_MISSING_IMAGES:-False}"
+ALLOW_CHANGED_ARGS="${ALLOW_CHANGED_ARGS:-False}"
 DS_CONFIG="${DS_CONFIG:-$ROOT/scripts/zero2.json}"
 if [ -z "${PYTHON:-}" ]; then
     if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
@@ -90,10 +97,13 @@ esac
     --version v1 \
     --data_path "$DATA" \
     --image_folder "$IMAGES" \
+    --check_images "$CHECK_IMAGES" \
+    --skip_missing_images "$SKIP_MISSING_IMAGES" \
     --data_fraction "$DATA_FRACTION" \
     --data_seed "$DATA_SEED" \
     --bf16 True \
     --output_dir "$OUTPUT_DIR" \
+    --allow_changed_args "$ALLOW_CHANGED_ARGS" \
     --num_train_epochs "$EPOCHS" \
     --per_device_train_batch_size "$PER_DEVICE_BATCH" \
     --gradient_accumulation_steps "$GRAD_ACC" \

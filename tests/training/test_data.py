@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
+import torch
+from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessor
 
 from llava.constants import IGNORE_INDEX
 from llava.inference import build_prompt
 from llava.mm_utils import tokenizer_image_token
-from llava.train.data import DataCollatorForSupervisedDataset, LazySupervisedDataset, select_subset
+from llava.train.data import (
+    BadImagesError,
+    DataCollatorForSupervisedDataset,
+    LazySupervisedDataset,
+    check_image,
+    find_bad_images,
+    select_subset,
+)
 
 N = 16
 
@@ -136,3 +146,107 @@ def test_truncation(parts, dataset):
     short = _dataset(parts, dataset, dataset.parent / "images", model_max_length=N)
     with pytest.raises(ValueError, match="sample img-0: --model_max_length 16 cuts through"):
         short[0]
+
+
+def _truncate(path, keep=0.5):
+    """Cut a file to ``keep`` of its bytes, as an interrupted download or copy leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_check_image_decodes_in_full(tmp_path, fmt):
+    """A truncated JPEG passes ``Image.verify()`` but fails the full decode the data loader does."""
+    path = tmp_path / f"x.{fmt.lower()}"
+    Image.effect_noise((64, 48), 40).convert("RGB").save(path, fmt)
+    assert check_image(path) is None
+    _truncate(path, keep=0.9)
+    if fmt == "JPEG":
+        Image.open(path).verify()  # no error: verify() alone would let this file through
+    assert check_image(path).startswith("image file is truncated")
+    assert check_image(tmp_path / "absent.png") == "missing"
+    path.write_bytes(b"not an image")
+    assert "cannot identify image file" in check_image(path)
+
+
+def test_find_bad_images_in_order_with_any_thread_count(tmp_path):
+    paths = []
+    for i in range(12):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(paths[-1])
+    _truncate(paths[7])
+    paths[3] = tmp_path / "gone.png"
+    expected = {3: "missing", 7: check_image(paths[7])}
+    assert find_bad_images(paths, threads=1) == find_bad_images(paths, threads=4) == expected
+    assert list(find_bad_images(paths, threads=4)) == [3, 7]
+
+
+def test_bad_images_reported_together_or_skipped(parts, tmp_path, make_dataset, caplog):
+    """One truncated and one missing image: one error names both (entry, id, path, reason) and the fix;
+    --skip_missing_images drops both and logs the count; --check_images False only sees the missing one."""
+    data = make_dataset(tmp_path, num_samples=8)
+    folder = tmp_path / "images"
+    _truncate(folder / "coco" / "00002.png")
+    (folder / "coco" / "00004.png").unlink()
+    with pytest.raises(BadImagesError) as err:
+        _dataset(parts, data, folder)
+    message = str(err.value)
+    assert message.startswith(f"2 of 8 selected samples have an image under --image_folder {folder} that is missing (1) "
+                              "or cannot be decoded (1): ")  # fmt: skip
+    assert f"sample img-2: entry 2, {folder}/coco/00002.png: image file is truncated" in message
+    assert f"sample img-4: entry 4, {folder}/coco/00004.png: missing" in message
+    assert message.index("img-2") < message.index("img-4") and "--skip_missing_images True" in message
+    assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, ValueError)
+
+    with caplog.at_level(logging.WARNING, logger="llava.train.data"):
+        ds = _dataset(parts, data, folder, skip_missing_images=True)
+    assert (ds.num_skipped, ds.num_missing, ds.num_unreadable, len(ds)) == (2, 1, 1, 6)
+    assert not {"img-2", "img-4"} & {e["id"] for e in ds.entries}
+    assert "skipping 2 samples whose image is missing (1) or cannot be decoded (1)" in caplog.text
+
+    unchecked = _dataset(parts, data, folder, skip_missing_images=True, check_images=False)
+    assert (unchecked.num_missing, unchecked.num_unreadable, len(unchecked)) == (1, 0, 7)
+    with pytest.raises(ValueError, match="sample img-2: cannot read image .*truncated"):
+        unchecked[[e["id"] for e in unchecked.entries].index("img-2")]
+    assert ds.fingerprint() != unchecked.fingerprint()
+
+
+def test_shared_image_is_decoded_once_and_reported_for_each_sample(parts, tmp_path, make_dataset, monkeypatch):
+    data = make_dataset(tmp_path, num_samples=4, text_only_every=0)
+    entries = json.loads(data.read_text())
+    entries[3]["image"] = entries[1]["image"]
+    data.write_text(json.dumps(entries))
+    _truncate(tmp_path / "images" / entries[1]["image"])
+    calls = []
+    monkeypatch.setattr("llava.train.data.check_image", lambda path: calls.append(path) or check_image(path))
+    with pytest.raises(BadImagesError, match=r"^2 of 4 .*sample img-1: entry 1, .*; sample img-3: entry 3, .*truncated"):
+        _dataset(parts, data, tmp_path / "images")
+    assert sorted(calls) == sorted({tmp_path / "images" / e["image"] for e in entries}) and len(calls) == 3
+
+
+def _check_on_rank(rank, world, store, paths, out):
+    import llava.train.data as data
+
+    checked, original = [], data.check_image
+    data.check_image = lambda path: checked.append(paths.index(path)) or original(path)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        bad = find_bad_images(paths, threads=1)
+        (out / f"{rank}.json").write_text(json.dumps({"bad": bad, "checked": sorted(checked)}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_find_bad_images_splits_the_files_across_ranks(tmp_path):
+    """Under torch.distributed each rank decodes every world_size-th file and every rank gets the whole result."""
+    paths = []
+    for i in range(7):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (8, 8)).save(paths[-1])
+    _truncate(paths[2])
+    _truncate(paths[5])
+    torch.multiprocessing.spawn(_check_on_rank, args=(2, tmp_path / "store", paths, tmp_path), nprocs=2)
+    expected = {"2": check_image(paths[2]), "5": check_image(paths[5])}
+    ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
+    assert ranks[0]["bad"] == ranks[1]["bad"] == expected
+    assert ranks[0]["checked"] == [0, 2, 4, 6] and ranks[1]["checked"] == [1, 3, 5]

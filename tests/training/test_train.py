@@ -188,10 +188,54 @@ def test_cli_errors(tiny_model, dataset, tmp_path, extra, message):
         train(_argv(tiny_model, dataset, tmp_path / "out", "--max_steps", "1") + extra)
 
 
-def test_cli_names_missing_images_and_skips_them(tiny_model, make_dataset, tmp_path):
+def test_cli_names_bad_images_before_training_and_skips_them(tiny_model, make_dataset, tmp_path):
+    """A missing and a truncated image stop the run before step 1 with one error naming both (before the
+    pre-pass, the truncated one crashed training at its step with a traceback); skipping drops both."""
     data = make_dataset(tmp_path / "data", num_samples=6)
-    (tmp_path / "data" / "images" / "coco" / "00002.png").unlink()
-    with pytest.raises(SystemExit, match=r"error: 1 of 6 .*sample img-2"):
+    images = tmp_path / "data" / "images" / "coco"
+    (images / "00002.png").unlink()
+    truncated = (images / "00003.png").read_bytes()
+    (images / "00003.png").write_bytes(truncated[: len(truncated) // 2])
+    with pytest.raises(SystemExit, match=r"error: 2 of 6 .*sample img-2: entry 2, .*00002\.png: missing; sample img-3: "
+                       r"entry 3, .*00003\.png: image file is truncated\. Fix .*--skip_missing_images True"):  # fmt: skip
         train(_argv(tiny_model, data, tmp_path / "out", "--max_steps", "1"))
+    assert not (tmp_path / "out").exists()  # nothing trained
     trainer = train(_argv(tiny_model, data, tmp_path / "out", "--max_steps", "1", "--skip_missing_images", "True"))
-    assert trainer.train_dataset.num_skipped == 1 and len(trainer.train_dataset) == 5
+    assert trainer.train_dataset.num_skipped == 2 and len(trainer.train_dataset) == 4
+
+
+def test_resume_refuses_changed_args_unless_allowed(tiny_model, make_dataset, tmp_path):
+    """A resume names each changed argument (checkpoint -> now) and stops; --allow_changed_args resumes,
+    and the new learning rate is the one used (the checkpoint's scheduler would otherwise keep 0.01)."""
+    data = make_dataset(tmp_path / "data", num_samples=12)
+    out = tmp_path / "out"
+    _resumable_run(tiny_model, data, out, 2)  # lr 1e-2, constant, checkpoint-2
+    saved = json.loads((out / "checkpoint-2" / "run_args.json").read_text())
+    assert saved["learning_rate"] == 0.01 and saved["effective_batch_size"] == 4 and saved["num_samples"] == 12
+
+    def resume(*extra):
+        return _argv(tiny_model, data, out, "--max_steps", "4", "--lr_scheduler_type", "constant", "--save_strategy",
+                     "steps", "--save_steps", "2", "--learning_rate", "1e-2", *extra)  # fmt: skip
+
+    changes = {
+        ("--learning_rate", "0.1"): "learning_rate 0.01 -> 0.1",
+        ("--per_device_train_batch_size", "2"): "per_device_train_batch_size 4 -> 2, effective_batch_size 4 -> 2",
+        ("--gradient_accumulation_steps", "2"): "gradient_accumulation_steps 1 -> 2, effective_batch_size 4 -> 8",
+        ("--data_fraction", "0.5"): "data_fraction 1.0 -> 0.5",
+        ("--prune_loss_weight", "2"): "prune_loss_weight 1.0 -> 2.0",
+        ("--lpm_hidden", "32"): "lpm_hidden 64 -> 32",
+    }
+    for extra, named in changes.items():
+        with pytest.raises(SystemExit, match=rf"error: checkpoint .*checkpoint-2 was trained with other values "
+                           rf"\(checkpoint -> this run\): {re.escape(named)}\. .*--allow_changed_args True"):  # fmt: skip
+            train(resume(*extra))
+    entries = json.loads(data.read_text())
+    data.write_text(json.dumps(entries[:-1]))  # same path, other content
+    with pytest.raises(ValueError, match=r"num_samples 12 -> 11, samples_sha256 '[0-9a-f]{64}' -> '[0-9a-f]{64}'"):
+        build(*parse_args(resume()))
+    data.write_text(json.dumps(entries))
+
+    trainer = train(resume("--learning_rate", "0.1", "--allow_changed_args", "True"))
+    assert [(h["step"], h["learning_rate"]) for h in _losses(trainer)] == [(1, 0.01), (2, 0.01), (3, 0.1), (4, 0.1)]
+    assert [group["lr"] for group in trainer.optimizer.param_groups] == [0.1] * len(trainer.optimizer.param_groups)
+    assert json.loads((out / "run_args.json").read_text())["learning_rate"] == 0.1
