@@ -10,6 +10,8 @@ INSTALL_REQUIRES = [
     "tokenizers==0.23.3",
     "safetensors==0.8.0",
     "huggingface_hub==2.4.0",
+    "sentencepiece==0.2.3",  # slow Llama tokenizer of original-format LLaVA checkpoints (tokenizer.model)
+    "protobuf==7.36.2",  # read by transformers when it loads a sentencepiece model
     "numpy==2.4.6",
     "pillow==12.3.0",
     "tqdm==4.70.1",

@@ -1,11 +1,18 @@
 """Tiny, randomly initialised LLaVA checkpoints for tests and examples (no hub access).
 
     python -m learnpruner_ext.tiny --out DIR --format {hf,llava} [--text-layers N] [--image-size S]
-        [--patch-size P] [--seed N]
+        [--patch-size P] [--seed N] [--weights {safetensors,bin,bin-shards}] [--tower-keys-in-llm]
+        [--tower-hub-id ID --hf-cache DIR]
 
-``hf`` writes a ``LlavaForConditionalGeneration`` folder (as llava-hf does); ``llava`` writes the
-original LLaVA layout (``LlavaLlamaForCausalLM`` config with ``mm_*`` keys, ``model.mm_projector.*``
-weights, and the CLIP tower in its own folder ``DIR/clip-vision-tower``). Both are loaded back through
+``hf`` writes a ``LlavaForConditionalGeneration`` folder (as llava-hf does: a fast ``tokenizer.json``
+with ``<image>`` added). ``llava`` writes the folder as upstream LLaVA's training code (haotian-liu/LLaVA
+c121f04, transformers 4.31-4.37) writes it: a ``LlavaLlamaForCausalLM`` config with its ``mm_*`` keys,
+``model.*`` / ``model.mm_projector.{0,2}`` / ``lm_head`` weights over the sentencepiece vocabulary only
+(upstream never adds ``<image>`` to the tokenizer), a slow-tokenizer folder (``tokenizer.model`` +
+``tokenizer_config.json`` + ``special_tokens_map.json``, no ``tokenizer.json``), and the CLIP tower saved as
+a transformers-4.x ``CLIPVisionModel`` (``vision_model.*`` keys) in its own folder, named in
+``mm_vision_tower`` by absolute path or, with ``--tower-hub-id``, as a hub id inside a Hugging Face cache.
+Both formats hold the same weights for the same seed and load back through
 ``llava.model.builder.load_pretrained_model``. With ``--text-layers 32 --image-size 336 --patch-size 14``
 the geometry is LLaVA-1.5's: 576 vision tokens, 32 layers, stage-2 layer 12.
 """
@@ -13,21 +20,31 @@ the geometry is LLaVA-1.5's: 576 vision tokens, 32 layers, stage-2 layer 12.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
+import tempfile
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaTokenizer, LlavaConfig
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlamaTokenizer, LlavaConfig
 
 from .modeling import PrunableLlavaForConditionalGeneration
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+IMAGE_TOKEN = "<image>"
 VISION_TOWER_DIR = "clip-vision-tower"
+CLIP_HUB_ID = "openai/clip-vit-large-patch14-336"  # LLaVA-1.5's mm_vision_tower
+SP_VOCAB_SIZE = 511  # + <image> = 512 ids, the size of the older BPE tiny tokenizer
+UPSTREAM_TRANSFORMERS = "4.37.2"  # the version upstream LLaVA (c121f04) pins; written into saved configs
+WEIGHT_LAYOUTS = ("safetensors", "bin", "bin-shards")
+BIN_SHARDS = 2  # like llava-v1.5-7b's pytorch_model-0000{1,2}-of-00002.bin
 
 # Words the tiny tokenizer should know as whole tokens: the prompt templates and the toy world.
 _CORPUS = """A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful,
@@ -44,7 +61,8 @@ W X Y Z the of and to in is it that this with for on are as be at by from or an 
 
 
 def build_tokenizer(vocab_size: int = 512) -> LlamaTokenizer:
-    """A Llama-style (metaspace BPE) tokenizer trained offline on a small built-in corpus."""
+    """The toy world's tokenizer (metaspace BPE in ``tokenizers``, trained on the built-in corpus), kept as the
+    shipped ``checkpoints/toy-llava`` was trained with it. Tiny checkpoints use :func:`build_sp_tokenizer`."""
     model = Tokenizer(models.BPE(unk_token="<unk>"))
     model.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
     alphabet = sorted(set(_CORPUS) | set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!'\"()-/\n "))
@@ -59,6 +77,73 @@ def build_tokenizer(vocab_size: int = 512) -> LlamaTokenizer:
         additional_special_tokens=["<image>"],
         model_max_length=2048,
     )
+
+
+def sentencepiece_model(vocab_size: int = SP_VOCAB_SIZE) -> bytes:
+    """A Llama-style sentencepiece BPE model (serialised ``tokenizer.model``) trained offline on the corpus.
+
+    Llama's trainer settings: ``<unk>``=0, ``<s>``=1, ``</s>``=2, no pad piece, byte fallback, a dummy prefix
+    space, identity normalisation without whitespace folding, digits split. Single-threaded, so the same
+    bytes on every call.
+    """
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS.split("\\n") * 4),
+        model_writer=out,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        byte_fallback=True,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return out.getvalue()
+
+
+def _slow_tokenizer_files(out: Path, max_length: int) -> None:
+    """``tokenizer.model`` + the two JSON files a transformers-4.31 slow ``LlamaTokenizer`` saves for
+    llava-v1.5-7b (``legacy: false``, BOS added, pad set to ``<unk>`` by upstream's train.py), no ``tokenizer.json``."""
+    (out / "tokenizer.model").write_bytes(sentencepiece_model())
+
+    def added(content: str) -> dict:
+        return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+    config = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": added("<s>"),
+        "clean_up_tokenization_spaces": False,
+        "eos_token": added("</s>"),
+        "legacy": False,
+        "model_max_length": max_length,
+        "pad_token": None,
+        "padding_side": "right",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": added("<unk>"),
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    plain = {k: {f: v for f, v in added(t).items() if f != "__type"} for k, t in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"))}
+    (out / "special_tokens_map.json").write_text(json.dumps({**plain, "pad_token": "<unk>"}, indent=2))
+
+
+def build_sp_tokenizer(max_length: int = 2048) -> LlamaTokenizer:
+    """The fast (tokenizers) conversion of :func:`sentencepiece_model` with ``<image>`` added, as llava-hf ships
+    it: the same ids as the slow tokenizer on prompt text, ``<image>`` at id ``vocab_size``, pad = ``<unk>``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _slow_tokenizer_files(Path(tmp), max_length)
+        tokenizer = LlamaTokenizer.from_pretrained(tmp, pad_token="<unk>")
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    return tokenizer
 
 
 def tiny_configs(
@@ -117,56 +202,199 @@ def image_processor_for(image_size: int) -> CLIPImageProcessorPil:
 
 
 def build_tiny_model(seed: int = 0, **geometry) -> tuple[PrunableLlavaForConditionalGeneration, LlamaTokenizer, CLIPImageProcessorPil]:
-    """A random tiny model in memory, with its tokenizer and image processor."""
-    tokenizer = build_tokenizer()
+    """A random tiny model in memory, with its (sentencepiece-derived) tokenizer and image processor.
+
+    The ``<image>`` rows of the embedding and the LM head are zero: the original-format loader adds that token
+    itself and zero-fills its rows, so both formats of one seed hold identical weights.
+    """
+    tokenizer = build_sp_tokenizer()
     config = tiny_configs(tokenizer, **geometry)
     torch.manual_seed(seed)
     model = PrunableLlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight[config.image_token_id].zero_()
+        model.lm_head.weight[config.image_token_id].zero_()
     return model, tokenizer, image_processor_for(config.vision_config.image_size)
 
 
-def _save_llava_format(model: PrunableLlavaForConditionalGeneration, tokenizer, processor, out: Path) -> None:
-    """Original LLaVA layout: Llama weights + ``model.mm_projector.{0,2}`` + a separate CLIP folder."""
+def _upstream_text_config(text: LlamaConfig, vocab_size: int) -> dict:
+    """The ``LlamaConfig`` keys a transformers 4.36/4.37 ``config.json`` has (``rope_theta``, ``rope_scaling``)."""
+    rope = text.rope_parameters or {}
+    return {
+        "attention_bias": text.attention_bias,
+        "attention_dropout": text.attention_dropout,
+        "bos_token_id": text.bos_token_id,
+        "eos_token_id": text.eos_token_id,
+        "hidden_act": text.hidden_act,
+        "hidden_size": text.hidden_size,
+        "initializer_range": text.initializer_range,
+        "intermediate_size": text.intermediate_size,
+        "max_position_embeddings": text.max_position_embeddings,
+        "num_attention_heads": text.num_attention_heads,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_key_value_heads": text.num_key_value_heads,
+        "pad_token_id": text.pad_token_id,
+        "pretraining_tp": 1,
+        "rms_norm_eps": text.rms_norm_eps,
+        "rope_scaling": None,
+        "rope_theta": rope.get("rope_theta", 10000.0),
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "transformers_version": UPSTREAM_TRANSFORMERS,
+        "use_cache": True,
+        "vocab_size": vocab_size,
+    }
+
+
+def _save_clip_tower(model: PrunableLlavaForConditionalGeneration, processor, folder: Path) -> None:
+    """The tower as a transformers-4.x ``CLIPVisionModel.save_pretrained`` writes it (``vision_model.*`` keys),
+    with a preprocessor_config.json in openai/clip-vit-large-patch14-336's own form."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vision = model.config.vision_config
+    weights = {"vision_model." + k: v.contiguous() for k, v in model.model.vision_tower.state_dict().items()}
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = {k: v for k, v in vision.to_diff_dict().items() if k not in ("dtype", "transformers_version", "architectures")}
+    config.update(architectures=["CLIPVisionModel"], torch_dtype="float32", transformers_version=UPSTREAM_TRANSFORMERS)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    preprocessor = {
+        "crop_size": vision.image_size,
+        "do_center_crop": True,
+        "do_normalize": True,
+        "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor",
+        "image_mean": list(processor.image_mean),
+        "image_std": list(processor.image_std),
+        "resample": 3,  # bicubic
+        "size": vision.image_size,
+    }
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+
+
+def hub_cache_folder(hf_cache: Path, repo_id: str, revision: str = "main") -> Path:
+    """Where ``huggingface_hub`` keeps a model snapshot: ``models--org--name/snapshots/<commit>`` + ``refs/<revision>``.
+
+    The commit is a fixed fake hash (there is no hub here); ``refs/main`` points at it as a real cache does.
+    """
+    repo = Path(hf_cache) / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    return repo / "snapshots" / commit
+
+
+def _save_llm_weights(weights: dict[str, torch.Tensor], out: Path, layout: str) -> None:
+    """One ``model.safetensors``, one ``pytorch_model.bin``, or ``pytorch_model-0000i-of-0000n.bin`` shards
+    with the ``pytorch_model.bin.index.json`` that transformers 4.x ``save_pretrained`` writes."""
+    weights = {k: v.contiguous() for k, v in weights.items()}
+    if layout == "safetensors":
+        save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    elif layout == "bin":
+        torch.save(weights, out / "pytorch_model.bin")
+    else:
+        keys = list(weights)
+        per_shard = -(-len(keys) // BIN_SHARDS)
+        weight_map = {}
+        for i in range(BIN_SHARDS):
+            name = f"pytorch_model-{i + 1:05d}-of-{BIN_SHARDS:05d}.bin"
+            shard = {k: weights[k] for k in keys[i * per_shard : (i + 1) * per_shard]}
+            torch.save(shard, out / name)
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(v.numel() * v.element_size() for v in weights.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def _save_llava_format(
+    model: PrunableLlavaForConditionalGeneration,
+    processor,
+    out: Path,
+    weights: str = "safetensors",
+    tower_keys_in_llm: bool = False,
+    tower_hub_id: str | None = None,
+    hf_cache: str | Path | None = None,
+) -> None:
+    """Original LLaVA layout, as upstream's train.py + ``safe_save_model_for_hf_trainer`` leave it."""
     config = model.config
-    state = model.state_dict()
-    weights = {}
-    for key, value in state.items():
+    vocab = config.image_token_id  # the sentencepiece vocabulary; <image> (the last id) is not part of it
+    if vocab != config.text_config.vocab_size - 1:
+        raise ValueError("the tiny model's <image> token must be its last id")
+    llm = {}
+    for key, value in model.state_dict().items():
         if key.startswith("model.language_model."):
-            weights["model." + key[len("model.language_model.") :]] = value
-        elif key.startswith("model.multi_modal_projector.linear_1."):
-            weights["model.mm_projector.0." + key.rsplit(".", 1)[1]] = value
-        elif key.startswith("model.multi_modal_projector.linear_2."):
-            weights["model.mm_projector.2." + key.rsplit(".", 1)[1]] = value
+            llm["model." + key[len("model.language_model.") :]] = value
+        elif key.startswith("model.multi_modal_projector.linear_"):
+            layer = {"1": 0, "2": 2}[key[len("model.multi_modal_projector.linear_")]]
+            llm[f"model.mm_projector.{layer}." + key.rsplit(".", 1)[1]] = value
         elif key.startswith("lm_head."):
-            weights[key] = value
+            llm[key] = value
+        elif key.startswith("model.vision_tower.") and tower_keys_in_llm:  # saved without DeepSpeed / v1.6
+            llm["model.vision_tower.vision_tower.vision_model." + key[len("model.vision_tower.") :]] = value
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        llm[key] = llm[key][:vocab]
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
-    llava_config = config.text_config.to_dict()
-    llava_config.update(
-        architectures=["LlavaLlamaForCausalLM"],
-        model_type="llava_llama",
-        mm_vision_tower=VISION_TOWER_DIR,
-        mm_hidden_size=config.vision_config.hidden_size,
-        mm_projector_type="mlp2x_gelu",
-        mm_vision_select_layer=config.vision_feature_layer,
-        mm_vision_select_feature="patch",
-        image_aspect_ratio="pad",
-        mm_use_im_start_end=False,
-        mm_use_im_patch_token=False,
-        tokenizer_model_max_length=2048,
-    )
-    (out / "config.json").write_text(json.dumps(llava_config, indent=2))
-    tokenizer.save_pretrained(out)
-    tower = CLIPVisionModel(config.vision_config)
-    tower.load_state_dict(model.model.vision_tower.state_dict())
-    tower.save_pretrained(out / VISION_TOWER_DIR)
-    processor.save_pretrained(out / VISION_TOWER_DIR)
+    _save_llm_weights(llm, out, weights)
+
+    if tower_hub_id is not None:
+        if hf_cache is None:
+            raise ValueError("tower_hub_id needs hf_cache, the Hugging Face cache folder to write the tower into")
+        tower_folder, tower_name = hub_cache_folder(Path(hf_cache), tower_hub_id), tower_hub_id
+    else:
+        tower_folder = out / VISION_TOWER_DIR
+        tower_name = str(tower_folder.resolve())  # upstream's build_vision_tower needs an existing path or a hub id
+    _save_clip_tower(model, processor, tower_folder)
+
+    max_length = config.text_config.max_position_embeddings
+    llava_config = {
+        "_name_or_path": "tiny-vicuna",
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": "llava",
+        **_upstream_text_config(config.text_config, vocab),
+        # llava_arch.initialize_vision_modules
+        "mm_vision_tower": tower_name,
+        "use_mm_proj": True,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_hidden_size": config.vision_config.hidden_size,
+        "mm_vision_select_layer": config.vision_feature_layer,
+        "mm_vision_select_feature": "patch",
+        "mm_patch_merge_type": "flat",
+        # train.py
+        "image_aspect_ratio": "pad",
+        "tokenizer_padding_side": "right",
+        "tokenizer_model_max_length": max_length,
+        "tune_mm_mlp_adapter": False,
+        "freeze_mm_mlp_adapter": False,
+        "mm_use_im_start_end": False,
+        "mm_projector_lr": None,
+        "mm_use_im_patch_token": False,
+    }
+    (out / "config.json").write_text(json.dumps(dict(sorted(llava_config.items())), indent=2))
+    _slow_tokenizer_files(out, max_length)
 
 
-def save_tiny_checkpoint(out: str | Path, format: str = "hf", seed: int = 0, **geometry) -> Path:
-    """Write a tiny random checkpoint; the same seed gives the same weights in both formats."""
+def save_tiny_checkpoint(
+    out: str | Path,
+    format: str = "hf",
+    seed: int = 0,
+    *,
+    weights: str = "safetensors",
+    tower_keys_in_llm: bool = False,
+    tower_hub_id: str | None = None,
+    hf_cache: str | Path | None = None,
+    **geometry,
+) -> Path:
+    """Write a tiny random checkpoint; the same seed gives the same weights in both formats.
+
+    Original-format options (``format="llava"``): ``weights`` is ``safetensors``, ``bin`` or ``bin-shards``
+    (two ``pytorch_model-*.bin`` shards with their index); ``tower_keys_in_llm`` also writes the tower as
+    ``model.vision_tower.vision_tower.vision_model.*`` in the LLM weights; ``tower_hub_id`` with ``hf_cache``
+    writes the tower into that Hugging Face cache and names it by hub id in ``mm_vision_tower``.
+    """
     if format not in ("hf", "llava"):
         raise ValueError(f"format must be 'hf' or 'llava', got {format!r}")
+    if weights not in WEIGHT_LAYOUTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_LAYOUTS)}, got {weights!r}")
+    if format == "hf" and (weights != "safetensors" or tower_keys_in_llm or tower_hub_id):
+        raise ValueError("weights, tower_keys_in_llm and tower_hub_id apply to format='llava' only")
     out = Path(out)
     model, tokenizer, processor = build_tiny_model(seed=seed, **geometry)
     if format == "hf":
@@ -174,7 +402,7 @@ def save_tiny_checkpoint(out: str | Path, format: str = "hf", seed: int = 0, **g
         tokenizer.save_pretrained(out)
         processor.save_pretrained(out)
     else:
-        _save_llava_format(model, tokenizer, processor, out)
+        _save_llava_format(model, processor, out, weights, tower_keys_in_llm, tower_hub_id, hf_cache)
     return out
 
 
@@ -193,12 +421,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=56)
     parser.add_argument("--patch-size", type=int, default=14)
     parser.add_argument("--seed", type=int, default=0)
+    llava = parser.add_argument_group("original (--format llava) layout")
+    llava.add_argument("--weights", choices=WEIGHT_LAYOUTS, default="safetensors", help="LLM weight files")
+    llava.add_argument("--tower-keys-in-llm", action="store_true", help="also write model.vision_tower.vision_tower.* keys")
+    llava.add_argument("--tower-hub-id", help=f"write the tower into --hf-cache under this hub id (e.g. {CLIP_HUB_ID})")
+    llava.add_argument("--hf-cache", help="Hugging Face hub cache folder for --tower-hub-id (e.g. ~/.cache/huggingface/hub)")
     args = parser.parse_args(argv)
     if args.image_size % args.patch_size:
         parser.error(f"--image-size {args.image_size} must be a multiple of --patch-size {args.patch_size}")
+    if args.format == "hf" and (args.weights != "safetensors" or args.tower_keys_in_llm or args.tower_hub_id):
+        parser.error("--weights, --tower-keys-in-llm and --tower-hub-id apply to --format llava only")
+    if bool(args.tower_hub_id) != bool(args.hf_cache):
+        parser.error("--tower-hub-id and --hf-cache go together")
     path = save_tiny_checkpoint(
-        args.out, args.format, args.seed, text_layers=args.text_layers, image_size=args.image_size, patch_size=args.patch_size
-    )
+        args.out, args.format, args.seed, weights=args.weights, tower_keys_in_llm=args.tower_keys_in_llm,
+        tower_hub_id=args.tower_hub_id, hf_cache=args.hf_cache,
+        text_layers=args.text_layers, image_size=args.image_size, patch_size=args.patch_size,
+    )  # fmt: skip
     n = (args.image_size // args.patch_size) ** 2
     print(f"wrote tiny {args.format}-format LLaVA to {path} ({n} vision tokens, {args.text_layers} LLM layers)")
 

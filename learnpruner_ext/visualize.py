@@ -167,7 +167,7 @@ def count_marks(overlay: Image.Image, grid: int, display: int = 448) -> dict:
 
 
 def processor_background(image_processor) -> tuple[int, int, int]:
-    return tuple(int(round(x * 255)) for x in image_processor.image_mean)
+    return tuple(int(x * 255) for x in image_processor.image_mean)  # truncated, as upstream's process_images
 
 
 def model_grid(model) -> int:
@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
     panels, summary = [], {"panels": []}
     for name in methods:
         layer = args.layer if args.layer is not None and "decoder" in get_method_class(name).acts_at else None
-        config = PruningConfig(method=name, budget=args.budget, layer=layer, lpm_path=args.lpm_path if get_method_class(name).uses_lpm else None)
+        budget = None if name == "none" else args.budget  # the unpruned panel keeps every token
+        config = PruningConfig(method=name, budget=budget, layer=layer, lpm_path=args.lpm_path if get_method_class(name).uses_lpm else None)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -46,7 +46,7 @@ def process_images(images: list[Image.Image], image_processor, model_cfg=None) -
     """PIL images -> pixel_values [B, 3, H, W]; 'pad' aspect expands to square with the processor's mean colour."""
     aspect = getattr(model_cfg, "image_aspect_ratio", "pad") if model_cfg is not None else "pad"
     if aspect == "pad":
-        mean = tuple(int(round(x * 255)) for x in image_processor.image_mean)
+        mean = tuple(int(x * 255) for x in image_processor.image_mean)  # truncated, as upstream's process_images
         images = [expand2square(image, mean) for image in images]
     elif aspect not in (None, "square", "resize"):
         raise ValueError(f"unsupported image_aspect_ratio {aspect!r}; use 'pad' or 'square'")

@@ -15,12 +15,19 @@ TINY = dict(text_layers=8, image_size=56, patch_size=14)  # 16 vision tokens, st
 
 
 @pytest.fixture(scope="session")
+def tiny_geometry():
+    """The geometry of ``tiny_hf`` / ``tiny_llava``, for tests that write another folder of the same model."""
+    return dict(TINY)
+
+
+@pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-hf", "hf", seed=0, **TINY)
 
 
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory):
+    """Original LLaVA layout as upstream writes it (slow sentencepiece tokenizer, separate CLIP tower folder)."""
     return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llava", "llava", seed=0, **TINY)
 
 

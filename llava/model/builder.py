@@ -4,20 +4,25 @@ Two checkpoint layouts load onto the same class, :class:`PrunableLlavaForConditi
 
 * HF format (``LlavaForConditionalGeneration``, as llava-hf publishes): loaded by ``from_pretrained``.
 * Original LLaVA format (``LlavaLlamaForCausalLM`` config with ``mm_vision_tower``, ``mm_projector_type=
-  mlp2x_gelu``, weights ``model.mm_projector.*``, CLIP tower in its own folder): the config and weight
-  names are mapped at load time.
+  mlp2x_gelu``, weights ``model.mm_projector.*``, CLIP tower in its own folder or a hub id in the local HF
+  cache): the config and weight names are mapped at load time, following upstream haotian-liu/LLaVA c121f04
+  (``llava/model/builder.py``, ``llava_arch.py``, ``multimodal_encoder/clip_encoder.py``) run with
+  transformers 4.31-4.37: the slow sentencepiece tokenizer, tower weights from ``mm_vision_tower``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, CLIPImageProcessor, CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig
+from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig
 from transformers.initialization import no_init_weights
+from transformers.tokenization_utils_sentencepiece import SPIECE_UNDERLINE, SentencePieceBackend
 from transformers.utils import is_torchvision_available
 
 from learnpruner_ext import PruningConfig, apply_pruning
@@ -29,18 +34,98 @@ DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[2] / "checkpoints" / "toy-
 _CLIP_VISION_MODULES = ("embeddings", "pre_layrnorm", "encoder", "post_layernorm")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+# LlamaConfig fields read from an original-format config.json (transformers 4.31-4.37 names); the rest
+# (mm_*, training flags, transformers_version, torch_dtype, ...) are upstream LLaVA's own keys.
+_LLAMA_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "initializer_range",
+               "rms_norm_eps", "use_cache", "rope_theta", "rope_scaling", "attention_bias", "attention_dropout",
+               "mlp_bias", "pretraining_tp", "bos_token_id", "eos_token_id", "pad_token_id")  # fmt: skip
+_TOWER_PREFIX = "model.vision_tower.vision_tower."  # CLIPVisionTower.vision_tower (a CLIPVisionModel)
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that exists but cannot be read (truncated, corrupt, or inconsistent)."""
+
+
+class SlowLlamaTokenizer(SentencePieceBackend):
+    """transformers 4.31-4.37's slow ``LlamaTokenizer``, which upstream LLaVA loads with ``use_fast=False``.
+
+    transformers 5 has no sentencepiece Llama tokenizer any more: its ``LlamaTokenizer`` is a tokenizers
+    conversion, and ``AutoTokenizer`` on a ``model_type: llava`` folder drops the leading ``▁``. This class
+    keeps 4.36's rules (``tokenization_llama.py``): with ``legacy`` (the default when the config does not
+    say) the text goes to sentencepiece as is; with ``legacy: false`` a ``▁`` is prepended, the model's dummy
+    prefix is switched off, and the prefix is dropped before a leading special token. BOS (and EOS when
+    ``add_eos_token``) are added; decoding goes through sentencepiece (byte-fallback pieces included).
+    """
+
+    vocab_files_names = {"vocab_file": "tokenizer.model"}
+    model_input_names = ["input_ids", "attention_mask"]
+    padding_side = "left"
+
+    def __init__(self, vocab_file, legacy=None, add_bos_token=True, add_eos_token=False, **kwargs):
+        self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
+        kwargs.setdefault("clean_up_tokenization_spaces", False)
+        super().__init__(vocab_file=vocab_file, legacy=True if legacy is None else legacy,
+                         add_bos_token=add_bos_token, add_eos_token=add_eos_token, **kwargs)  # fmt: skip
+
+    def tokenize(self, text, **kwargs):
+        if self.legacy or not text:
+            return super().tokenize(text, **kwargs)
+        tokens = super().tokenize(SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " "), **kwargs)
+        if len(tokens) > 1 and tokens[0] == SPIECE_UNDERLINE and tokens[1] in self.all_special_tokens:
+            tokens = tokens[1:]
+        return tokens
+
+    def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
+        bos = [self.bos_token_id] if self.add_bos_token else []
+        eos = [self.eos_token_id] if self.add_eos_token else []
+        out = bos + token_ids_0 + eos
+        return out if token_ids_1 is None else out + bos + token_ids_1 + eos
+
+    def get_special_tokens_mask(self, token_ids_0, token_ids_1=None, already_has_special_tokens=False):
+        if already_has_special_tokens:
+            return super().get_special_tokens_mask(token_ids_0, token_ids_1, already_has_special_tokens=True)
+        bos, eos = [1] * self.add_bos_token, [1] * self.add_eos_token
+        mask = bos + [0] * len(token_ids_0) + eos
+        return mask if token_ids_1 is None else mask + bos + [0] * len(token_ids_1) + eos
+
+    def convert_tokens_to_string(self, tokens):
+        if not tokens:
+            return ""
+        tokens = list(tokens)
+        if tokens[0].startswith(SPIECE_UNDERLINE):  # the prefix space tokenize() added
+            tokens[0] = tokens[0][1:]
+        out, pieces, prev_special = "", [], False
+        for i, token in enumerate(tokens):
+            if token in self.all_special_tokens:
+                if not prev_special and i != 0 and self.legacy:
+                    out += " "
+                out += self.sp_model.decode(pieces) + token
+                pieces, prev_special = [], True
+            else:
+                pieces.append(token)
+                prev_special = False
+        return out + self.sp_model.decode(pieces)
 
 
 def image_processor_class():
-    """torchvision's fast processor when installed, else the PIL one (same outputs, no warning)."""
-    return CLIPImageProcessor if is_torchvision_available() else CLIPImageProcessorPil
+    """torchvision's fast processor when installed, else the PIL one (same outputs, no warning).
+
+    Imported only when torchvision is there: naming ``CLIPImageProcessor`` without it logs a fallback warning.
+    """
+    if not is_torchvision_available():
+        return CLIPImageProcessorPil
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor
 
 
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} requested but CUDA is not available; use --device cpu")
+        raise ValueError(f"--device {device} requested but CUDA is not available; use --device cpu")
     return torch.device(device)
 
 
@@ -58,52 +143,153 @@ def is_llava_format(model_path: str | Path) -> bool:
     config = Path(model_path) / "config.json"
     if not config.is_file():
         return False
-    return "mm_vision_tower" in json.loads(config.read_text())
+    return "mm_vision_tower" in _read_json(config)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"cannot parse {path}: {err}; the file is truncated or corrupt, download it again") from err
+
+
+def check_safetensors_complete(path: Path) -> None:
+    """Cheap truncation check (header only): the file must be as long as its header says."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len)) if 0 < header_len <= size - 8 else None
+        ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"] if isinstance(header, dict) else None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError):
+        ends = None
+    if ends is None or 8 + header_len + max(ends, default=0) > size:
+        raise CheckpointError(f"weights file {path} is truncated or corrupt ({size} bytes, header unreadable or "
+                              "promising more); download it again")  # fmt: skip
+
+
+def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """One safetensors or ``torch.save`` file, or one clear error naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} is missing (listed in the checkpoint's index); download it again")
+    try:
+        if path.suffix == ".safetensors":
+            check_safetensors_complete(path)
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as err:  # torch.load/zipfile/pickle errors
+        raise CheckpointError(f"cannot read weights file {path} ({type(err).__name__}: {err}); it is truncated or "
+                              "corrupt, download it again") from err  # fmt: skip
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint folder, as transformers 4.x ``from_pretrained`` picks them: the shards
+    named by ``model.safetensors.index.json`` / ``pytorch_model.bin.index.json`` when present, else every
+    ``*.safetensors``, else every ``pytorch_model*.bin``."""
+    for name in _WEIGHT_INDEXES:
+        if (folder / name).is_file():
+            index = _read_json(folder / name)
+            if not isinstance(index.get("weight_map"), dict):
+                raise CheckpointError(f"{folder / name} has no 'weight_map'; the index is corrupt, download it again")
+            return [folder / f for f in sorted(set(index["weight_map"].values()))]
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {folder}")
+    return files
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    files = sorted(folder.glob("*.safetensors"))
-    if files:
-        out = {}
-        for f in files:
-            out.update(load_file(str(f)))
-        return out
-    bins = sorted(folder.glob("pytorch_model*.bin"))
-    if not bins:
-        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {folder}")
     out = {}
-    for f in bins:
-        out.update(torch.load(f, map_location="cpu", weights_only=True))
+    for f in weight_files(folder):
+        out.update(_read_weights_file(f))
     return out
 
 
+def _hf_hub_cache() -> str:
+    """The hub cache folder as huggingface_hub resolves it, read now (not at import): ``HF_HUB_CACHE``, else
+    the older ``HUGGINGFACE_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return os.path.expanduser(os.environ[var])
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
 def _resolve_vision_tower(name: str, model_path: Path) -> Path:
-    for candidate in (Path(name), model_path / name):
+    """``mm_vision_tower`` as a folder (absolute, or relative to the checkpoint or the working directory) or a
+    hub id already in the local HF cache (upstream's ``CLIPVisionModel.from_pretrained(name)``, offline)."""
+    for candidate in (Path(name).expanduser(), model_path / name):
         if (candidate / "config.json").is_file():
             return candidate
-    try:  # a hub id that is already in the local HF cache
+    cache = _hf_hub_cache()
+    try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name, local_files_only=True))
+        folder = Path(snapshot_download(name, cache_dir=cache, local_files_only=True))
     except Exception as err:  # noqa: BLE001 - any failure means "not available offline"
         raise FileNotFoundError(
-            f"vision tower {name!r} (mm_vision_tower in {model_path}/config.json) is not available locally; "
-            "download it and set mm_vision_tower to its folder"
+            f"vision tower {name!r} (mm_vision_tower in {model_path}/config.json) is neither a folder nor in the "
+            f"Hugging Face cache {cache}; download it there (`huggingface-cli download {name}` on a machine with "
+            "network, then copy the cache, or set HF_HUB_CACHE / HF_HOME to it) or set mm_vision_tower to its folder"
         ) from err
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"vision tower {name!r}: the cached snapshot {folder} has no config.json; download it again")
+    return folder
+
+
+def _load_tokenizer(model_path: Path):
+    """Upstream's ``AutoTokenizer.from_pretrained(model_path, use_fast=False)``: the slow sentencepiece
+    tokenizer when the folder has ``tokenizer.model`` and names a Llama tokenizer, else the saved fast one."""
+    config_file = model_path / "tokenizer_config.json"
+    tokenizer_class = _read_json(config_file).get("tokenizer_class", "") if config_file.is_file() else ""
+    if (model_path / "tokenizer.model").is_file() and tokenizer_class in ("", "LlamaTokenizer", "LlamaTokenizerFast"):
+        return SlowLlamaTokenizer.from_pretrained(model_path)
+    if not (model_path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"no tokenizer in {model_path}: expected tokenizer.model (+ tokenizer_config.json) or tokenizer.json")
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def _check_supported(raw: dict) -> None:
+    """Refuse (``CheckpointError``, so the CLIs print ``error: ...``) what this loader does not implement."""
+    if raw.get("mm_projector_type", "linear") != "mlp2x_gelu":
+        raise CheckpointError(f"mm_projector_type {raw.get('mm_projector_type')!r}: only mlp2x_gelu is supported")
+    if raw.get("mm_vision_select_feature", "patch") != "patch" or raw.get("mm_use_im_start_end"):
+        raise CheckpointError("only mm_vision_select_feature='patch' without image start/end tokens is supported")
+    if raw.get("image_aspect_ratio", "pad") not in ("pad", "square", "resize", None) or "unpad" in raw.get("mm_patch_merge_type", "flat"):
+        raise CheckpointError(
+            f"image_aspect_ratio {raw.get('image_aspect_ratio')!r} / mm_patch_merge_type {raw.get('mm_patch_merge_type')!r} "
+            "(LLaVA-1.6 anyres) is not supported; use a LLaVA-1.5 checkpoint (image_aspect_ratio 'pad', merge 'flat')"
+        )
+
+
+def _llava_to_hf_names(weights: dict[str, torch.Tensor], use_tower_keys: bool) -> dict[str, torch.Tensor]:
+    """``LlavaLlamaForCausalLM`` names -> ours; tower keys kept only when ``use_tower_keys``."""
+    state = {}
+    for key, value in weights.items():
+        if key.startswith("model.mm_projector."):
+            layer, param = key[len("model.mm_projector.") :].split(".")
+            state[f"model.multi_modal_projector.linear_{1 if layer == '0' else 2}.{param}"] = value
+        elif key.startswith(_TOWER_PREFIX):
+            if use_tower_keys:
+                state["model.vision_tower." + key[len(_TOWER_PREFIX) :].removeprefix("vision_model.")] = value
+        elif key.startswith("model."):
+            state["model.language_model." + key[len("model.") :]] = value
+        else:
+            state[key] = value
+    return state
 
 
 def _load_llava_format(model_path: Path, model_base: str | None, dtype: torch.dtype, attn: str):
-    raw = json.loads((model_path / "config.json").read_text())
-    if raw.get("mm_projector_type", "linear") != "mlp2x_gelu":
-        raise NotImplementedError(f"mm_projector_type {raw.get('mm_projector_type')!r}: only mlp2x_gelu is supported")
-    if raw.get("mm_vision_select_feature", "patch") != "patch" or raw.get("mm_use_im_start_end"):
-        raise NotImplementedError("only mm_vision_select_feature='patch' without image start/end tokens is supported")
-    tokenizer = AutoTokenizer.from_pretrained(model_path, use_fast=True)
+    raw = _read_json(model_path / "config.json")
+    _check_supported(raw)
+    tokenizer = _load_tokenizer(Path(model_base) if model_base is not None else model_path)  # as upstream
+    # Upstream splices IMAGE_TOKEN_INDEX (-200) into the ids; our model reads config.image_token_id instead,
+    # so <image> becomes one extra id after the vocabulary. Chunks never contain it: prompt ids are unchanged.
     added = tokenizer.add_tokens([DEFAULT_IMAGE_TOKEN], special_tokens=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token
     tower_path = _resolve_vision_tower(raw["mm_vision_tower"], model_path)
-    text_config = LlamaConfig(**{k: v for k, v in raw.items() if not k.startswith("mm_") and k not in ("architectures", "model_type")})
+    text_config = LlamaConfig(**{k: raw[k] for k in _LLAMA_KEYS if raw.get(k) is not None}, tie_word_embeddings=raw.get("tie_word_embeddings", False))
     config = LlavaConfig(
         vision_config=CLIPVisionConfig.from_pretrained(tower_path),
         text_config=text_config,
@@ -118,23 +304,17 @@ def _load_llava_format(model_path: Path, model_base: str | None, dtype: torch.dt
     config.vision_config._attn_implementation = attn
     config._attn_implementation = attn
 
-    state = {}
-    for key, value in _weights(model_path).items():
-        if key.startswith("model.mm_projector."):
-            layer, param = key[len("model.mm_projector.") :].split(".")
-            state[f"model.multi_modal_projector.linear_{1 if layer == '0' else 2}.{param}"] = value
-        elif key.startswith("model.vision_tower.vision_tower."):
-            state["model.vision_tower." + key[len("model.vision_tower.vision_tower.") :]] = value
-        elif key.startswith("model."):
-            state["model.language_model." + key[len("model.") :]] = value
-        else:
-            state[key] = value
+    # Tower keys in the LLM weights (saved without DeepSpeed, or LLaVA-1.6): upstream builds CLIPVisionTower with
+    # delay_load=True, so from_pretrained has no module for them and drops them, then loads the tower from
+    # mm_vision_tower -- unless unfreeze_mm_vision_tower, where the tower is built first and they overwrite it.
+    use_tower_keys = bool(raw.get("unfreeze_mm_vision_tower", False))
+    projector_only = model_base is not None and (model_path / "mm_projector.bin").is_file()  # a stage-1 folder
+    own = _read_weights_file(model_path / "mm_projector.bin") if projector_only else _weights(model_path)
+    state = _llava_to_hf_names(own, use_tower_keys)
     if model_base is not None:  # projector-only / delta checkpoints: LLM weights come from the base
-        base = {"model.language_model." + k[len("model.") :] if k.startswith("model.") else k: v
-                for k, v in _weights(Path(model_base)).items()}  # fmt: skip
-        state = {**base, **state}
+        state = {**_llava_to_hf_names(_weights(Path(model_base)), use_tower_keys), **state}
     for key, value in _weights(tower_path).items():  # CLIPModel ("vision_model.*") or CLIPVisionModel keys
-        key = key[len("vision_model.") :] if key.startswith("vision_model.") else key
+        key = key.removeprefix("vision_model.")
         if key.split(".")[0] in _CLIP_VISION_MODULES:
             state.setdefault("model.vision_tower." + key, value)
 
@@ -147,14 +327,19 @@ def _load_llava_format(model_path: Path, model_base: str | None, dtype: torch.dt
         torch.set_default_dtype(default_dtype)
     vocab = state["model.language_model.embed_tokens.weight"].shape[0]
     if vocab != config.text_config.vocab_size:
-        raise ValueError(f"embedding has {vocab} rows but config vocab_size is {config.text_config.vocab_size}")
+        raise CheckpointError(f"embedding has {vocab} rows but config vocab_size is {config.text_config.vocab_size}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"LLaVA-format checkpoint {model_path} does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if added:  # the tokenizer gained <image>: grow the embeddings; the new row is never read (features replace it)
-        model.resize_token_embeddings(len(tokenizer))
+        raise CheckpointError(f"LLaVA-format checkpoint {model_path} does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if added:  # the tokenizer gained <image>: grow the embeddings; its rows are zero (the input row is never read)
+        old = model.get_input_embeddings().weight.shape[0]
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            model.get_input_embeddings().weight[old:].zero_()
+            model.get_output_embeddings().weight[old:].zero_()
         model.generation_config.suppress_tokens = [config.image_token_id]
-    image_processor = image_processor_class().from_pretrained(tower_path)
+    # upstream's CLIPImageProcessor (transformers 4.x) is the PIL one; the torchvision port resizes differently
+    image_processor = CLIPImageProcessorPil.from_pretrained(tower_path)
     return tokenizer, model.to(dtype), image_processor
 
 
@@ -198,7 +383,13 @@ def load_pretrained_model(
         if model_base is not None:
             warnings.warn("--model-base is ignored for HF-format checkpoints", stacklevel=2)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = PrunableLlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn)
+        for f in path.glob("*.safetensors"):
+            check_safetensors_complete(f)
+        try:
+            model = PrunableLlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn)
+        except (SafetensorError, EOFError, RuntimeError) as err:  # a corrupt pytorch_model*.bin
+            raise CheckpointError(f"cannot read the weights in {path} ({type(err).__name__}: {err}); a weights "
+                                  "file is truncated or corrupt, download it again") from err  # fmt: skip
         image_processor = image_processor_class().from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
