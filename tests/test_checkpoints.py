@@ -20,7 +20,8 @@ from learnpruner_ext.tiny import CLIP_HUB_ID, CLIP_MEAN, hub_cache_folder, save_
 from learnpruner_ext.visualize import processor_background
 from llava.inference import build_prompt, prepare_batch
 from llava.mm_utils import process_images, tokenizer_image_token
-from llava.model.builder import SlowLlamaTokenizer, load_pretrained_model, resolve_device
+from llava.model.builder import load_pretrained_model, resolve_device
+from llava.model.tokenizer import SlowLlamaTokenizer
 
 QUESTIONS = ["What color is the circle?", "How many shapes are there in this picture?", "Is there a red square?"]
 IMAGE_PLACEHOLDER = -200  # upstream's IMAGE_TOKEN_INDEX, spliced in by its tokenizer_image_token
