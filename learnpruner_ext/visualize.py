@@ -259,7 +259,9 @@ def main(argv: list[str] | None = None) -> dict:
         marks = PatchMarks.from_trace(trace, grid)
         overlay = draw_overlay(image, marks, background, crop=args.crop)
         counts = marks.counts()
-        title = f"{name}  T={args.budget}  R1={counts['r1']}" + (f"  R2={counts['r2']} (k={trace.layer})" if counts["r2"] is not None else "")
+        title = f"{name}  T={args.budget}  R1={trace.r1}" + (f"  R2={trace.r2} (k={trace.layer})" if trace.r2 is not None else "")
+        if counts["r1"] != trace.r1:  # tokens without a patch of their own ([CLS], merged tokens) share a cell
+            title += f"  ({counts['r1']} patches marked)"
         panels.append((overlay, title, answer))
         summary["panels"].append({"method": name, "answer": answer, **counts, "layer": trace.layer,
                                   "vision_tokens_per_layer": list(trace.vision_tokens_per_layer)})  # fmt: skip
