@@ -44,6 +44,7 @@ from ..conversation import get_conv_template
 from ..inference import GenerationSettings, generate_answers
 from ..mm_utils import get_model_name_from_path, load_image, tokenizer_image_token
 from ..model.fingerprint import folder_fingerprint
+from ._io import RUN_KEYS  # the top-level fields of every answer line that name its run (scorers check them too)
 
 
 class InputError(ValueError):
@@ -162,9 +163,6 @@ def run_identity(args: argparse.Namespace, pruning, prompt_settings: dict | None
             "model_fingerprint": _model_fingerprint(model_path), "settings": settings}  # fmt: skip
 
 
-IDENTITY_KEYS = ("method", "budget", "model_id", "model_fingerprint")  # top-level fields of every answer line
-
-
 def _model_fingerprint(model_path: str) -> str | None:
     return folder_fingerprint(model_path) if os.path.isdir(model_path) else None  # missing: the loader says so
 
@@ -183,7 +181,7 @@ def _default_model_path() -> str:
 
 
 def _describe(identity: dict) -> str:
-    return " ".join(f"{k}={identity.get(k)!r}" for k in IDENTITY_KEYS)
+    return " ".join(f"{k}={identity.get(k)!r}" for k in RUN_KEYS)
 
 
 def read_existing_answers(path: str, identity: dict, answer_key: Callable[[dict], tuple]) -> Counter:
@@ -230,7 +228,7 @@ def read_existing_answers(path: str, identity: dict, answer_key: Callable[[dict]
 
 
 def _check_identity(path: str, lineno: int, rec: dict, identity: dict) -> None:
-    theirs = {k: rec.get(k) for k in IDENTITY_KEYS}
+    theirs = {k: rec.get(k) for k in RUN_KEYS}
     if "method" not in rec or theirs != {k: identity[k] for k in theirs}:
         raise InputError(
             f"{path}:{lineno}: this answers file holds answers of another run "
