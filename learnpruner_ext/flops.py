@@ -150,19 +150,15 @@ def kv_cache_bytes(config, tokens_per_layer: Sequence[int], text_tokens: int, by
     return batch * sum((text_tokens + v) * 2 * kv_heads * hd * bytes_per_value for v in tokens_per_layer)
 
 
-def method_for(method: str, budget: int | None, num_vision_tokens: int, num_layers: int, vision_dim: int, **kw):
-    """The registered method for this geometry, built for counting only (its plan and ``overhead_flops``)."""
-    import warnings
-
+def method_for(method: str, budget: int | None, num_vision_tokens: int, num_layers: int, vision_dim: int | None = None, **kw):
+    """The registered method resolved for this geometry without building it (a ``MethodPlan``: its plan and
+    ``overhead_flops``); ``vision_dim`` is accepted for compatibility and unused (no LPM is loaded)."""
     from .config import PruningConfig
-    from .methods import create_method
+    from .methods import plan_method
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # untrained-LPM warning: only the plan and the overhead are needed here
-        return create_method(PruningConfig(method, budget, **kw), num_vision_tokens=num_vision_tokens,
-                             num_layers=num_layers, vision_dim=vision_dim)  # fmt: skip
+    return plan_method(PruningConfig(method, budget, **kw), num_vision_tokens=num_vision_tokens, num_layers=num_layers)
 
 
-def plan_for(method: str, budget: int | None, num_vision_tokens: int, num_layers: int, vision_dim: int, **kw):
+def plan_for(method: str, budget: int | None, num_vision_tokens: int, num_layers: int, vision_dim: int | None = None, **kw):
     """The method registry's TokenPlan (so every registered method is counted the same way)."""
     return method_for(method, budget, num_vision_tokens, num_layers, vision_dim, **kw).plan

@@ -2,12 +2,15 @@
 
 from .base import (
     DecoderContext,
+    MethodPlan,
+    MethodSpec,
     PruningMethod,
     VisionContext,
     VisionSelection,
     available_methods,
     create_method,
     get_method_class,
+    plan_method,
     register_method,
 )
 from . import none, learnpruner  # noqa: F401  (registration side effect)
@@ -15,11 +18,14 @@ from . import cls_attention, dart, divprune, fastv, random_pruning, vispruner, v
 
 __all__ = [
     "DecoderContext",
+    "MethodPlan",
+    "MethodSpec",
     "PruningMethod",
     "VisionContext",
     "VisionSelection",
     "available_methods",
     "create_method",
     "get_method_class",
+    "plan_method",
     "register_method",
 ]

@@ -51,6 +51,36 @@ def create_method(config: PruningConfig, *, num_vision_tokens: int, num_layers: 
     return get_method_class(config.method)(config, num_vision_tokens, num_layers, vision_dim)
 
 
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method's plan depends on: its name, the config, and the options merged with its defaults."""
+
+    name: str
+    config: PruningConfig
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    """A method resolved for one geometry without building it (no ``nn.Module``, no LPM loaded):
+    what budget accounting, FLOP counting and the demo need."""
+
+    method: type["PruningMethod"]
+    spec: MethodSpec
+    plan: TokenPlan
+
+    def overhead_flops(self, model_config, text_tokens: int, text_after_image: int) -> float:
+        return self.method.plan_overhead_flops(self.spec, self.plan, model_config, text_tokens, text_after_image)
+
+
+def plan_method(config: PruningConfig, *, num_vision_tokens: int, num_layers: int) -> MethodPlan:
+    """The :class:`MethodPlan` of ``config`` for a model with ``num_vision_tokens`` per image and ``num_layers``;
+    raises the same errors (unknown method or option, infeasible budget) as building the method would."""
+    cls = get_method_class(config.method)
+    spec = cls.resolve(config)
+    return MethodPlan(cls, spec, cls.make_plan(spec, num_vision_tokens, num_layers))
+
+
 @dataclass
 class VisionSelection:
     """Result of a vision-stage method for a batch of images."""
@@ -206,21 +236,43 @@ class PruningMethod(nn.Module):
 
     def __init__(self, config: PruningConfig, num_vision_tokens: int, num_layers: int, vision_dim: int):
         super().__init__()
-        unknown = set(config.options) - set(self.defaults)
-        if unknown:
-            valid = ", ".join(sorted(self.defaults)) or "none"
-            raise ValueError(f"method {self.name!r} has no option(s) {sorted(unknown)}; valid options: {valid}")
-        self.config = config
-        self.options = {**self.defaults, **config.options}
+        spec = self.resolve(config)
+        self.config, self.options = spec.config, spec.options
         self.vision_dim = vision_dim
-        self.validate_options()
-        self.plan: TokenPlan = self.make_plan(num_vision_tokens, num_layers)
+        self.plan: TokenPlan = self.make_plan(spec, num_vision_tokens, num_layers)
 
-    def validate_options(self) -> None:
+    # -- the plan: class-level, so it can be computed without building the module ----------------------
+    @classmethod
+    def resolve(cls, config: PruningConfig) -> MethodSpec:
+        """Merge ``config.options`` with the defaults; unknown or bad options raise ValueError."""
+        unknown = set(config.options) - set(cls.defaults)
+        if unknown:
+            valid = ", ".join(sorted(cls.defaults)) or "none"
+            raise ValueError(f"method {cls.name!r} has no option(s) {sorted(unknown)}; valid options: {valid}")
+        options = {**cls.defaults, **config.options}
+        cls.validate_options(options)
+        return MethodSpec(cls.name, config, options)
+
+    @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> None:
         """Raise ValueError for bad hyper-parameters."""
 
-    def make_plan(self, num_vision_tokens: int, num_layers: int) -> TokenPlan:
+    @classmethod
+    def make_plan(cls, spec: MethodSpec, num_vision_tokens: int, num_layers: int) -> TokenPlan:
         raise NotImplementedError
+
+    @classmethod
+    def plan_overhead_flops(cls, spec: MethodSpec, plan: TokenPlan, model_config, text_tokens: int,
+                            text_after_image: int) -> float:  # fmt: skip
+        """Prefill FLOPs the selection itself adds beyond the pruned model's forward (``learnpruner_ext.flops``).
+
+        0.0 means "not modelled": only methods that override this report their scoring cost."""
+        return 0.0
+
+    @property
+    def notices(self) -> list[str]:
+        """Things the user should know about this instance (e.g. an untrained LPM); shown by the demo."""
+        return []
 
     @property
     def decoder_layer(self) -> int | None:
@@ -241,10 +293,9 @@ class PruningMethod(nn.Module):
         raise NotImplementedError(f"{self.name} does not prune inside the LLM")
 
     def overhead_flops(self, model_config, text_tokens: int, text_after_image: int) -> float:
-        """Prefill FLOPs the selection itself adds beyond the pruned model's forward (``learnpruner_ext.flops``).
-
-        0.0 means "not modelled": only methods that override this report their scoring cost."""
-        return 0.0
+        """:meth:`plan_overhead_flops` of this instance's plan."""
+        spec = MethodSpec(self.name, self.config, self.options)
+        return self.plan_overhead_flops(spec, self.plan, model_config, text_tokens, text_after_image)
 
     def extra_repr(self) -> str:
         return f"name={self.name}, plan={self.plan}"

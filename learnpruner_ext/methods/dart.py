@@ -103,13 +103,15 @@ class Dart(PruningMethod):
     signals = ("keys", "hidden_states")
     defaults = {"image_pivots": 4, "text_pivots": 4, "budget_mode": "average"}
 
-    def validate_options(self) -> None:
-        check_int(self.name, "image_pivots", self.options["image_pivots"], minimum=1)
-        check_int(self.name, "text_pivots", self.options["text_pivots"], minimum=0)
-        check_choice(self.name, "budget_mode", self.options["budget_mode"], BUDGET_MODES)
+    @classmethod
+    def validate_options(cls, options) -> None:
+        check_int(cls.name, "image_pivots", options["image_pivots"], minimum=1)
+        check_int(cls.name, "text_pivots", options["text_pivots"], minimum=0)
+        check_choice(cls.name, "budget_mode", options["budget_mode"], BUDGET_MODES)
 
-    def make_plan(self, num_vision_tokens: int, num_layers: int) -> TokenPlan:
-        return decoder_plan(self, num_vision_tokens, num_layers, DEFAULT_LAYER)
+    @classmethod
+    def make_plan(cls, spec, num_vision_tokens: int, num_layers: int) -> TokenPlan:
+        return decoder_plan(spec, num_vision_tokens, num_layers, DEFAULT_LAYER)
 
     @property
     def score_layer(self) -> int | None:

@@ -36,8 +36,9 @@ class DivPrune(PruningMethod):
     acts_at = "vision"
     signals = ("projected_features",)
 
-    def make_plan(self, num_vision_tokens: int, num_layers: int) -> TokenPlan:
-        return vision_only_plan(self, num_vision_tokens, num_layers)
+    @classmethod
+    def make_plan(cls, spec, num_vision_tokens: int, num_layers: int) -> TokenPlan:
+        return vision_only_plan(spec, num_vision_tokens, num_layers)
 
     def select_vision(self, ctx: VisionContext) -> VisionSelection | None:
         if self.plan.r1 == self.plan.num_vision_tokens:

@@ -43,13 +43,15 @@ class FastV(PruningMethod):
     signals = ("text_attention",)
     defaults = {"query": "last", "budget_mode": "average", "score_with": "previous"}
 
-    def validate_options(self) -> None:
-        check_choice(self.name, "query", self.options["query"], ("last", "all"))
-        check_choice(self.name, "budget_mode", self.options["budget_mode"], BUDGET_MODES)
-        check_choice(self.name, "score_with", self.options["score_with"], ("previous", "current"))
+    @classmethod
+    def validate_options(cls, options) -> None:
+        check_choice(cls.name, "query", options["query"], ("last", "all"))
+        check_choice(cls.name, "budget_mode", options["budget_mode"], BUDGET_MODES)
+        check_choice(cls.name, "score_with", options["score_with"], ("previous", "current"))
 
-    def make_plan(self, num_vision_tokens: int, num_layers: int) -> TokenPlan:
-        return decoder_plan(self, num_vision_tokens, num_layers, DEFAULT_LAYER)
+    @classmethod
+    def make_plan(cls, spec, num_vision_tokens: int, num_layers: int) -> TokenPlan:
+        return decoder_plan(spec, num_vision_tokens, num_layers, DEFAULT_LAYER)
 
     @property
     def score_layer(self) -> int | None:

@@ -19,6 +19,10 @@ from ..selection import importance_plus_diversity, topk_indices
 from .base import DecoderContext, PruningMethod, VisionContext, VisionSelection, register_method
 
 
+UNTRAINED_NOTICE = ("LearnPruner is running with an UNTRAINED (randomly initialised) LPM, so stage 1 ranks tokens "
+                    "arbitrarily; pass --lpm-path to a trained LPM (see docs/training.md)")
+
+
 @register_method
 class LearnPruner(PruningMethod):
     name = "learnpruner"
@@ -40,18 +44,21 @@ class LearnPruner(PruningMethod):
                 f"encoder gives {vision_dim}-d; train an LPM for this base (scripts/v1_5/finetune_lpm.sh)"
             )
         if not self.lpm.trained:
-            warnings.warn(
-                "LearnPruner is running with an UNTRAINED (randomly initialised) LPM, so stage 1 ranks tokens "
-                "arbitrarily; pass --lpm-path to a trained LPM (see docs/training.md)",
-                stacklevel=2,
-            )
+            warnings.warn(UNTRAINED_NOTICE, stacklevel=2)
 
-    def overhead_flops(self, model_config, text_tokens: int, text_after_image: int) -> float:
-        return learnpruner_overhead_flops(model_config, self.plan, text_tokens, text_after_image)
+    @property
+    def notices(self) -> list[str]:
+        return [] if self.lpm.trained else [UNTRAINED_NOTICE]
 
-    def make_plan(self, num_vision_tokens: int, num_layers: int) -> TokenPlan:
-        layer = self.config.layer if self.config.layer is not None else default_stage2_layer(num_layers)
-        return two_stage_plan(self.config.budget, num_vision_tokens, num_layers, layer, self.config.ratio)
+    @classmethod
+    def plan_overhead_flops(cls, spec, plan, model_config, text_tokens: int, text_after_image: int) -> float:
+        return learnpruner_overhead_flops(model_config, plan, text_tokens, text_after_image)
+
+    @classmethod
+    def make_plan(cls, spec, num_vision_tokens: int, num_layers: int) -> TokenPlan:
+        config = spec.config
+        layer = config.layer if config.layer is not None else default_stage2_layer(num_layers)
+        return two_stage_plan(config.budget, num_vision_tokens, num_layers, layer, config.ratio)
 
     def num_diverse(self) -> int:
         return round(self.config.diversity * self.plan.r1)

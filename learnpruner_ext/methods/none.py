@@ -10,6 +10,7 @@ class NoPruning(PruningMethod):
     paper = "-"
     acts_at = "nowhere"
 
-    def make_plan(self, num_vision_tokens: int, num_layers: int) -> TokenPlan:
-        check_budget(self.config.budget, num_vision_tokens)  # still reject nonsense budgets
+    @classmethod
+    def make_plan(cls, spec, num_vision_tokens: int, num_layers: int) -> TokenPlan:
+        check_budget(spec.config.budget, num_vision_tokens)  # still reject nonsense budgets
         return TokenPlan(num_vision_tokens, num_layers, r1=num_vision_tokens)

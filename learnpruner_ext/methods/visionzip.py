@@ -94,21 +94,32 @@ class VisionZip(PruningMethod):
     signals = ("cls_attention", "keys", "vision_features", "cls_feature")
     defaults = {"dominant": None, "contextual": None, "contextual_ratio": 10 / 64, "cls_dominant": True}
 
-    def validate_options(self) -> None:
+    @classmethod
+    def validate_options(cls, options) -> None:
         for key in ("dominant", "contextual"):
-            if self.options[key] is not None:
-                check_int(self.name, key, self.options[key])
-        check_unit_interval(self.name, "contextual_ratio", self.options["contextual_ratio"])
-        if not isinstance(self.options["cls_dominant"], bool):
-            value = self.options["cls_dominant"]
+            if options[key] is not None:
+                check_int(cls.name, key, options[key])
+        check_unit_interval(cls.name, "contextual_ratio", options["contextual_ratio"])
+        if not isinstance(options["cls_dominant"], bool):
+            value = options["cls_dominant"]
             raise ValueError(f"visionzip: option cls_dominant must be true or false, got {value!r}")
 
-    def make_plan(self, num_vision_tokens: int, num_layers: int) -> TokenPlan:
-        plan = vision_only_plan(self, num_vision_tokens, num_layers)
-        t = plan.r1
-        dominant, contextual = self.options["dominant"], self.options["contextual"]
+    @classmethod
+    def make_plan(cls, spec, num_vision_tokens: int, num_layers: int) -> TokenPlan:
+        plan = vision_only_plan(spec, num_vision_tokens, num_layers)
+        cls.split_counts(spec.options, plan.r1)  # refuse an impossible split now, not at the first image
+        return plan
+
+    def __init__(self, config, num_vision_tokens, num_layers, vision_dim):
+        super().__init__(config, num_vision_tokens, num_layers, vision_dim)
+        self.split = self.split_counts(self.options, self.plan.r1)  # (dominant, contextual)
+
+    @staticmethod
+    def split_counts(options, t: int) -> tuple[int, int]:
+        """(dominant, contextual) token counts for a budget of ``t`` tokens."""
+        dominant, contextual = options["dominant"], options["contextual"]
         if dominant is None and contextual is None:
-            contextual = round(t * self.options["contextual_ratio"])
+            contextual = round(t * options["contextual_ratio"])
         if dominant is None:
             dominant = t - contextual
         elif contextual is None:
@@ -118,8 +129,7 @@ class VisionZip(PruningMethod):
                 f"visionzip: dominant ({dominant}) + contextual ({contextual}) tokens must add up to the budget {t}; "
                 "give one of the two counts, both adding up to the budget, or neither (contextual_ratio)"
             )
-        self.split = (dominant, contextual)
-        return plan
+        return dominant, contextual
 
     def select_vision(self, ctx: VisionContext) -> VisionSelection | None:
         if self.plan.r1 == self.plan.num_vision_tokens:

@@ -54,12 +54,14 @@ class VisPruner(PruningMethod):
     signals = ("cls_attention", "vision_features")
     defaults = {"important_ratio": 0.5, "removal_step": 8}
 
-    def validate_options(self) -> None:
-        check_unit_interval(self.name, "important_ratio", self.options["important_ratio"])
-        check_int(self.name, "removal_step", self.options["removal_step"], minimum=1)
+    @classmethod
+    def validate_options(cls, options) -> None:
+        check_unit_interval(cls.name, "important_ratio", options["important_ratio"])
+        check_int(cls.name, "removal_step", options["removal_step"], minimum=1)
 
-    def make_plan(self, num_vision_tokens: int, num_layers: int) -> TokenPlan:
-        return vision_only_plan(self, num_vision_tokens, num_layers)
+    @classmethod
+    def make_plan(cls, spec, num_vision_tokens: int, num_layers: int) -> TokenPlan:
+        return vision_only_plan(spec, num_vision_tokens, num_layers)
 
     def select_vision(self, ctx: VisionContext) -> VisionSelection | None:
         if self.plan.r1 == self.plan.num_vision_tokens:

@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import gradio as gr
@@ -30,7 +31,7 @@ from learnpruner_ext import BudgetError, PruningConfig, apply_pruning, available
 from learnpruner_ext.config import budget_notice  # noqa: E402
 from learnpruner_ext.flops import estimate_tflops  # noqa: E402
 from learnpruner_ext.lpm import shipped_lpm_path  # noqa: E402
-from learnpruner_ext.methods import get_method_class  # noqa: E402
+from learnpruner_ext.methods import get_method_class, plan_method  # noqa: E402
 from learnpruner_ext.visualize import PatchMarks, draw_overlay, model_grid, processor_background  # noqa: E402
 
 from ..inference import GenerationSettings, build_prompt, generate_answers  # noqa: E402
@@ -109,15 +110,10 @@ def make_examples(out_dir: Path, seed: int = 0, image_size: int = 192) -> list[t
 
 def method_default_layer(name: str, num_vision_tokens: int, num_layers: int) -> int | None:
     """The stage-2 / in-LLM layer a method uses when none is given (None: it does not prune in the LLM)."""
-    cls = get_method_class(name)
-    if "decoder" not in cls.acts_at:
+    if "decoder" not in get_method_class(name).acts_at:
         return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return cls(PruningConfig(method=name, budget=num_vision_tokens), num_vision_tokens, num_layers, 8).plan.layer
-    except Exception:  # noqa: BLE001 - a method that cannot be probed cheaply just has no shown default
-        return None
+    config = PruningConfig(method=name, budget=num_vision_tokens)  # the plan's layer does not depend on the budget
+    return plan_method(config, num_vision_tokens=num_vision_tokens, num_layers=num_layers).plan.layer
 
 
 def tokens_chart(tokens: list[int], unpruned: list[int], method: str) -> Figure:
@@ -155,17 +151,15 @@ class DemoBackend:
     def _method(self, config: PruningConfig):
         """Attach the method for ``config``; instances are cached so a (randomly initialised) LPM and any
         seeded state are the same for every request with the same settings."""
-        key = json.dumps([config.method, config.budget, config.layer, config.lpm_path], default=str)
+        key = json.dumps(asdict(config), sort_keys=True, default=str)  # every field: options, seed, ratio, ...
         if key not in self._methods_cache:
             torch.manual_seed(config.seed)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                method = apply_pruning(self.model, config)
-            notes = [str(w.message) for w in caught if "UNTRAINED" in str(w.message)]
-            self._methods_cache[key] = (method, notes)
-        method, notes = self._methods_cache[key]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # what the user must know comes back as method.notices
+                self._methods_cache[key] = apply_pruning(self.model, config)
+        method = self._methods_cache[key]
         self.model.model.set_pruner(method)
-        return method, notes
+        return method, list(method.notices)
 
     def text_tokens(self, question: str) -> int:
         return len(tokenizer_image_token(build_prompt(question), self.tokenizer, self.model.config.image_token_id, num_image_tokens=0))

@@ -1,9 +1,13 @@
 """Selection functions of the method zoo against brute-force references written from the papers' text."""
 
+import re
+
 import pytest
 import torch
+from transformers import LlavaConfig
 
-from learnpruner_ext import PruningConfig, create_method
+from learnpruner_ext import BudgetError, LearnablePruningModule, PruningConfig, available_methods, create_method
+from learnpruner_ext.methods import get_method_class, plan_method
 from learnpruner_ext.methods.base import VisionContext
 from learnpruner_ext.methods.dart import dart_select
 from learnpruner_ext.methods.random_pruning import random_indices
@@ -310,3 +314,44 @@ def test_cls_keeps_top_attention():
     att = torch.tensor([[0.1, 0.5, 0.3, 0.9, 0.0, 0.7]])
     m = method("cls", 3, n=6)
     assert m.select_vision(fake_vision_context(m, attention=att)).index.tolist() == [[1, 3, 5]]
+
+
+# ------------------------------------------------------------------------ plans without building the method
+@pytest.mark.parametrize("name", [m for m in available_methods()])
+@pytest.mark.parametrize("budget", [1, 7, 64, 128, 576])
+def test_plan_method_equals_the_built_methods_plan(name, budget):
+    """``plan_method`` resolves the same TokenPlan (and the same errors) as constructing the nn.Module."""
+    config = PruningConfig(name, None if name == "none" else budget)
+    try:
+        built = create_method(config, num_vision_tokens=576, num_layers=32, vision_dim=1024).plan
+    except BudgetError as err:  # e.g. FastV at an average it cannot reach
+        with pytest.raises(BudgetError, match=re.escape(str(err))):
+            plan_method(config, num_vision_tokens=576, num_layers=32)
+        return
+    planned = plan_method(config, num_vision_tokens=576, num_layers=32)
+    assert planned.plan == built and planned.spec.options == {**get_method_class(name).defaults}
+
+
+def test_plan_method_builds_no_module_and_loads_no_lpm(tmp_path, monkeypatch):
+    """LearnPruner's plan needs no LPM: a path that does not exist fails only when the method is built."""
+    config = PruningConfig("learnpruner", 64, lpm_path=str(tmp_path / "missing"))
+    monkeypatch.setattr(torch.nn.Module, "__init__", lambda *a, **k: pytest.fail("an nn.Module was built"))
+    planned = plan_method(config, num_vision_tokens=576, num_layers=32)
+    assert (planned.plan.r1, planned.plan.r2, planned.plan.layer) == (111, 37, 12)  # Table 7a, k = 12
+    assert planned.overhead_flops(LlavaConfig(), 60, 40) > 0  # the LPM's MLP and the stage-2 scoring rows
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="no LPM at"):
+        create_method(config, num_vision_tokens=576, num_layers=32, vision_dim=1024)
+
+
+def test_untrained_lpm_is_a_notice(tmp_path):
+    with pytest.warns(UserWarning, match="UNTRAINED"):
+        method = create_method(PruningConfig("learnpruner", 64), num_vision_tokens=576, num_layers=32, vision_dim=32)
+    assert len(method.notices) == 1 and "UNTRAINED" in method.notices[0]
+    lpm = LearnablePruningModule(32)
+    lpm.trained = True
+    lpm.save_pretrained(tmp_path / "lpm")
+    trained = create_method(PruningConfig("learnpruner", 64, lpm_path=str(tmp_path / "lpm")), num_vision_tokens=576,
+                            num_layers=32, vision_dim=32)  # fmt: skip
+    assert trained.notices == []
+    assert create_method(PruningConfig("vispruner", 64), num_vision_tokens=576, num_layers=32, vision_dim=32).notices == []
