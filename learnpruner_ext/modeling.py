@@ -1,12 +1,19 @@
 """LLaVA with pluggable visual-token pruning, built on transformers' native LLaVA classes.
 
-Data flow (one image per prompt, any batch size, left padding):
+Data flow (one image per prompt, any batch size, left padding). Prompts always carry N ``<image>``
+placeholders per image, whatever the method; both stages shorten the sequence with one mechanism, a
+:class:`SequenceCut` at a layer boundary during prefill:
 
     pixel_values -> vision tower -> feature layer [B, N, Dv] -> VISION STAGE (method picks R1 indices)
-      -> projector on the kept tokens [B, R1, D] -> written into the R1 ``<image>`` placeholders
+      -> projector on the kept tokens [B, R1, D] -> written into the first R1 of the N placeholders
+      -> CUT AT BOUNDARY 0: the other N - R1 placeholders leave the sequence (per sample, re-left-padded)
       -> LLM layers [0, k) see R1 vision tokens
-      -> DECODER STAGE at layer k (method picks R2 of them; hidden states, positions, RoPE, masks sliced)
+      -> DECODER STAGE at layer k (method picks R2 of them) -> CUT AT BOUNDARY k (hidden states, positions,
+         RoPE, masks gathered together)
       -> LLM layers [k, L) see R2 vision tokens, and their KV cache holds only what they saw.
+
+A cut keeps a per-sample set of positions (counts may differ between samples) and records what decoding
+needs: the kept columns of the prefill mask, per cache object.
 
 The parameter names are those of ``LlavaForConditionalGeneration``, so ``from_pretrained`` loads
 llava-hf checkpoints unchanged; pruning is attached explicitly with :func:`apply_pruning`.
@@ -19,6 +26,7 @@ import weakref
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModel, DynamicCache, LlavaConfig, LlavaForConditionalGeneration
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
@@ -49,10 +57,11 @@ class PruningTrace:
     r2: int | None
     layer: int | None
     convention: str
-    vision_tokens_per_layer: list[int] = field(default_factory=list)  # measured from the tensors each layer got
-    stage1_index: torch.Tensor | None = None  # [B, R1] patch indices entering the LLM
+    vision_tokens_per_layer: list[int] = field(default_factory=list)  # measured per layer (max over the batch)
+    vision_tokens_per_sample: list[list[int]] = field(default_factory=list)  # [B][L] measured per prompt
+    stage1_index: torch.Tensor | None = None  # [B, R1] patch indices entering the LLM (-1: an empty slot)
     stage1_diverse: torch.Tensor | None = None  # [B, R1] bool, diversity tokens among them
-    stage2_index: torch.Tensor | None = None  # [B, R2] patch indices kept from layer k on
+    stage2_index: torch.Tensor | None = None  # [B, R2] patch indices kept from layer k on (-1: an empty slot)
 
     @property
     def average_vision_tokens(self) -> float:
@@ -74,22 +83,71 @@ class VisionStageOutput(ModelOutput):
     is_diverse: torch.Tensor | None = None  # [B, R1] bool or None
 
 
-@dataclass
-class _SequenceState:
-    """What a cached generation must remember between forward calls (kept per cache object)."""
-
-    position_offset: torch.Tensor | None = None  # [B] added to decode positions ("original" positions)
-    stage2_keep: torch.Tensor | None = None  # [B, S'] prefill positions layers >= k kept
-    prefill_length: int = 0
-    vision_tokens_per_layer: list[int] = field(default_factory=list)
-    stage2_vision_keep: torch.Tensor | None = None  # [B, R2] indices into the R1 vision tokens
-
-
 def _gather_seq(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x [B or 1, S, ...] gathered along dim 1 with index [B, S'] -> [B, S', ...]."""
     x = x.expand(index.shape[0], *x.shape[1:])
     idx = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
     return x.gather(1, idx)
+
+
+@dataclass
+class SequenceCut:
+    """Shortening of a batch at a layer boundary: layers ``>= boundary`` see only the kept positions.
+
+    Each sample keeps its own set of positions (possibly of different sizes); the kept positions are
+    re-left-padded to the longest, so ``index`` [B, S'] holds, per row, ``S' - len`` padding slots (pointing at
+    position 0, ``valid`` False) followed by the kept positions in order.
+    """
+
+    boundary: int
+    index: torch.Tensor  # [B, S'] positions in the sequence before the cut
+    valid: torch.Tensor  # [B, S'] bool, False on the new left padding
+
+    @classmethod
+    def from_keep(cls, boundary: int, keep: torch.Tensor) -> "SequenceCut":
+        """keep [B, S] bool -> the cut that keeps those positions of every row."""
+        batch, seq = keep.shape
+        lengths = keep.sum(-1)
+        width = int(lengths.max()) if batch else 0
+        slot = keep.long().cumsum(-1) - 1 + (width - lengths)[:, None]  # right-aligned slot of each kept position
+        slot = torch.where(keep, slot, torch.full_like(slot, width))  # dropped positions go to a spare column
+        index = torch.zeros(batch, width + 1, dtype=torch.long, device=keep.device)
+        index.scatter_(1, slot, torch.arange(seq, device=keep.device).expand(batch, -1))
+        valid = torch.arange(width, device=keep.device)[None] >= (width - lengths)[:, None]
+        return cls(boundary, index[:, :width], valid)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B or 1, S, ...] -> [B, S', ...] (padding slots hold row position 0: finite, always masked)."""
+        return _gather_seq(x, self.index)
+
+    def mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The 2D padding mask after the cut: the kept columns of ``attention_mask``, 0 on the new padding."""
+        kept = self.valid if attention_mask is None else self.gather(attention_mask).bool() & self.valid
+        return kept.long()
+
+
+@dataclass
+class _SequenceState:
+    """What a cached generation must remember between forward calls (kept per cache object)."""
+
+    cuts: list[SequenceCut] = field(default_factory=list)  # the prefill's cuts, in boundary order
+    prefill_length: int = 0  # S before any cut: the prefill columns of the 2D mask generate() keeps growing
+    removed: torch.Tensor | None = None  # [B] placeholders the boundary-0 cut dropped per sample
+    position_mode: str = "contiguous"
+    vision_tokens_per_layer: list[list[int]] = field(default_factory=list)  # [B][L], measured
+    stage2_vision_keep: torch.Tensor | None = None  # [B, R2] indices into the R1 vision tokens (-1: not kept)
+
+    def decode_masks(self, attention_mask: torch.Tensor | None) -> dict[int, torch.Tensor | None]:
+        """{boundary: the 2D mask layers >= boundary need while decoding}: the kept prefill columns, then every
+        later column (the tokens generated since prefill)."""
+        if attention_mask is None or attention_mask.dim() != 2:
+            return {cut.boundary: attention_mask for cut in self.cuts}
+        prefill, later = attention_mask[:, : self.prefill_length], attention_mask[:, self.prefill_length :]
+        out = {}
+        for cut in self.cuts:
+            prefill = cut.mask(prefill)
+            out[cut.boundary] = torch.cat([prefill, later], dim=1)
+        return out
 
 
 class PrunableLlamaModel(LlamaModel):
@@ -120,39 +178,45 @@ class PrunableLlamaModel(LlamaModel):
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
 
+        state = sequence_state
+        prefill = vision_mask is not None and bool(vision_mask.any())
+        decode_masks = state.decode_masks(attention_mask) if state is not None and not prefill and state.cuts else {}
+        if 0 in decode_masks:  # the boundary-0 cut shortened the cached prefill: every layer sees its columns
+            attention_mask = decode_masks[0]
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
-            position_ids=position_ids,
+            position_ids=position_ids if not decode_masks else None,
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
 
         stage_layer = pruner.decoder_layer if pruner is not None else None
-        prefill = vision_mask is not None and bool(vision_mask.any())
-        num_vision = int(vision_mask.sum(-1).max()) if prefill else 0
-        counts, score_input = [], None
+        counts = vision_mask.sum(-1) if prefill else None  # [B] vision tokens each sample has in this layer
+        per_layer, score_input = [], None
         for idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
             if stage_layer is not None and prefill and idx == pruner.score_layer:
                 score_input = hidden_states
-            if stage_layer is not None and idx == stage_layer:
-                if prefill and pruner.plan.r2 < num_vision:
-                    hidden_states, position_ids, position_embeddings, attention_mask, vision_mask = self._prune(
-                        pruner, idx, score_input, hidden_states, position_ids, position_embeddings,
-                        attention_mask, vision_mask, past_key_values, sequence_state,
-                    )  # fmt: skip
-                    num_vision = pruner.plan.r2
+            if prefill and idx == stage_layer and int(counts.max()) > 0:
+                cut = self._decoder_cut(pruner, idx, score_input, hidden_states, attention_mask, vision_mask,
+                                        position_embeddings, past_key_values, state)  # fmt: skip
+                if cut is not None:
+                    cos, sin = position_embeddings
+                    hidden_states, position_ids = cut.gather(hidden_states), cut.gather(position_ids)
+                    position_embeddings = (cut.gather(cos), cut.gather(sin))
+                    attention_mask, vision_mask = cut.mask(attention_mask), cut.gather(vision_mask) & cut.valid
+                    counts = vision_mask.sum(-1)
                     causal_mask = create_causal_mask(
                         self.config, hidden_states, attention_mask, past_key_values, position_ids=None, layer_idx=idx
                     )
-                elif not prefill and sequence_state is not None and sequence_state.stage2_keep is not None:
-                    causal_mask = create_causal_mask(
-                        self.config, hidden_states, self._decode_mask(attention_mask, sequence_state),
-                        past_key_values, position_ids=None, layer_idx=idx,
-                    )  # fmt: skip
-            counts.append(num_vision)
+            elif idx in decode_masks and idx > 0:
+                causal_mask = create_causal_mask(
+                    self.config, hidden_states, decode_masks[idx], past_key_values, position_ids=None, layer_idx=idx
+                )
+            if prefill:
+                per_layer.append(counts)
             hidden_states = decoder_layer(
                 hidden_states,
                 attention_mask=causal_mask,
@@ -162,14 +226,15 @@ class PrunableLlamaModel(LlamaModel):
                 use_cache=use_cache,
                 **kwargs,
             )
-        if prefill and sequence_state is not None:
-            sequence_state.vision_tokens_per_layer = counts
+        if prefill and state is not None:
+            state.vision_tokens_per_layer = torch.stack(per_layer, dim=1).tolist()
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
 
-    def _prune(self, pruner, idx, score_input, hidden_states, position_ids, position_embeddings,
-               attention_mask, vision_mask, past_key_values, state):  # fmt: skip
-        """Decoder stage: score, keep R2 vision tokens, slice everything that is indexed by sequence position."""
+    def _decoder_cut(self, pruner, idx, score_input, hidden_states, attention_mask, vision_mask, position_embeddings,
+                     past_key_values, state) -> SequenceCut | None:  # fmt: skip
+        """Decoder stage at layer ``idx``: the method scores and picks vision tokens; -> the cut that keeps them
+        (None when every sample keeps all of its vision tokens)."""
         batch, seq = vision_mask.shape
         per_sample = vision_mask.sum(-1)
         if bool((per_sample != per_sample[0]).any()):
@@ -180,35 +245,26 @@ class PrunableLlamaModel(LlamaModel):
         if past_key_values is not None and past_key_values.get_seq_length(idx) > 0:
             raise ValueError("in-LLM pruning runs at prefill and needs an empty KV cache for this prompt")
         num_vision = int(per_sample[0])
+        if pruner.plan.r2 >= num_vision:
+            return None
         vision_index = vision_mask.nonzero()[:, 1].view(batch, num_vision)
-        text_index = (~vision_mask).nonzero()[:, 1].view(batch, seq - num_vision)
         key_valid = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
         ctx = DecoderContext(
             pruner, self.layers[pruner.score_layer], score_input, position_embeddings, vision_index, key_valid,
             extras={"stage_input": hidden_states, "final_norm": self.norm},  # layer k's input (DART)
         )  # fmt: skip
-        keep_vision = pruner.select_decoder(ctx)  # [B, R2] into the Nv vision tokens
-        keep = torch.cat([text_index, vision_index.gather(1, keep_vision)], dim=1).sort(dim=1).values  # [B, S']
+        keep_vision = pruner.select_decoder(ctx)  # [B, R2] into the Nv vision tokens; -1 = an empty slot
+        keep = ~vision_mask if key_valid is None else key_valid & ~vision_mask
+        rows = torch.arange(batch, device=keep.device)[:, None].expand_as(keep_vision)
+        chosen = keep_vision >= 0
+        keep = keep.clone()
+        keep[rows[chosen], vision_index.gather(1, keep_vision.clamp(min=0))[chosen]] = True
+        cut = SequenceCut.from_keep(idx, keep)
         if state is not None:
             state.stage2_vision_keep = keep_vision
             if past_key_values is not None:
-                state.stage2_keep, state.prefill_length = keep, seq
-        cos, sin = position_embeddings
-        return (
-            _gather_seq(hidden_states, keep),
-            _gather_seq(position_ids, keep),
-            (_gather_seq(cos, keep), _gather_seq(sin, keep)),
-            _gather_seq(attention_mask, keep) if key_valid is not None else None,
-            _gather_seq(vision_mask, keep),
-        )
-
-    @staticmethod
-    def _decode_mask(attention_mask: torch.Tensor | None, state: _SequenceState) -> torch.Tensor | None:
-        """The 2D padding mask as layers >= k see it: kept prefill columns, then every later column."""
-        if attention_mask is None or attention_mask.dim() != 2:
-            return attention_mask
-        prefill = attention_mask[:, : state.prefill_length].gather(1, state.stage2_keep)
-        return torch.cat([prefill, attention_mask[:, state.prefill_length :]], dim=1)
+                state.cuts.append(cut)
+        return cut
 
 
 class PrunableLlavaModel(LlavaModel):
@@ -244,8 +300,9 @@ class PrunableLlavaModel(LlavaModel):
 
     @property
     def num_image_tokens(self) -> int:
-        """Placeholder tokens each ``<image>`` must expand to: R1 under the current pruner, else N."""
-        return self.pruner.plan.r1 if self.pruner is not None else self.num_vision_tokens
+        """Placeholder tokens each ``<image>`` expands to: always N, whatever the pruner (tokenisation does not
+        depend on the method; the vision stage's cut at boundary 0 drops the placeholders it does not fill)."""
+        return self.num_vision_tokens
 
     def _encoder_layers(self):
         tower = self.vision_tower
@@ -352,19 +409,20 @@ class PrunableLlavaModel(LlavaModel):
             image_mask = input_ids == self.config.image_token_id
             image_tokens, index, diverse = vision.pooler_output, vision.patch_index, vision.is_diverse
             self._check_placeholders(image_mask, image_tokens)
-            inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], image_tokens.to(inputs_embeds.dtype))
-            state = _SequenceState()
+            filled = self._filled_placeholders(image_mask, index)  # [B, S]: placeholders that get a kept token
+            kept_tokens = image_tokens[index >= 0]  # [Σ kept, D] in placeholder order
+            inputs_embeds = inputs_embeds.masked_scatter(filled[..., None], kept_tokens.to(inputs_embeds.dtype))
+            state = _SequenceState(prefill_length=input_ids.shape[1], position_mode=self._position_mode())
             if past_key_values is not None:
                 self._states[past_key_values] = state
-            if self.pruner is not None and self.pruner.config.position_mode == "original":
-                position_ids = self._original_positions(image_mask, index, attention_mask, position_ids, state)
+            if bool((image_mask & ~filled).any()):  # stage 1 dropped tokens: the cut at boundary 0
+                inputs_embeds, attention_mask, position_ids, image_mask = self._vision_cut(
+                    state, image_mask, filled, index, inputs_embeds, attention_mask, position_ids, past_key_values
+                )
         else:
             state = self._states.get(past_key_values) if past_key_values is not None else None
-            if state is not None and state.position_offset is not None:
-                if position_ids is None:
-                    start = past_key_values.get_seq_length()
-                    position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + start)[None]
-                position_ids = position_ids + state.position_offset[:, None]
+            if state is not None and state.removed is not None:
+                position_ids = self._decode_positions(state, position_ids, inputs_embeds, past_key_values)
 
         outputs = self.language_model(
             attention_mask=attention_mask,
@@ -386,39 +444,78 @@ class PrunableLlavaModel(LlavaModel):
             image_hidden_states=image_tokens,
         )
 
+    def _position_mode(self) -> str:
+        return self.pruner.config.position_mode if self.pruner is not None else "contiguous"
+
     def _check_placeholders(self, image_mask: torch.Tensor, image_tokens: torch.Tensor) -> None:
         per_sample = image_mask.sum(-1)
         with_image = per_sample > 0
-        expected = image_tokens.shape[1]
+        expected = self.num_vision_tokens
         if int(with_image.sum()) != image_tokens.shape[0] or bool((per_sample[with_image] != expected).any()):
             raise ValueError(
-                f"each prompt needs exactly one image expanded to {expected} <image> placeholder tokens "
-                f"(got {per_sample.tolist()} placeholders for {image_tokens.shape[0]} images); tokenize with "
-                "llava.mm_utils.tokenizer_image_token(..., num_image_tokens=model.num_image_tokens)"
+                f"each prompt needs exactly one image expanded to {expected} <image> placeholder tokens (the N "
+                f"vision tokens, whatever the pruning method; got {per_sample.tolist()} placeholders for "
+                f"{image_tokens.shape[0]} images); tokenize with llava.mm_utils.tokenizer_image_token(..., "
+                "num_image_tokens=model.num_image_tokens)"
             )
 
-    def _original_positions(self, image_mask, index, attention_mask, position_ids, state) -> torch.Tensor:
-        """Give every kept token the position it has in the unpruned sequence (SPEC §1, optional mode)."""
-        batch, seq = image_mask.shape
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            else:
-                position_ids = torch.arange(seq, device=image_mask.device).expand(batch, -1)
-        removed = self.num_vision_tokens - index.shape[1]
-        seen = image_mask.long().cumsum(-1)
-        after_image = (seen == index.shape[1]) & ~image_mask & (seen > 0)
-        offset = after_image.long() * removed
+    def _filled_placeholders(self, image_mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """[B, S] bool: placeholder slot j of an image is filled when the vision stage kept a token for it
+        (``index[:, j] >= 0``; the kept tokens go into the first R1 slots, in the order the method gave)."""
+        rank = (image_mask.long().cumsum(-1) - 1).clamp(min=0)  # slot number of each placeholder in its image
         rows = image_mask.any(-1)
-        shift = index - torch.arange(index.shape[1], device=index.device)  # [B_img, R1]
-        offset[image_mask] = shift.reshape(-1)
-        state.position_offset = rows.long() * removed
-        return position_ids.expand(batch, -1) + offset
+        slot_kept = F.pad(index >= 0, (0, self.num_vision_tokens - index.shape[1]), value=False)  # [B_img, N]
+        filled = torch.zeros_like(image_mask)
+        filled[rows] = slot_kept.gather(1, rank[rows].clamp(max=self.num_vision_tokens - 1)) & image_mask[rows]
+        return filled
+
+    def _vision_cut(self, state, image_mask, filled, index, inputs_embeds, attention_mask, position_ids, past_key_values):
+        """The cut at boundary 0: drop the placeholders the vision stage left empty (and the left padding),
+        re-left-pad, and give positions by the pruner's mode (SPEC §1):
+
+        * ``contiguous``: kept tokens are numbered consecutively (as if the prompt had R1 placeholders);
+        * ``original``: every kept token keeps its unpruned position (vision token -> its patch's position).
+        """
+        batch, seq = image_mask.shape
+        valid = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
+        keep = ~(image_mask & ~filled) if valid is None else valid & ~(image_mask & ~filled)
+        cut = SequenceCut.from_keep(0, keep)
+        new_mask = cut.mask(attention_mask)
+        state.removed = (image_mask & ~filled).sum(-1)
+        if state.position_mode == "original":
+            if position_ids is None:
+                position_ids = ((attention_mask.long().cumsum(-1) - 1).clamp(min=0) if valid is not None
+                                else torch.arange(seq, device=image_mask.device).expand(batch, -1))  # fmt: skip
+            offset = torch.zeros(batch, seq, dtype=torch.long, device=image_mask.device)
+            shift = index - torch.arange(index.shape[1], device=index.device)  # patch index - slot: [B_img, R1]
+            offset[filled] = shift[index >= 0]  # row-major order of both: image rows, then slots
+            position_ids = cut.gather(position_ids.expand(batch, -1) + offset)
+        elif position_ids is not None:
+            position_ids = (new_mask.cumsum(-1) - 1).clamp(min=0)
+        if past_key_values is not None:
+            state.cuts.append(cut)
+        return cut.gather(inputs_embeds), new_mask if attention_mask is not None else None, position_ids, \
+            cut.gather(image_mask) & cut.valid
+
+    @staticmethod
+    def _decode_positions(state, position_ids, inputs_embeds, past_key_values) -> torch.Tensor:
+        """Decode positions after a boundary-0 cut. ``generate()`` numbers new tokens from the unpruned prompt
+        length: right for ``original`` positions, ``removed`` too far for ``contiguous``. Without given
+        positions the cache length (the pruned prompt) is the start: right for ``contiguous``."""
+        if position_ids is None:
+            start = past_key_values.get_seq_length()
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + start)[None]
+            return position_ids + state.removed[:, None] if state.position_mode == "original" else position_ids
+        return position_ids - state.removed[:, None] if state.position_mode == "contiguous" else position_ids
 
     def _trace(self, state: _SequenceState, index: torch.Tensor, diverse: torch.Tensor | None) -> PruningTrace:
         pruner, n = self.pruner, self.num_vision_tokens
         plan = pruner.plan if pruner is not None else None
-        stage2 = index.gather(1, state.stage2_vision_keep) if state.stage2_vision_keep is not None else None
+        stage2 = None
+        if state.stage2_vision_keep is not None:
+            keep = state.stage2_vision_keep
+            stage2 = torch.where(keep >= 0, index.gather(1, keep.clamp(min=0)), -1)
+        per_sample = state.vision_tokens_per_layer  # [B][L]
         return PruningTrace(
             method=pruner.name if pruner is not None else "none",
             budget=pruner.config.budget if pruner is not None else None,
@@ -427,7 +524,8 @@ class PrunableLlavaModel(LlavaModel):
             r2=plan.r2 if plan else None,
             layer=plan.layer if plan else None,
             convention=plan.convention if plan else "average",
-            vision_tokens_per_layer=state.vision_tokens_per_layer,
+            vision_tokens_per_layer=[max(layer) for layer in zip(*per_sample)] if per_sample else [],
+            vision_tokens_per_sample=per_sample,
             stage1_index=index,
             stage1_diverse=diverse,
             stage2_index=stage2,

@@ -64,7 +64,7 @@ def tokenizer_image_token(
     """Tokenise ``prompt``, replacing each ``<image>`` with ``num_image_tokens`` image placeholder ids.
 
     ``num_image_tokens`` is the number of vision tokens the model feeds the LLM per image
-    (``model.num_image_tokens``: N unpruned, R1 under a pre-LLM pruning stage). The BOS token appears once.
+    (``model.num_image_tokens``: always N; the model's vision stage drops the placeholders it does not fill). The BOS token appears once.
     """
     chunks = prompt.split(DEFAULT_IMAGE_TOKEN)
     if expected_images is not None and len(chunks) - 1 != expected_images:

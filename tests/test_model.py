@@ -10,6 +10,7 @@ from learnpruner_ext import PruningConfig, apply_pruning
 from learnpruner_ext.methods.base import DecoderContext
 from learnpruner_ext.scoring import text_to_vision_attention
 from llava.inference import build_prompt, prepare_batch
+from llava.mm_utils import tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 
 QUESTIONS = ["What color is the circle?", "How many shapes are there in this picture?", "Is there a red square?"]
@@ -96,12 +97,15 @@ def reduced_reference_logits(model, batch, trace, sample=0, position_mode="conti
     keep = batch["attention_mask"][sample].bool()
     ids = ids[:, keep]  # drop left padding
     image_id = model.config.image_token_id
+    stage1 = trace.stage1_index[sample]
+    r1 = len(stage1)
+    first = int((ids[0] == image_id).nonzero()[0])
+    # the prompt carries N placeholders; the physically reduced one has only the R1 that stage 1 filled
+    ids = torch.cat([ids[:, : first + r1], ids[:, first + model.num_vision_tokens :]], dim=1)
     vision = ids[0] == image_id
-    first = int(vision.nonzero()[0])
-    r1 = int(vision.sum())
+    assert int(vision.sum()) == r1
     pixel = batch["pixel_values"][sample : sample + 1]
     feats = llava.vision_tower(pixel, output_hidden_states=True).hidden_states[model.config.vision_feature_layer][:, 1:]
-    stage1 = trace.stage1_index[sample]
     tokens = llava.multi_modal_projector(feats[0, stage1])
     embeds = lm.embed_tokens(ids).clone()
     embeds[0, vision] = tokens
@@ -190,11 +194,17 @@ def test_both_formats_load_identically(tiny_hf, tiny_llava, images):
     assert (outs[0][1] - outs[1][1]).abs().max() == 0
 
 
-def test_placeholder_mismatch_is_explained(loaded, images):
+def test_prompts_do_not_depend_on_the_method(loaded, images):
+    """Prompts carry N placeholders whatever the method (stage 1 cuts inside forward); a prompt tokenized for R1
+    placeholders, as the old shortened-prompt path did, is refused with the fix."""
     tokenizer, model, processor = loaded
     with_method(model, "none")
-    batch = batch_for(loaded, images[:1], QUESTIONS[:1])
+    plain = batch_for(loaded, images[:2], QUESTIONS[:2])
     with pytest.warns(UserWarning):
-        with_method(model, "learnpruner", 4)  # now R1 < N placeholders in the batch
-    with pytest.raises(ValueError, match="num_image_tokens"):
-        model(**batch)
+        with_method(model, "learnpruner", 4)
+    pruned = batch_for(loaded, images[:2], QUESTIONS[:2])
+    assert torch.equal(plain["input_ids"], pruned["input_ids"]) and model.num_image_tokens == model.num_vision_tokens
+    short = tokenizer_image_token(build_prompt(QUESTIONS[0]), tokenizer, model.config.image_token_id,
+                                  num_image_tokens=model.pruner.plan.r1, return_tensors="pt")[None]  # fmt: skip
+    with pytest.raises(ValueError, match=r"expanded to 16 <image> placeholder tokens.*num_image_tokens"):
+        model(input_ids=short, pixel_values=plain["pixel_values"][:1])
