@@ -37,15 +37,21 @@ class PruningConfig:
         options: method hyper-parameters, e.g. ``{"important_ratio": 0.5}`` for VisPruner.
     """
 
-    method: str = "none"
-    budget: int | None = None
-    layer: int | None = None
-    ratio: float = 3.0
-    diversity: float = 0.1
-    position_mode: str = "contiguous"
-    lpm_path: str | None = None
-    seed: int = 0
-    options: dict[str, Any] = field(default_factory=dict)
+    # ``metadata``: the CLI flag and its help; learnpruner_ext.cli builds the argparse group from these fields.
+    method: str = field(default="none", metadata={"flag": "--pruning-method", "help": "pruning method"})
+    budget: int | None = field(default=None, metadata={
+        "flag": "--visual-token-budget", "help": "T, average vision tokens per LLM layer (default: all tokens)"})
+    layer: int | None = field(default=None, metadata={
+        "flag": "--pruning-layer", "help": "decoder layer k of the in-LLM stage (default: the method's)"})
+    ratio: float = field(default=3.0, metadata={"flag": "--pruning-ratio", "help": "R1/R2 for two-stage methods"})
+    diversity: float = field(default=0.1, metadata={"flag": "--diversity-ratio", "help": "LearnPruner's lambda"})
+    position_mode: str = field(default="contiguous", metadata={
+        "flag": "--position-mode", "choices": POSITION_MODES, "help": "positions of the kept vision tokens"})
+    lpm_path: str | None = field(default=None, metadata={"flag": "--lpm-path", "help": "trained LPM folder (LearnPruner)"})
+    seed: int = field(default=0, metadata={"flag": "--pruning-seed", "help": "seed of stochastic methods (random)"})
+    options: dict[str, Any] = field(default_factory=dict, metadata={
+        "flag": "--method-option", "metavar": "KEY=VALUE",
+        "help": "method hyper-parameter, e.g. important_ratio=0.5 (repeatable; VALUE parsed as JSON)"})
 
     def __post_init__(self):
         if self.budget is not None and (not isinstance(self.budget, int) or self.budget <= 0):

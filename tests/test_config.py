@@ -59,3 +59,67 @@ def test_lpm_parameter_count():
 def test_unknown_method_lists_valid():
     with pytest.raises(ValueError, match="valid methods: .*learnpruner"):
         create_method(PruningConfig("nope", 64), num_vision_tokens=576, num_layers=32, vision_dim=1024)
+
+
+# ---------------------------------------------------------------------------------------------- CLI flags
+FLAGS = {"method": "--pruning-method", "budget": "--visual-token-budget", "layer": "--pruning-layer",
+         "ratio": "--pruning-ratio", "diversity": "--diversity-ratio", "position_mode": "--position-mode",
+         "lpm_path": "--lpm-path", "seed": "--pruning-seed", "options": "--method-option"}  # what scripts and docs use
+
+
+def _pruning_parser(**kw):
+    import argparse
+
+    from learnpruner_ext.cli import add_pruning_args
+
+    parser = argparse.ArgumentParser()
+    add_pruning_args(parser, **kw)
+    return parser
+
+
+def test_every_field_has_exactly_one_flag():
+    from dataclasses import fields
+
+    parser = _pruning_parser()
+    [group] = [g for g in parser._action_groups if g.title == "visual-token pruning"]
+    flags = [a.option_strings for a in group._group_actions]
+    assert all(len(f) == 1 for f in flags), flags  # one flag each, no aliases
+    assert sorted(f[0] for f in flags) == sorted(FLAGS.values())
+    assert {f.name: f.metadata["flag"] for f in fields(PruningConfig)} == FLAGS
+    assert all(f.metadata["help"] for f in fields(PruningConfig))
+    excluded = _pruning_parser(exclude=("method", "budget"))
+    assert "--pruning-method" not in excluded.format_help() and "--pruning-layer" in excluded.format_help()
+
+
+def test_flags_round_trip_every_field():
+    """Non-default values for every field (a field the flags dropped or mis-typed would keep its default)."""
+    from dataclasses import asdict, fields
+
+    from learnpruner_ext.cli import pruning_config_from_args
+
+    want = PruningConfig(method="vispruner", budget=48, layer=5, ratio=2.5, diversity=0.25, position_mode="original",
+                         lpm_path="some/lpm", seed=7, options={"important_ratio": 0.5, "tag": "x", "flags": [1, 2]})
+    defaults = PruningConfig()
+    assert all(getattr(want, f.name) != getattr(defaults, f.name) for f in fields(PruningConfig))
+    argv = ["--pruning-method", "vispruner", "--visual-token-budget", "48", "--pruning-layer", "5", "--pruning-ratio",
+            "2.5", "--diversity-ratio", "0.25", "--position-mode", "original", "--lpm-path", "some/lpm",
+            "--pruning-seed", "7", "--method-option", "important_ratio=0.5", "--method-option", "tag=x",
+            "--method-option", "flags=[1, 2]"]
+    got = pruning_config_from_args(_pruning_parser().parse_args(argv))
+    assert asdict(got) == asdict(want)
+    assert type(got.budget) is int and type(got.ratio) is float and type(got.seed) is int
+    assert asdict(pruning_config_from_args(_pruning_parser().parse_args([]))) == asdict(defaults)
+    # the excluded fields are given directly (the sweep: --methods / --budgets)
+    sweep_like = _pruning_parser(exclude=("method", "budget")).parse_args(argv[4:])
+    assert asdict(pruning_config_from_args(sweep_like, method="vispruner", budget=48)) == asdict(want)
+
+
+def test_bad_flags():
+    from learnpruner_ext.cli import pruning_config_from_args
+
+    with pytest.raises(ValueError, match="--method-option expects KEY=VALUE, got 'important_ratio'"):
+        pruning_config_from_args(_pruning_parser().parse_args(["--method-option", "important_ratio"]))
+    with pytest.raises(ValueError, match="unknown --pruning-method 'nope'; valid methods: .*learnpruner"):
+        pruning_config_from_args(_pruning_parser().parse_args(["--pruning-method", "nope"]))
+    with pytest.raises(SystemExit):  # argparse: invalid choice / not an int
+        _pruning_parser().parse_args(["--position-mode", "shuffled"])

@@ -1,16 +1,19 @@
 """The loop shared by the answer generators (``model_vqa_loader``, ``model_vqa_science``, ``model_vqa_mmbench``).
 
-A generator only parses its question file into :class:`Item` s (one per prompt to answer) and
-says how an answer line is identified (:func:`run` ``answer_key``). This module does the rest:
+A generator only parses its question file into a :class:`Task`: :class:`Item` s (one per prompt to
+answer), how an answer line is identified (``answer_key``) and its prompt flags. This module does the rest;
+its Python API is :func:`answer` (a ``PruningConfig`` and ``GenerationSettings``, optionally an already
+loaded model: the sweep), its CLI :func:`run`:
 
 * upstream LLaVA's flags (``--model-path --model-base --image-folder --question-file --answers-file
   --conv-mode --num-chunks --chunk-idx --temperature --top_p --num_beams --max_new_tokens``), the
-  pruning flags, ``--batch-size``, ``--device``, ``--dtype``;
+  pruning flags (generated from ``PruningConfig``), ``--batch-size``, ``--device``, ``--dtype``;
 * chunking (:func:`get_chunk`, upstream's split: ``ceil(n / num_chunks)`` questions per chunk);
 * resume: answers already in ``--answers-file`` are skipped; a truncated last line (a run killed
   mid-write) is dropped and redone; a file written by a different method / budget / model /
   settings is refused rather than mixed (the model is identified by its folder name *and* a
-  fingerprint of its weights and config, ``llava.model.fingerprint``);
+  fingerprint of its weights and config, ``llava.model.fingerprint``; the pruning by
+  ``dataclasses.asdict(PruningConfig)`` plus the LPM's fingerprint);
 * input checks before any model work: malformed question lines (with their line number), missing
   images (all of them, named), answer lines that do not belong to this question file / chunk;
 * batching: prompts with an image are batched together (left padding, greedy decoding equals batch
@@ -30,13 +33,13 @@ import os
 import sys
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 import torch
 from tqdm import tqdm
 
-from learnpruner_ext import apply_pruning
+from learnpruner_ext import PruningConfig
 from learnpruner_ext.cli import add_pruning_args, pruning_config_from_args, run_main
 from learnpruner_ext.config import budget_notice
 
@@ -67,17 +70,14 @@ def get_chunk(lst: list, n: int, k: int) -> list:
 
 
 # ---------------------------------------------------------------------------------------------- flags
-def build_parser(description: str, question_help: str, image_folder: bool = True) -> argparse.ArgumentParser:
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """The flags every generator shares: model, answers file, generation, batching, pruning. A generator adds
+    its question flags (:func:`add_question_args` and its own)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model-path", default=None, help="checkpoint folder (default: the built-in toy model)")
     parser.add_argument("--model-base", default=None)
-    if image_folder:
-        parser.add_argument("--image-folder", default="", help="folder the question file's image paths are relative to")
-    parser.add_argument("--question-file", required=True, help=question_help)
     parser.add_argument("--answers-file", required=True, help="answers .jsonl (appended to; existing answers are kept)")
     parser.add_argument("--conv-mode", default="llava_v1")
-    parser.add_argument("--num-chunks", type=int, default=1, help="split the questions into this many chunks ...")
-    parser.add_argument("--chunk-idx", type=int, default=0, help="... and answer this one (0-based)")
     parser.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (what the eval scripts use)")
     parser.add_argument("--top_p", type=float, default=None)
     parser.add_argument("--num_beams", type=int, default=1)
@@ -88,6 +88,15 @@ def build_parser(description: str, question_help: str, image_folder: bool = True
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_pruning_args(parser)
     return parser
+
+
+def add_question_args(parser: argparse.ArgumentParser, question_help: str, image_folder: bool = True) -> None:
+    """Which questions: ``--question-file``, ``--image-folder`` and upstream's chunking."""
+    parser.add_argument("--question-file", required=True, help=question_help)
+    if image_folder:
+        parser.add_argument("--image-folder", default="", help="folder the question file's image paths are relative to")
+    parser.add_argument("--num-chunks", type=int, default=1, help="split the questions into this many chunks ...")
+    parser.add_argument("--chunk-idx", type=int, default=0, help="... and answer this one (0-based)")
 
 
 # ---------------------------------------------------------------------------------------------- items
@@ -109,6 +118,17 @@ class Item:
     @property
     def has_image(self) -> bool:
         return self.image is not None
+
+
+@dataclass
+class Task:
+    """What a generator hands to :func:`answer`: its prompts (already chunked), how an answer line is identified
+    (upstream's keys: ``question_id``, with ``prompt`` or ``round_id`` where ids repeat) and the prompt flags
+    that are part of the run identity (``--single-pred-prompt``, ``--lang``)."""
+
+    items: list[Item]
+    answer_key: Callable[[dict], tuple]
+    prompt_settings: dict = field(default_factory=dict)
 
 
 def read_jsonl_questions(path: str, required: Iterable[str]) -> list[tuple[int, dict]]:
@@ -137,30 +157,31 @@ def read_jsonl_questions(path: str, required: Iterable[str]) -> list[tuple[int, 
 
 
 # ---------------------------------------------------------------------------------------------- run identity
-def run_identity(args: argparse.Namespace, pruning, prompt_settings: dict | None = None) -> dict:
-    """What must be equal for two runs' answers to share a file: model, method, budget and settings."""
-    settings = {
-        "conv_mode": args.conv_mode,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "num_beams": args.num_beams,
-        "max_new_tokens": args.max_new_tokens,
-    }
-    if pruning.method != "none":  # hyper-parameters of a method that does nothing do not matter
-        settings.update(
-            pruning_layer=pruning.layer,
-            pruning_ratio=pruning.ratio,
-            diversity_ratio=pruning.diversity,
-            position_mode=pruning.position_mode,
-            lpm_path=os.path.abspath(pruning.lpm_path) if pruning.lpm_path else None,
-            lpm_fingerprint=_lpm_fingerprint(pruning.lpm_path),
-            pruning_seed=pruning.seed,
-            method_options=dict(sorted(pruning.options.items())),
-        )
+def run_identity(pruning: PruningConfig, generation: GenerationSettings, conv_mode: str, model_path: str | None,
+                 prompt_settings: dict | None = None) -> dict:  # fmt: skip
+    """What must be equal for two runs' answers to share a file: model, method, budget and settings.
+
+    ``settings``: the prompt template, ``asdict(generation)``, the prompt flags and, for a method that prunes,
+    ``pruning`` = :func:`pruning_identity` (the hyper-parameters of ``none``, which does nothing, do not matter).
+    """
+    settings = {"conv_mode": conv_mode, **asdict(generation)}
+    if pruning.method != "none":
+        settings["pruning"] = pruning_identity(pruning)
     settings.update(prompt_settings or {})
-    model_path = args.model_path or _default_model_path()
+    settings = json.loads(json.dumps(settings))  # as an answer line stores it (tuples -> lists), to compare equal
+    model_path = model_path or _default_model_path()
     return {"method": pruning.method, "budget": pruning.budget, "model_id": get_model_name_from_path(model_path),
             "model_fingerprint": _model_fingerprint(model_path), "settings": settings}  # fmt: skip
+
+
+def pruning_identity(pruning: PruningConfig) -> dict:
+    """``dataclasses.asdict(pruning)``, with the LPM folder made absolute and fingerprinted (its weights, not its
+    path, define the run) and the method options sorted."""
+    out = asdict(pruning)
+    out["options"] = dict(sorted(out["options"].items()))
+    out["lpm_path"] = os.path.abspath(pruning.lpm_path) if pruning.lpm_path else None
+    out["lpm_fingerprint"] = _lpm_fingerprint(pruning.lpm_path)
+    return out
 
 
 def _model_fingerprint(model_path: str) -> str | None:
@@ -239,13 +260,24 @@ def _check_identity(path: str, lineno: int, rec: dict, identity: dict) -> None:
         )
     their_settings = (rec.get("metadata") or {}).get("settings")
     if their_settings is not None and their_settings != identity["settings"]:
-        mine = identity["settings"]
-        diff = sorted(k for k in set(their_settings) | set(mine) if their_settings.get(k) != mine.get(k))
-        details = ", ".join(f"{k}: file {their_settings.get(k)!r} vs now {mine.get(k)!r}" for k in diff)
+        theirs, mine = _flat(their_settings), _flat(identity["settings"])
+        diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+        details = ", ".join(f"{k}: file {theirs.get(k)!r} vs now {mine.get(k)!r}" for k in diff)
         raise InputError(
             f"{path}:{lineno}: this answers file was written with other settings ({details}); answers of "
             "different settings are never mixed: use another --answers-file or delete this one"
         )
+
+
+def _flat(settings: dict) -> dict:
+    """``{"pruning": {"layer": 3}}`` -> ``{"pruning.layer": 3}`` (one level), so a refusal names the exact key."""
+    out = {}
+    for k, v in settings.items():
+        if k == "pruning" and isinstance(v, dict):
+            out.update({f"pruning.{name}": value for name, value in v.items()})
+        else:
+            out[k] = v
+    return out
 
 
 def pending_items(items: list[Item], done: Counter, answer_key: Callable[[dict], tuple], answers_file: str) -> list[Item]:
@@ -347,59 +379,66 @@ class RunSummary:
     identity: dict = field(default_factory=dict)
 
 
-def run(
-    args: argparse.Namespace,
-    items: list[Item],
-    answer_key: Callable[[dict], tuple],
-    prompt_settings: dict | None = None,
+def answer(
+    task: Task,
+    answers_file: str,
+    pruning: PruningConfig,
+    generation: GenerationSettings,
+    *,
+    conv_mode: str,
+    model_path: str | None = None,
+    model_base: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
     loaded: tuple | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
 ) -> RunSummary:
-    """Answer ``items`` (already chunked) into ``args.answers_file``, resuming; see the module docstring.
+    """Answer ``task`` into ``answers_file`` with ``pruning`` and ``generation``, resuming; see the module docstring.
 
-    ``loaded``: an already loaded ``(tokenizer, model, image_processor)`` to reuse (the sweep); the
-    pruning flags in ``args`` are applied to it.
+    The model is loaded from ``model_path`` (``None``: the built-in toy model) with ``pruning`` attached, unless
+    ``loaded`` gives an already loaded ``(tokenizer, model, image_processor)`` that carries ``pruning`` already
+    (``apply_pruning(model, pruning)``: the sweep attaches each method once and answers every benchmark with it).
+    ``model_path`` names the model in the answer lines either way.
     """
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
-    pruning = pruning_config_from_args(args)
-    identity = run_identity(args, pruning, prompt_settings)
-    answers_file = os.path.expanduser(args.answers_file)
-    if os.path.isdir(answers_file) or answers_file.endswith(os.sep):
-        raise InputError(f"--answers-file {args.answers_file} is a folder; give a file path, e.g. {os.path.join(answers_file, 'answers.jsonl')}")
-    settings = GenerationSettings(args.temperature, args.top_p, args.num_beams, args.max_new_tokens)
-    done = read_existing_answers(answers_file, identity, answer_key)
-    pending = pending_items(items, done, answer_key, answers_file)
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    identity = run_identity(pruning, generation, conv_mode, model_path, task.prompt_settings)
+    path = os.path.expanduser(answers_file)
+    if os.path.isdir(path) or path.endswith(os.sep):
+        raise InputError(f"--answers-file {answers_file} is a folder; give a file path, e.g. {os.path.join(path, 'answers.jsonl')}")
+    done = read_existing_answers(path, identity, task.answer_key)
+    pending = pending_items(task.items, done, task.answer_key, path)
     check_images(pending)
-    os.makedirs(os.path.dirname(os.path.abspath(answers_file)), exist_ok=True)
-    open(answers_file, "a").close()  # an empty chunk still leaves its (empty) file for merging
-    summary = RunSummary(answers_file, len(items), len(items) - len(pending), 0, identity)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    open(path, "a").close()  # an empty chunk still leaves its (empty) file for merging
+    total = len(task.items)
+    summary = RunSummary(path, total, total - len(pending), 0, identity)
     if not pending:
-        print(f"{answers_file}: all {len(items)} answers already present", file=sys.stderr)
+        print(f"{path}: all {total} answers already present", file=sys.stderr)
         return summary
 
     torch.manual_seed(pruning.seed)  # an untrained LPM / sampling are reproducible
     if loaded is None:
         from ..model.builder import load_pretrained_model
 
-        tokenizer, model, processor, _ = load_pretrained_model(
-            args.model_path, args.model_base, device=args.device, dtype=args.dtype, pruning=pruning
-        )
+        tokenizer, model, processor, _ = load_pretrained_model(model_path, model_base, device=device, dtype=dtype, pruning=pruning)
     else:
         tokenizer, model, processor = loaded
-        apply_pruning(model, pruning)
+        _check_attached(model, pruning)
     notice = budget_notice(model.pruner.plan, pruning.budget, pruning.method) if model.pruner is not None else None
     if notice:
         print(f"note: {notice}", file=sys.stderr)
-    bar = tqdm(total=len(items), initial=summary.already, desc=os.path.basename(answers_file), unit="q",
-               disable=getattr(args, "no_progress", False), file=sys.stderr, dynamic_ncols=True)  # fmt: skip
-    with open(answers_file, "a", encoding="utf-8") as out:
-        for batch in batches(pending, args.batch_size):
+    bar = tqdm(total=total, initial=summary.already, desc=os.path.basename(path), unit="q", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+    with open(path, "a", encoding="utf-8") as out:
+        for batch in batches(pending, batch_size):
             questions = [item.question for item in batch]
             if batch[0].has_image:
                 images = [_open_image(item) for item in batch]
-                texts = generate_answers(model, tokenizer, processor, images, questions, args.conv_mode, settings)
+                texts = generate_answers(model, tokenizer, processor, images, questions, conv_mode, generation)
             else:
-                texts = generate_text_only(model, tokenizer, questions, args.conv_mode, settings)
+                texts = generate_text_only(model, tokenizer, questions, conv_mode, generation)
             accounting = _accounting(model, batch[0].has_image)
             for item, text in zip(batch, texts):
                 line = {
@@ -420,6 +459,26 @@ def run(
             bar.update(len(batch))
     bar.close()
     return summary
+
+
+def _check_attached(model, pruning: PruningConfig) -> None:
+    """A loaded model must already carry ``pruning`` (the LPM path aside: a checkpoint's own LPM fills it in)."""
+    attached = model.pruner.config if model.pruner is not None else PruningConfig()
+    if attached.method == pruning.method == "none":  # nothing is pruned: its hyper-parameters do not matter
+        return
+    if replace(attached, lpm_path=None) != replace(pruning, lpm_path=None):
+        raise ValueError(f"the loaded model carries pruning {attached} but this run asks for {pruning}; "
+                         "call learnpruner_ext.apply_pruning(model, config) before answer()")  # fmt: skip
+
+
+def run(args: argparse.Namespace, task: Task) -> RunSummary:
+    """A generator's CLI: the flags of :func:`build_parser` -> :func:`answer`."""
+    return answer(
+        task, args.answers_file, pruning_config_from_args(args),
+        GenerationSettings(args.temperature, args.top_p, args.num_beams, args.max_new_tokens),
+        conv_mode=args.conv_mode, model_path=args.model_path, model_base=args.model_base, device=args.device,
+        dtype=args.dtype, batch_size=args.batch_size, progress=not args.no_progress,
+    )  # fmt: skip
 
 
 def cli(main: Callable[[list[str] | None], Any]) -> None:

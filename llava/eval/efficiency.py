@@ -25,10 +25,11 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
+from learnpruner_ext.cli import add_pruning_args, pruning_config_from_args
 from learnpruner_ext.flops import count_flops, kv_cache_bytes, method_for, plan_for
 
 MIB = 2**20
@@ -388,7 +389,7 @@ def measure(model, samples, method, budget, args, device, base_plan_kw) -> dict:
     else:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*UNTRAINED.*")
-            apply_pruning(model, PruningConfig(method, budget, lpm_path=args.lpm_path, **base_plan_kw))
+            apply_pruning(model, PruningConfig(method, budget, **base_plan_kw))
     plan = model.pruner.plan if model.pruner is not None else plan_for("none", None, n, layers, dv)
     runs, oracle, kv, peaks = [], [], set(), []
     for rep in range(args.warmup + args.reps):
@@ -492,13 +493,12 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=8, help="N generated tokens for total/decode time")
     p.add_argument("--no-oracle", action="store_true")
     p.add_argument("--no-breakdown", action="store_true")
-    p.add_argument("--lpm-path", default=None)
-    p.add_argument("--layer", type=int, default=None, help="stage-2 layer k (method default if omitted)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="bf16 on GPU and for --config-only; checkpoint dtype otherwise")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print a JSON list of rows instead of the table")
     p.add_argument("--output-json", default=None, help="also write the JSON rows to this file")
+    add_pruning_args(p, exclude=("method", "budget"))  # those come from --methods / --budgets
     return p.parse_args(argv)
 
 
@@ -513,7 +513,8 @@ def main(argv=None) -> list[dict]:
         raise SystemExit(f"unknown method(s) {unknown}; valid methods: {', '.join(available_methods())}")
     if "none" in methods:
         methods = ["none"] + [m for m in methods if m != "none"]
-    plan_kw = {"layer": args.layer} if args.layer is not None else {}
+    # every PruningConfig field but method and budget, from the generated flags (--pruning-layer, --lpm-path, ...)
+    plan_kw = {k: v for k, v in asdict(pruning_config_from_args(args)).items() if k not in ("method", "budget")}
     if args.threads:
         torch.set_num_threads(args.threads)
 

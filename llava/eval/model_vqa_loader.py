@@ -13,6 +13,7 @@ identified by ``(question_id, prompt)``.
 
 from __future__ import annotations
 
+import argparse
 import os
 
 from . import answer_loop
@@ -23,7 +24,7 @@ def answer_key(record: dict) -> tuple:
     return (str(record["question_id"]).strip(), record.get("prompt"))
 
 
-def load_items(question_file: str, image_folder: str) -> list[tuple[str, Item]]:
+def load_items(question_file: str, image_folder: str) -> list[Item]:
     """Every question of the file as an Item (checked: JSON object with question_id, image, text)."""
     items = []
     for lineno, q in answer_loop.read_jsonl_questions(question_file, ("question_id", "image", "text")):
@@ -35,11 +36,21 @@ def load_items(question_file: str, image_folder: str) -> list[tuple[str, Item]]:
     return items
 
 
-def main(argv: list[str] | None = None, loaded=None) -> answer_loop.RunSummary:
-    args = answer_loop.build_parser(__doc__.split("\n\n")[0], "questions .jsonl").parse_args(argv)
+def add_question_args(parser: argparse.ArgumentParser) -> None:
+    answer_loop.add_question_args(parser, "questions .jsonl")
+
+
+def task(args: argparse.Namespace) -> answer_loop.Task:
+    """The questions of ``--question-file`` (this ``--chunk-idx`` of ``--num-chunks``)."""
     items = load_items(os.path.expanduser(args.question_file), args.image_folder)
-    items = answer_loop.get_chunk(items, args.num_chunks, args.chunk_idx)
-    return answer_loop.run(args, items, answer_key, loaded=loaded)
+    return answer_loop.Task(answer_loop.get_chunk(items, args.num_chunks, args.chunk_idx), answer_key)
+
+
+def main(argv: list[str] | None = None) -> answer_loop.RunSummary:
+    parser = answer_loop.build_parser(__doc__.split("\n\n")[0])
+    add_question_args(parser)
+    args = parser.parse_args(argv)
+    return answer_loop.run(args, task(args))
 
 
 if __name__ == "__main__":

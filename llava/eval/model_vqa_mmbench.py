@@ -15,6 +15,7 @@ letter from the given choices directly." (``--lang cn``: "请直接回答选项�
 
 from __future__ import annotations
 
+import argparse
 import base64
 import binascii
 import io
@@ -96,18 +97,27 @@ def expand(lineno_row: tuple[int, dict], question_file: str, all_rounds: bool, s
     return items
 
 
-def main(argv: list[str] | None = None, loaded=None) -> answer_loop.RunSummary:
-    parser = answer_loop.build_parser(__doc__.split("\n\n")[0], "MMBench .tsv", image_folder=False)
+def add_question_args(parser: argparse.ArgumentParser) -> None:
+    answer_loop.add_question_args(parser, "MMBench .tsv", image_folder=False)
     parser.add_argument("--image-folder", default="", help="(unused: MMBench images are in the TSV)")
     parser.add_argument("--all-rounds", action="store_true", help="ask each question once per option rotation")
     parser.add_argument("--single-pred-prompt", action="store_true")
     parser.add_argument("--lang", choices=sorted(SUFFIX), default="en")
-    args = parser.parse_args(argv)
+
+
+def task(args: argparse.Namespace) -> answer_loop.Task:
+    """The rows of this chunk (chunks split rows, not rounds), each expanded into its rounds."""
     question_file = os.path.expanduser(args.question_file)
     rows = answer_loop.get_chunk(load_rows(question_file), args.num_chunks, args.chunk_idx)
     items = [it for r in rows for it in expand(r, question_file, args.all_rounds, args.single_pred_prompt, args.lang)]
-    prompt_settings = {"single_pred_prompt": args.single_pred_prompt, "lang": args.lang}
-    return answer_loop.run(args, items, answer_key, prompt_settings, loaded=loaded)
+    return answer_loop.Task(items, answer_key, {"single_pred_prompt": args.single_pred_prompt, "lang": args.lang})
+
+
+def main(argv: list[str] | None = None) -> answer_loop.RunSummary:
+    parser = answer_loop.build_parser(__doc__.split("\n\n")[0])
+    add_question_args(parser)
+    args = parser.parse_args(argv)
+    return answer_loop.run(args, task(args))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ directly." Answers: JSON lines with ``question_id`` = ``id`` and ``prompt`` as u
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
@@ -59,13 +60,22 @@ def load_items(question_file: str, image_folder: str, single_pred_prompt: bool) 
     return items
 
 
-def main(argv: list[str] | None = None, loaded=None) -> answer_loop.RunSummary:
-    parser = answer_loop.build_parser(__doc__.split("\n\n")[0], "llava_test_CQM-A.json")
+def add_question_args(parser: argparse.ArgumentParser) -> None:
+    answer_loop.add_question_args(parser, "llava_test_CQM-A.json")
     parser.add_argument("--single-pred-prompt", action="store_true")
-    args = parser.parse_args(argv)
+
+
+def task(args: argparse.Namespace) -> answer_loop.Task:
     items = load_items(os.path.expanduser(args.question_file), args.image_folder, args.single_pred_prompt)
     items = answer_loop.get_chunk(items, args.num_chunks, args.chunk_idx)
-    return answer_loop.run(args, items, answer_key, {"single_pred_prompt": args.single_pred_prompt}, loaded=loaded)
+    return answer_loop.Task(items, answer_key, {"single_pred_prompt": args.single_pred_prompt})
+
+
+def main(argv: list[str] | None = None) -> answer_loop.RunSummary:
+    parser = answer_loop.build_parser(__doc__.split("\n\n")[0])
+    add_question_args(parser)
+    args = parser.parse_args(argv)
+    return answer_loop.run(args, task(args))
 
 
 if __name__ == "__main__":

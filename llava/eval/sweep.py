@@ -4,9 +4,11 @@
         --budgets 128,64,32 --benchmarks gqa,sqa,textvqa,pope,mme,vqav2,mmbench,mmbench_cn \
         --lpm-path checkpoints/lpm [--eval-root playground/data/eval] --out outputs/sweep [--batch-size 8]
 
-The model is loaded once; for every (method, budget) the method is attached with ``apply_pruning``
-and each benchmark is answered by the same generator code as ``scripts/v1_5/eval/*.sh``
-(``llava.eval.model_vqa_*``) and scored by the same scorer (``llava.eval.eval_*``). ``none`` is
+The model is loaded once; for every (method, budget) the method is attached once with ``apply_pruning``
+and each benchmark is answered through the generators' Python API (``llava.eval.answer_loop.answer`` with
+the generator's ``task``: the same code and answer lines as ``scripts/v1_5/eval/*.sh`` running
+``llava.eval.model_vqa_*``) and scored by the same scorer (``llava.eval.eval_*``). The pruning flags are
+``learnpruner_ext.cli``'s generated group, less ``--pruning-method``/``--visual-token-budget``. ``none`` is
 the unpruned reference and runs once (no budget). A (method, budget) the method cannot meet
 (``BudgetError``) is recorded as infeasible, not a crash. Answers are resumable: re-running the
 same command only answers what is missing.
@@ -29,11 +31,13 @@ import json
 import os
 import sys
 
-from learnpruner_ext import BudgetError, PruningConfig, apply_pruning, available_methods
-from learnpruner_ext.config import POSITION_MODES
+from learnpruner_ext import BudgetError, apply_pruning, available_methods
+from learnpruner_ext.cli import add_pruning_args, pruning_config_from_args
 
+from . import answer_loop
 from . import benchmarks as B
 from ._io import write_atomic, write_json
+from ..inference import GenerationSettings
 from ..mm_utils import get_model_name_from_path
 
 CSV_FIELDS = ("method", "budget", "benchmark", "status", "metric", "value", "n", "missing", "r1", "r2", "layer",
@@ -52,13 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmarks", default=",".join(B.ORDER), help=f"comma list of: {', '.join(B.ORDER)}")
     p.add_argument("--eval-root", default="./playground/data/eval", help="upstream LLaVA's playground/data/eval layout")
     p.add_argument("--out", required=True, help="output folder (answers, metrics, results, table, plot)")
-    p.add_argument("--lpm-path", default=None, help="trained LPM (LearnPruner)")
-    p.add_argument("--pruning-layer", type=int, default=None)
-    p.add_argument("--pruning-ratio", type=float, default=3.0)
-    p.add_argument("--diversity-ratio", type=float, default=0.1)
-    p.add_argument("--position-mode", choices=POSITION_MODES, default="contiguous")
-    p.add_argument("--pruning-seed", type=int, default=0)
-    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--conv-mode", default="vicuna_v1")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -66,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--vqav2-annotation", default=None, help="VQA annotation json to score VQAv2 locally (else EvalAI)")
     p.add_argument("--no-progress", action="store_true")
+    add_pruning_args(p, exclude=("method", "budget"))  # those come from --methods / --budgets
     return p
 
 
@@ -108,27 +106,13 @@ def _measured_tokens(answers_file: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _method_args(args, method: str, budget: int | None) -> list[str]:
-    argv = ["--pruning-method", method]
-    if budget is not None:
-        argv += ["--visual-token-budget", str(budget)]
-    if args.pruning_layer is not None:
-        argv += ["--pruning-layer", str(args.pruning_layer)]
-    if args.lpm_path:
-        argv += ["--lpm-path", args.lpm_path]
-    argv += ["--pruning-ratio", str(args.pruning_ratio), "--diversity-ratio", str(args.diversity_ratio),
-             "--position-mode", args.position_mode, "--pruning-seed", str(args.pruning_seed)]  # fmt: skip
-    for option in args.method_option:
-        argv += ["--method-option", option]
-    return argv
-
-
-def _config(args, method: str, budget: int | None) -> PruningConfig:
-    from learnpruner_ext.cli import add_pruning_args, pruning_config_from_args
-
-    parser = argparse.ArgumentParser()
-    add_pruning_args(parser)
-    return pruning_config_from_args(parser.parse_args(_method_args(args, method, budget)))
+def _task(bench: B.Benchmark, eval_root: str) -> answer_loop.Task:
+    """The benchmark's questions, read by its generator (``bench.generator_argv``: the question flags the eval
+    script passes, e.g. ``--single-pred-prompt``)."""
+    module = B.generator_module(bench)
+    parser = argparse.ArgumentParser(prog=f"llava.eval.{bench.generator}", add_help=False)
+    module.add_question_args(parser)
+    return module.task(parser.parse_args(bench.generator_argv(eval_root)))
 
 
 def run_sweep(args: argparse.Namespace) -> dict:
@@ -146,7 +130,10 @@ def run_sweep(args: argparse.Namespace) -> dict:
         listed = "; ".join(f"{k}: {', '.join(v)}" for k, v in missing.items())
         raise FileNotFoundError(f"benchmark data missing under --eval-root {args.eval_root}: {listed} (see docs/evaluation.md)")
     combos = ([("none", None)] if "none" in methods else []) + [(m, b) for b in budgets for m in methods if m != "none"]
-    configs = {combo: _config(args, *combo) for combo in combos}  # flag errors (e.g. --method-option) before loading
+    # flag errors (e.g. --method-option) before loading
+    configs = {(m, b): pruning_config_from_args(args, method=m, budget=b) for m, b in combos}
+    generation = GenerationSettings(temperature=0.0, max_new_tokens=args.max_new_tokens)  # greedy, as the scripts
+    tasks = {bench.name: _task(bench, args.eval_root) for bench in benches}  # question-file errors, too
 
     from ..model.builder import load_pretrained_model
 
@@ -158,9 +145,10 @@ def run_sweep(args: argparse.Namespace) -> dict:
     rows = []
     for method, budget in combos:
         run = run_name(model_id, method, budget)
+        config = configs[(method, budget)]
         try:
-            torch.manual_seed(args.pruning_seed)
-            plan = apply_pruning(model, configs[(method, budget)]).plan
+            torch.manual_seed(config.seed)  # an untrained LPM is reproducible
+            plan = apply_pruning(model, config).plan  # once per (method, budget), for every benchmark
         except BudgetError as err:
             print(f"[sweep] {run}: infeasible: {err}", file=sys.stderr)
             rows += [_row(method, budget, b, "infeasible", note=str(err)) for b in benches]
@@ -169,15 +157,10 @@ def run_sweep(args: argparse.Namespace) -> dict:
             run_dir = os.path.join(args.out, "answers", bench.name, run)
             answers = os.path.join(run_dir, "answers.jsonl")
             print(f"[sweep] {run} on {bench.name}", file=sys.stderr)
-            argv = ["--model-path", args.model_path, *bench.generator_argv(args.eval_root), "--answers-file", answers,
-                    "--temperature", "0", "--conv-mode", args.conv_mode, "--batch-size", str(args.batch_size),
-                    "--max_new_tokens", str(args.max_new_tokens), "--device", args.device, "--dtype", args.dtype,
-                    *_method_args(args, method, budget)]  # fmt: skip
-            if args.model_base:
-                argv += ["--model-base", args.model_base]
-            if args.no_progress:
-                argv.append("--no-progress")
-            B.generator_module(bench).main(argv, loaded=(tokenizer, model, processor))
+            answer_loop.answer(
+                tasks[bench.name], answers, config, generation, conv_mode=args.conv_mode, model_path=args.model_path,
+                loaded=(tokenizer, model, processor), batch_size=args.batch_size, progress=not args.no_progress,
+            )  # fmt: skip
             metrics = B.score(bench, args.eval_root, answers, run_dir, run, args.vqav2_annotation)
             write_json(os.path.join(run_dir, "metrics.json"), metrics)
             rows.append(_row(

@@ -49,6 +49,22 @@ def test_analytic_cli_json_exact_command():
     _check_table5(rows)
 
 
+def test_pruning_flags_reach_the_rows(capsys):
+    """The generated pruning flags: --pruning-layer 8 gives Table 7a's k=8 row (R1/R2 = 129/43 at T=64, not k=12's
+    111/37); --method-option budget_mode=after_layer makes FastV's T=32 feasible (R2 = T); no --layer alias."""
+    base = ["--analytic", "--config-only", "llava-v1.5-7b", "--json"]
+    rows = eff.main(base + ["--methods", "learnpruner", "--budgets", "64", "--pruning-layer", "8"])
+    got = {r["method"]: (r["r1"], r["r2"], r["layer"]) for r in rows}
+    assert got["learnpruner"] == (129, 43, 8)
+    assert [r["method"] for r in eff.main(base + ["--methods", "fastv", "--budgets", "32"])] == ["none"]  # infeasible
+    rows = eff.main(base + ["--methods", "fastv", "--budgets", "32", "--method-option", "budget_mode=after_layer"])
+    assert [(r["method"], r["r1"], r["r2"]) for r in rows if r["method"] == "fastv"] == [("fastv", 576, 32)]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        eff.main(base + ["--layer", "8"])
+    assert "unrecognized arguments: --layer 8" in capsys.readouterr().err
+
+
 def test_analytic_every_registered_method():
     from learnpruner_ext.methods import available_methods
 

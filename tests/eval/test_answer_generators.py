@@ -232,6 +232,73 @@ def test_refuses_another_model_of_the_same_name(tiny_ckpt, tiny_lpm, eval_root, 
     assert answers.read_text() == content
 
 
+def test_run_identity_is_the_pruning_config(tiny_ckpt, tiny_lpm, eval_root, tmp_path, monkeypatch):
+    """metadata.settings.pruning is asdict(PruningConfig) + the LPM's fingerprint; a resume with another value of
+    any field, or with the LPM retrained in place, is refused naming the key; for method none they do not matter."""
+    import shutil
+    from dataclasses import asdict
+
+    import torch
+
+    import llava.model.builder as builder
+    from learnpruner_ext import LearnablePruningModule, PruningConfig
+
+    lpm = shutil.copytree(tiny_lpm, tmp_path / "lpm")
+    answers = tmp_path / "a.jsonl"
+    model_vqa_loader.main(gen_args(tiny_ckpt, lpm, answers, batch=4) + mme_args(eval_root))
+    settings = read(answers)[0]["metadata"]["settings"]
+    config = PruningConfig("learnpruner", 8, lpm_path=str(lpm))
+    assert settings["pruning"] == {**asdict(config), "lpm_fingerprint": folder_fingerprint(lpm)}
+    assert settings["max_new_tokens"] == 4 and settings["conv_mode"] == "vicuna_v1"
+    content = answers.read_text()
+    monkeypatch.setattr(builder, "load_pretrained_model", lambda *a, **k: pytest.fail("model loaded"))
+    for extra, key in [(["--pruning-ratio", "2"], "pruning.ratio: file 3.0 vs now 2.0"),
+                       (["--pruning-layer", "2"], "pruning.layer: file None vs now 2"),
+                       (["--position-mode", "original"], "pruning.position_mode: file 'contiguous' vs now 'original'"),
+                       (["--method-option", "hidden_features=256"], r"pruning.options: file \{\} vs now \{.hidden_features.: 256\}")]:
+        with pytest.raises(InputError, match=rf"other settings \({key}"):
+            model_vqa_loader.main(gen_args(tiny_ckpt, lpm, answers) + mme_args(eval_root) + extra)
+    torch.manual_seed(5)
+    retrained = LearnablePruningModule(32, 16)
+    retrained.trained = True
+    retrained.save_pretrained(lpm)  # same folder, other weights
+    with pytest.raises(InputError, match=r"other settings \(pruning.lpm_fingerprint: file '[0-9a-f]+' vs now '[0-9a-f]+'\)"):
+        model_vqa_loader.main(gen_args(tiny_ckpt, lpm, answers) + mme_args(eval_root))
+    assert answers.read_text() == content
+    monkeypatch.undo()
+    none = tmp_path / "none.jsonl"
+    model_vqa_loader.main(gen_args(tiny_ckpt, lpm, none, method="none", budget=None, batch=4) + mme_args(eval_root))
+    assert "pruning" not in read(none)[0]["metadata"]["settings"]
+    s = model_vqa_loader.main(gen_args(tiny_ckpt, lpm, none, method="none", budget=None) + mme_args(eval_root)
+                              + ["--pruning-ratio", "2", "--pruning-seed", "3"])
+    assert s.generated == 0 and s.already == 6  # hyper-parameters of a method that does nothing do not matter
+
+
+def test_answer_api_needs_the_pruning_attached(tiny_ckpt, eval_root, tmp_path):
+    """answer(loaded=...) does not attach pruning itself (the sweep attaches it once): a mismatch is an error."""
+    from learnpruner_ext import PruningConfig, apply_pruning
+    from llava.inference import GenerationSettings
+    from llava.model.builder import load_pretrained_model
+
+    tokenizer, model, processor, _ = load_pretrained_model(str(tiny_ckpt), device="cpu")
+    apply_pruning(model, PruningConfig("vispruner", 8))
+    task = model_vqa_loader.task(argparse_namespace(question_file=str(eval_root / "pope" / "llava_pope_test.jsonl"),
+                                                    image_folder=str(eval_root / "pope" / "val2014")))
+    with pytest.raises(ValueError, match="the loaded model carries pruning .*vispruner.* but this run asks for .*random"):
+        answer_loop.answer(task, str(tmp_path / "a.jsonl"), PruningConfig("random", 8), GenerationSettings(),
+                           conv_mode="vicuna_v1", model_path=str(tiny_ckpt), loaded=(tokenizer, model, processor))
+    s = answer_loop.answer(task, str(tmp_path / "b.jsonl"), PruningConfig("vispruner", 8),
+                           GenerationSettings(max_new_tokens=2), conv_mode="vicuna_v1", model_path=str(tiny_ckpt),
+                           loaded=(tokenizer, model, processor), batch_size=3, progress=False)
+    assert s.generated == 6 and {(r["method"], r["budget"], r["r1"]) for r in read(s.answers_file)} == {("vispruner", 8, 8)}
+
+
+def argparse_namespace(**kw):
+    import argparse
+
+    return argparse.Namespace(num_chunks=1, chunk_idx=0, **kw)
+
+
 def test_answers_file_is_a_folder(tiny_ckpt, tiny_lpm, eval_root, tmp_path, no_model):
     with pytest.raises(InputError, match=r"--answers-file .* is a folder; give a file path"):
         model_vqa_loader.main(gen_args(tiny_ckpt, tiny_lpm, tmp_path) + mme_args(eval_root))

@@ -85,3 +85,47 @@ def test_sweep_input_errors(tmp_path, eval_root, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"benchmark data missing .*gqa: .*llava_gqa_testdev_balanced\.jsonl"):
         sweep.main(base[:2] + ["--eval-root", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--benchmarks", "gqa"])
     assert not (tmp_path / "out").exists()
+
+
+def test_sweep_answers_equal_the_generator_cli(tiny_ckpt, tiny_lpm, eval_root, tmp_path, monkeypatch):
+    """The sweep loads the model once, attaches each (method, budget) once for all its benchmarks, and writes the
+    same answer lines (text, accounting, run identity) as the generator CLI the eval scripts run; so the CLI
+    resumes a sweep's answers file without redoing anything."""
+    import llava.model.builder as builder
+    from llava.eval import model_vqa_loader, model_vqa_science
+
+    calls = {"load": 0, "apply": 0}
+    load, apply = builder.load_pretrained_model, sweep.apply_pruning
+
+    def counting_load(*a, **k):
+        calls["load"] += 1
+        return load(*a, **k)
+
+    def counting_apply(*a, **k):
+        calls["apply"] += 1
+        return apply(*a, **k)
+
+    monkeypatch.setattr(builder, "load_pretrained_model", counting_load)
+    monkeypatch.setattr(sweep, "apply_pruning", counting_apply)
+    out = tmp_path / "sweep"
+    sweep.main(["--model-path", str(tiny_ckpt), "--methods", "none,learnpruner", "--budgets", "8", "--benchmarks",
+                "pope,sqa", "--eval-root", str(eval_root), "--out", str(out), "--lpm-path", str(tiny_lpm),
+                "--max-new-tokens", "3", "--batch-size", "4", "--device", "cpu", "--no-progress"])  # fmt: skip
+    assert calls == {"load": 1, "apply": 2}  # 2 (method, budget) x 2 benchmarks: pruning attached once per pair
+    monkeypatch.undo()
+    cli = ["--model-path", str(tiny_ckpt), "--temperature", "0", "--conv-mode", "vicuna_v1", "--max_new_tokens", "3",
+           "--batch-size", "4", "--device", "cpu", "--no-progress", "--pruning-method", "learnpruner",
+           "--visual-token-budget", "8", "--lpm-path", str(tiny_lpm)]  # fmt: skip
+    cases = {"pope": (model_vqa_loader, ["--question-file", str(eval_root / "pope" / "llava_pope_test.jsonl"),
+                                         "--image-folder", str(eval_root / "pope" / "val2014")]),
+             "sqa": (model_vqa_science, ["--question-file", str(eval_root / "scienceqa" / "llava_test_CQM-A.json"),
+                                         "--image-folder", str(eval_root / "scienceqa" / "images" / "test"),
+                                         "--single-pred-prompt"])}  # fmt: skip
+    for bench, (module, questions) in cases.items():
+        swept = out / "answers" / bench / "tiny-llava-learnpruner-8" / "answers.jsonl"
+        mine = tmp_path / f"{bench}.jsonl"
+        module.main(cli + questions + ["--answers-file", str(mine)])
+        strip = lambda path: sorted((json.dumps({k: v for k, v in json.loads(line).items() if k != "answer_id"},
+                                                sort_keys=True) for line in open(path)))  # fmt: skip
+        assert strip(swept) == strip(mine) and len(strip(mine)) == {"pope": 6, "sqa": 5}[bench]
+        assert module.main(cli + questions + ["--answers-file", str(swept)]).generated == 0
