@@ -30,7 +30,7 @@ setup(
     name="learnpruner-llava",
     version="0.1.0",
     description="Two-stage visual-token pruning (LearnPruner) and baselines for LLaVA-family VLMs",
-    packages=find_packages(include=["llava", "llava.*", "learnpruner_ext", "learnpruner_ext.*"]),
+    packages=find_packages(include=["llava", "llava.*", "learnpruner_ext", "learnpruner_ext.*", "toyworld", "toyworld.*"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

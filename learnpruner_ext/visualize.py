@@ -1,7 +1,7 @@
-"""Which patches a pruning method keeps, drawn on the image (paper Fig. 6 style).
+"""Which patches a pruning method keeps, drawn on the image (paper Fig. 6 style): drawing code only.
 
-    python -m learnpruner_ext.visualize --model-path P --image-file F --query Q \
-        --methods learnpruner,vispruner,fastv --budget T --out fig.png [--lpm-path L] [--layer K] [--crop]
+The command line that loads a model, answers and saves the side-by-side figure is
+``python -m llava.serve.visualize`` (``llava/serve/visualize.py``); this module needs no model.
 
 The overlay is drawn on the *padded square* image the model actually sees (``image_aspect_ratio='pad'``
 centres the image on a square of the processor's mean colour; the patch grid refers to that square).
@@ -19,12 +19,8 @@ The demo (``llava.serve.gradio_web_server``) uses the same drawing code.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 import textwrap
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,13 +70,22 @@ def _font(size: int):
 
 
 def pad_to_square(image: Image.Image, background=(122, 116, 104)) -> tuple[Image.Image, tuple[int, int, int, int]]:
-    """``expand2square`` as the model sees it, plus the box ``(x0, y0, x1, y1)`` of the original image in it."""
-    from llava.mm_utils import expand2square
+    """The padded square the model sees, plus the box ``(x0, y0, x1, y1)`` of the original image in it.
 
+    Upstream LLaVA's ``expand2square`` (``image_aspect_ratio='pad'``): the RGB image centred on a
+    ``max(w, h)`` square of ``background``, offsets rounded down; a square image is returned as is.
+    ``background`` is the processor's mean colour as :func:`processor_background` gives it.
+    """
+    image = image.convert("RGB")
     w, h = image.size
     side = max(w, h)
     x0, y0 = (side - w) // 2, (side - h) // 2
-    return expand2square(image.convert("RGB"), tuple(background)), (x0, y0, x0 + w, y0 + h)
+    box = (x0, y0, x0 + w, y0 + h)
+    if w == h:
+        return image, box
+    square = Image.new("RGB", (side, side), tuple(background))
+    square.paste(image, (x0, y0))
+    return square, box
 
 
 def cell_size(grid: int, display: int = 448) -> int:
@@ -174,7 +179,7 @@ def model_grid(model) -> int:
     return int(round(math.sqrt(model.num_vision_tokens)))
 
 
-# ----------------------------------------------------------------------------------------------- CLI
+# ------------------------------------------------------------------------------------- figures
 
 
 PANEL_MARGIN = 8
@@ -197,81 +202,3 @@ def compose_panels(panels: list[tuple[Image.Image, str, str]]) -> Image.Image:
         for j, line in enumerate(lines):
             draw.text((x, title_h + height + 4 + 18 * j), line, fill=(0, 0, 0), font=small)
     return canvas
-
-
-def check_methods(methods: list[str]) -> None:
-    from .methods import available_methods
-
-    unknown = [m for m in methods if m not in available_methods()]
-    if unknown:
-        raise SystemExit(
-            f"error: pruning method(s) {', '.join(unknown)} are not registered; available: {', '.join(available_methods())}"
-        )
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="Render kept-patch overlays of several pruning methods side by side.")
-    parser.add_argument("--model-path", default=None, help="checkpoint (default: the built-in toy checkpoint)")
-    parser.add_argument("--image-file", required=True)
-    parser.add_argument("--query", required=True)
-    parser.add_argument("--methods", default="learnpruner", help="comma-separated registered methods")
-    parser.add_argument("--budget", type=int, required=True, help="average vision tokens per LLM layer")
-    parser.add_argument("--layer", type=int, default=None, help="stage-2 layer k (default: each method's own)")
-    parser.add_argument("--lpm-path", default=None)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--crop", action="store_true", help="cut the square padding off the overlays")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods:
-        parser.error("--methods is empty")
-    check_methods(methods)
-
-    from llava.inference import GenerationSettings, generate_answers
-    from llava.mm_utils import load_image
-    from llava.model.builder import load_pretrained_model
-
-    from .config import BudgetError, PruningConfig
-    from .methods import get_method_class
-    from .modeling import apply_pruning
-
-    try:
-        image = load_image(args.image_file)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from err
-    tokenizer, model, processor, _ = load_pretrained_model(args.model_path, device=args.device)
-    grid, background = model_grid(model), processor_background(processor)
-    panels, summary = [], {"panels": []}
-    for name in methods:
-        layer = args.layer if args.layer is not None and "decoder" in get_method_class(name).acts_at else None
-        budget = None if name == "none" else args.budget  # the unpruned panel keeps every token
-        config = PruningConfig(method=name, budget=budget, layer=layer, lpm_path=args.lpm_path if get_method_class(name).uses_lpm else None)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                apply_pruning(model, config)
-        except (BudgetError, ValueError) as err:
-            raise SystemExit(f"error: {name} at budget {args.budget}: {err}") from err
-        answer = generate_answers(model, tokenizer, processor, [image], [args.query],
-                                  settings=GenerationSettings(max_new_tokens=args.max_new_tokens))[0]  # fmt: skip
-        trace = model.last_pruning_trace()
-        marks = PatchMarks.from_trace(trace, grid)
-        overlay = draw_overlay(image, marks, background, crop=args.crop)
-        counts = marks.counts()
-        title = f"{name}  T={args.budget}  R1={trace.r1}" + (f"  R2={trace.r2} (k={trace.layer})" if trace.r2 is not None else "")
-        if counts["r1"] != trace.r1:  # tokens without a patch of their own ([CLS], merged tokens) share a cell
-            title += f"  ({counts['r1']} patches marked)"
-        panels.append((overlay, title, answer))
-        summary["panels"].append({"method": name, "answer": answer, **counts, "layer": trace.layer,
-                                  "vision_tokens_per_layer": list(trace.vision_tokens_per_layer)})  # fmt: skip
-    figure = compose_panels(panels)
-    figure.save(args.out)
-    summary["out"] = args.out
-    summary["panel_width"] = figure.width // len(panels)
-    print(json.dumps(summary))
-    return summary
-
-
-if __name__ == "__main__":
-    sys.exit(main() and 0)

@@ -1,2 +1,6 @@
+"""Constants of the llava tree. ``IGNORE_INDEX`` (label of unsupervised positions) is defined once, in the
+pruning core whose loss skips it, and re-exported here."""
+
+from learnpruner_ext.training.losses import IGNORE_INDEX  # noqa: F401
+
 DEFAULT_IMAGE_TOKEN = "<image>"
-IGNORE_INDEX = -100

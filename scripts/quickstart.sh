@@ -21,7 +21,7 @@ t1=$(date +%s)
 
 # The held-out test split is a pure function of (seed, number of test images): regenerate it (seconds)
 # instead of shipping images, then keep its first $QUESTIONS questions (the order is already shuffled).
-$PY -m learnpruner_ext.toy.generate --out "$OUT/data/toy" --seed 0 --num-train 1 --num-test 1000 > /dev/null 2>&1
+$PY -m toyworld.generate --out "$OUT/data/toy" --seed 0 --num-train 1 --num-test 1000 > /dev/null 2>&1
 $PY - "$OUT/data/toy" "$QUESTIONS" <<'PYEOF'
 import sys
 folder, n = sys.argv[1], int(sys.argv[2])
@@ -35,7 +35,7 @@ rm -rf "$OUT/sweep"
 $PY -m llava.eval.sweep --model-path "$MODEL" --methods none,learnpruner,vispruner,fastv,visionzip,divprune,dart,random,cls \
     --budgets 32,16,8 --benchmarks toy --eval-root "$OUT/data" --out "$OUT/sweep" --batch-size 50 \
     --max-new-tokens 4 --device cpu --no-progress > "$OUT/sweep.log" 2>&1 || { tail -20 "$OUT/sweep.log"; exit 1; }
-$PY -m learnpruner_ext.toy.report --sweep "$OUT/sweep" --answer-key "$OUT/data/toy/test_answers.jsonl" > "$OUT/report.log" 2>&1 || { tail -20 "$OUT/report.log"; exit 1; }
+$PY -m toyworld.report --sweep "$OUT/sweep" --answer-key "$OUT/data/toy/test_answers.jsonl" > "$OUT/report.log" 2>&1 || { tail -20 "$OUT/report.log"; exit 1; }
 
 echo
 echo "Toy world, $QUESTIONS test questions, model $MODEL (LearnPruner uses its shipped LPM $MODEL/lpm)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from llava.constants import IGNORE_INDEX
+IGNORE_INDEX = -100  # label of unsupervised positions: torch's cross_entropy default and LLaVA's IGNORE_INDEX
 
 
 def next_token_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:

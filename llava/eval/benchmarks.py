@@ -123,7 +123,7 @@ BENCHMARKS: dict[str, Benchmark] = {
 }  # fmt: skip
 ORDER = ("gqa", "sqa", "textvqa", "pope", "mme", "vqav2", "mmbench", "mmbench_cn")  # the paper's Table 1 columns
 BENCHMARKS = {name: BENCHMARKS[name] for name in ORDER}
-# The synthetic toy world (learnpruner_ext.toy.generate --out <eval root>/toy): not in the default list.
+# The synthetic toy world (toyworld.generate --out <eval root>/toy): not in the default list.
 BENCHMARKS["toy"] = Benchmark(
     "toy", "Toy", "toy", "toy_test", "model_vqa_loader", "test_questions.jsonl", "images", (), "eval_toy",
     lambda d, result, run_dir, run: ["--answer-file", os.path.join(d, "test_answers.jsonl"), "--result-file", result],

@@ -1,4 +1,4 @@
-"""Toy-world scorer: exact-match accuracy, overall and per question type (learnpruner_ext.toy.generate).
+"""Toy-world scorer: exact-match accuracy, overall and per question type (toyworld.generate).
 
 A prediction is normalised as the GQA scorer does (strip, drop trailing periods, lowercase), then
 compared with the key's single-word answer. ``accuracy`` is over all questions of the answer key, in %;

@@ -63,7 +63,7 @@ def root_readme(benches: list[Benchmark]) -> str:
         "# Benchmark data (upstream LLaVA's `playground/data/eval/` layout)",
         "",
         "One folder per benchmark; each folder's README lists the files it needs and where to get them.",
-        "The synthetic toy benchmark is generated into `toy/` by `python -m learnpruner_ext.toy.generate`.",
+        "The synthetic toy benchmark is generated into `toy/` by `python -m toyworld.generate`.",
         "",
         "| folder | benchmark | script | question file |",
         "|---|---|---|---|",

@@ -37,9 +37,9 @@ from learnpruner_ext.visualize import PatchMarks, draw_overlay, model_grid, proc
 from ..inference import GenerationSettings, build_prompt, generate_answers  # noqa: E402
 from ..mm_utils import MAX_IMAGE_PIXELS, load_image, tokenizer_image_token  # noqa: E402
 from ..model.builder import load_pretrained_model  # noqa: E402
+from .examples import make_examples  # noqa: E402
 
 MAX_SIDE = 4096  # longer images are downscaled (with a notice) before processing
-EXAMPLE_QUESTION_TYPES = ("shape", "count", "background")  # one example per type, asked as the toy benchmark asks
 
 
 class InputProblem(Exception):
@@ -92,20 +92,6 @@ def open_request_image(path) -> tuple[Image.Image, str | None]:
         image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BICUBIC)
         notice = f"Image of {width}x{height} was downscaled to {image.width}x{image.height} (longest side > {MAX_SIDE})."
     return image, notice
-
-
-def make_examples(out_dir: Path, seed: int = 0, image_size: int = 192) -> list[tuple[str, str]]:
-    """(image path, question) pairs: toy-world scenes (learnpruner_ext.toy) with a question the scene answers."""
-    from learnpruner_ext.toy.generate import scene_with_questions, draw_scene
-
-    examples = []
-    for i, qtype in enumerate(EXAMPLE_QUESTION_TYPES):
-        rng = np.random.default_rng([seed, i])
-        scene, [(question, _, _)] = scene_with_questions(rng, image_size, [(qtype, None)])
-        path = Path(out_dir) / f"toy_example_{i}.png"
-        draw_scene(scene, image_size=image_size).save(path)
-        examples.append((str(path), question))
-    return examples
 
 
 def method_default_layer(name: str, num_vision_tokens: int, num_layers: int) -> int | None:

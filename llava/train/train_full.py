@@ -113,7 +113,7 @@ def answer_token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[i
 
 
 def train(args: argparse.Namespace) -> dict:
-    from learnpruner_ext.toy.threads import AdaptiveThreads
+    from llava.train.threads import AdaptiveThreads
 
     threads = AdaptiveThreads(args.num_threads)
     torch.manual_seed(args.seed)

@@ -57,11 +57,11 @@ fi
 
 if want 1; then
 stamp "1/7 generate $NUM_TRAIN train + $NUM_TEST test images -> $TOY_DATA"
-"$PY" -m learnpruner_ext.toy.generate --out "$TOY_DATA" --seed "$SEED" --num-train "$NUM_TRAIN" --num-test "$NUM_TEST"
+"$PY" -m toyworld.generate --out "$TOY_DATA" --seed "$SEED" --num-train "$NUM_TRAIN" --num-test "$NUM_TEST"
 fi
 if want 2; then
 stamp "2/7 vision pretraining (per-patch colour/shape/centre/background/label/glyph/position) -> $WORK/init"
-"$PY" -m learnpruner_ext.toy.pretrain_vision --data "$TOY_DATA" --out "$WORK/init" --epochs "$PRETRAIN_EPOCHS" \
+"$PY" -m toyworld.pretrain_vision --data "$TOY_DATA" --out "$WORK/init" --epochs "$PRETRAIN_EPOCHS" \
   --batch-size 64 --lr 2e-3 --text-layers 4 --seed "$SEED" --num-threads "$THREADS" ${PRE_STEPS[@]+"${PRE_STEPS[@]}"}
 fi
 if want 3; then
@@ -74,11 +74,11 @@ if want 4; then
 # left/right turns alone, which learns it but makes the base answer "left"/"right" to everything, then
 # (b) one epoch on a sample of the full mix plus those turns again, which brings the other types back.
 stamp "4/7 focus phase (a): left/right position turns only -> $WORK/focus_a"
-"$PY" -m learnpruner_ext.toy.focus_mix --data "$TOY_DATA/train.json" --types position --question-regex left \
+"$PY" -m toyworld.focus_mix --data "$TOY_DATA/train.json" --types position --question-regex left \
   --base-samples 0 --seed "$SEED" --out "$WORK/train_focus_a.json"
 train_vqa "$WORK/vqa" "$WORK/train_focus_a.json" "$WORK/focus_a" 2 3e-4 10
 stamp "4/7 focus phase (b): $FOCUS_BASE full-mix conversations + the left/right turns -> $OUT_MODEL"
-"$PY" -m learnpruner_ext.toy.focus_mix --data "$TOY_DATA/train.json" --types position --question-regex left \
+"$PY" -m toyworld.focus_mix --data "$TOY_DATA/train.json" --types position --question-regex left \
   --base-samples "$FOCUS_BASE" --seed "$SEED" --out "$WORK/train_focus_b.json"
 train_vqa "$WORK/focus_a" "$WORK/train_focus_b.json" "$OUT_MODEL" 1 2e-4 15
 fi
@@ -112,7 +112,7 @@ rm -rf "$WORK/sweep" "$WORK/sweep_after_layer"
 fi
 if want 7; then
 stamp "7/7 report: table, plots, kept-patches figure"
-"$PY" -m learnpruner_ext.toy.report --sweep "$WORK/sweep" --after-layer "$WORK/sweep_after_layer" --answer-key "$TOY_DATA/test_answers.jsonl" \
+"$PY" -m toyworld.report --sweep "$WORK/sweep" --after-layer "$WORK/sweep_after_layer" --answer-key "$TOY_DATA/test_answers.jsonl" \
   --figure-model "$OUT_MODEL" --data "$TOY_DATA"
 fi
 stamp "done: $WORK/sweep/table_toy.md, $WORK/sweep/accuracy_vs_budget.png, $WORK/sweep/accuracy_by_type.png, $WORK/sweep/kept_patches.png"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from learnpruner_ext.toy import generate as G
+from toyworld import generate as G
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
 TEXT_FILES = ["train.json", "test_questions.jsonl", "test_answers.jsonl", "test_scenes.jsonl",
@@ -208,7 +208,7 @@ def test_question_type_recovers_every_type(out):
 
 
 def test_train_questions_export(out, tmp_path):
-    from learnpruner_ext.toy import train_questions as TQ
+    from toyworld import train_questions as TQ
 
     TQ.main(["--data", str(out), "--num-images", "5", "--out", str(tmp_path)])
     questions, answers = _jsonl(tmp_path / "train_questions.jsonl"), _jsonl(tmp_path / "train_answers.jsonl")
@@ -224,7 +224,7 @@ def test_train_questions_export(out, tmp_path):
 
 
 def test_focus_mix(out, tmp_path):
-    from learnpruner_ext.toy import focus_mix as FM
+    from toyworld import focus_mix as FM
 
     train = json.load(open(out / "train.json"))
     FM.main(["--data", str(out / "train.json"), "--types", "position,text", "--base-samples", "10",

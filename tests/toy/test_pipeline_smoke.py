@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from learnpruner_ext.toy.report import TYPES
+from toyworld.report import TYPES
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["none", "learnpruner", "vispruner", "fastv", "visionzip", "divprune", "dart", "random", "cls"]
@@ -94,7 +94,7 @@ def test_table_and_figures(run):
 
 
 def test_vision_probe_on_the_pretrained_tower(run):
-    from learnpruner_ext.toy.probe_vision import PROBED, probe
+    from toyworld.probe_vision import PROBED, probe
 
     tmp, _ = run
     result = probe(str(tmp / "work" / "init"), str(tmp / "data" / "toy"), train_images=24, steps=3)

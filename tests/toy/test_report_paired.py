@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from learnpruner_ext.toy.report import paired_differences
+from toyworld.report import paired_differences
 
 
 def _write(path, rows):

@@ -1,6 +1,6 @@
 """Toy-world comparison report: Table-1-shaped markdown with per-question-type accuracy, plots, Fig.-6 figure.
 
-    python -m learnpruner_ext.toy.report --sweep outputs/toy/sweep [--after-layer outputs/toy/sweep_after_layer] \
+    python -m toyworld.report --sweep outputs/toy/sweep [--after-layer outputs/toy/sweep_after_layer] \
         [--figure-model checkpoints/toy-llava --data playground/data/toy --figure-budget 16 --figure-images 4]
 
 Reads the sweep's ``results.json`` (``python -m llava.eval.sweep --benchmarks toy ...``; each toy row carries
@@ -16,7 +16,7 @@ the scorer's per-type accuracies) and writes into the sweep folder:
   mistaken for a real one;
 * ``accuracy_by_type.png``: accuracy against the budget, one panel per question type and overall;
 * ``kept_patches.png`` (with ``--figure-model``): kept patches (stage 1 importance / diversity, stage 2) of
-  several methods on a few test images, drawn by :mod:`learnpruner_ext.visualize`.
+  several methods on a few test images, drawn by :mod:`llava.serve.visualize`.
 """
 
 from __future__ import annotations
@@ -170,7 +170,8 @@ def kept_patches_figure(model_path: str, data_dir: str, budget: int, num_images:
     """Fig.-6-style overlays for the first test questions of distinct types, stacked vertically."""
     from PIL import Image, ImageDraw
 
-    from .. import visualize
+    from learnpruner_ext.visualize import _font
+    from llava.serve.visualize import main as visualize
 
     questions = [json.loads(line) for line in open(os.path.join(data_dir, "test_questions.jsonl"))]
     gold = {a["question_id"]: a["answer"] for a in map(json.loads, open(os.path.join(data_dir, "test_answers.jsonl")))}
@@ -184,14 +185,14 @@ def kept_patches_figure(model_path: str, data_dir: str, budget: int, num_images:
     parts = []
     for i, q in enumerate(picked):
         part = f"{out}.part{i}.png"
-        visualize.main(["--model-path", model_path, "--image-file", os.path.join(data_dir, "images", q["image"]),
-                        "--query", q["text"], "--methods", ",".join(methods), "--budget", str(budget),
-                        "--out", part, "--max-new-tokens", "4", "--device", "cpu"])
+        visualize(["--model-path", model_path, "--image-file", os.path.join(data_dir, "images", q["image"]),
+                   "--query", q["text"], "--methods", ",".join(methods), "--budget", str(budget),
+                   "--out", part, "--max-new-tokens", "4", "--device", "cpu"])
         panel = Image.open(part).convert("RGB")
         captioned = Image.new("RGB", (panel.width, panel.height + 28), (255, 255, 255))
         captioned.paste(panel, (0, 28))
         ImageDraw.Draw(captioned).text((8, 4), f"{q['image']}  Q: {q['text'].splitlines()[0]}  (gold answer: "
-                                       f"{gold.get(q['question_id'])})", fill=(0, 0, 0), font=visualize._font(18))
+                                       f"{gold.get(q['question_id'])})", fill=(0, 0, 0), font=_font(18))
         parts.append(captioned)
     width = max(p.width for p in parts)
     canvas = Image.new("RGB", (width, sum(p.height for p in parts)), (255, 255, 255))

@@ -1,4 +1,5 @@
-"""Pick the number of torch threads from what the rest of the machine is doing (CPU training only).
+"""Pick the number of torch threads from what the rest of the machine is doing (CPU training only: used by
+``llava.train.train_full`` and ``toyworld.pretrain_vision``).
 
 With OpenMP, running as many threads as cores while another process keeps one core busy makes every
 parallel region wait for the starved thread: on a 2-core box a 2-thread run then goes several times

@@ -1,6 +1,6 @@
 """Deterministic synthetic VQA benchmark ("toy world") in real LLaVA file formats.
 
-    python -m learnpruner_ext.toy.generate --out playground/data/toy [--seed N] \
+    python -m toyworld.generate --out playground/data/toy [--seed N] \
         [--num-train N] [--num-test N] [--image-size PX]
 
 Each image shows 1-5 non-overlapping coloured shapes on a plain / striped / noisy
@@ -12,7 +12,7 @@ background, optionally with a 1-2 letter printed label. At 192 px the model sees
 * ``--num-test`` images, ONE question each (``test_questions.jsonl`` in
   ``model_vqa_loader`` format, keys in ``test_answers.jsonl``, scenes in
   ``test_scenes.jsonl``; the training scenes are in ``train_scenes.jsonl``, used by the
-  per-patch vision pretraining of :mod:`learnpruner_ext.toy.pretrain_vision`); the existence questions are also exported as a POPE
+  per-patch vision pretraining of :mod:`toyworld.pretrain_vision`); the existence questions are also exported as a POPE
   benchmark (``pope/coco_pope_{random,popular,adversarial}.json`` + ``llava_pope_test.jsonl``).
 
 Everything derives from ``seed`` through numpy Generators (one per image, seeded
@@ -261,7 +261,7 @@ def question_type(question: str) -> str:
     """The question type of a question written by :func:`make_question` (first matching template wins).
 
     The training conversations carry no type field; this recovers it, e.g. to score the base on questions it
-    was trained on (:mod:`learnpruner_ext.toy.train_questions`).
+    was trained on (:mod:`toyworld.train_questions`).
     """
     q = question.removesuffix(SUFFIX).replace("<image>", "").strip()
     for qtype, pattern in _QUESTION_PATTERNS:
@@ -401,7 +401,7 @@ def generate(out_dir, seed=0, num_train=60000, num_test=1000, image_size=192, pr
     _write(os.path.join(out_dir, "test_scenes.jsonl"), _jsonl(scenes))
     _write(os.path.join(out_dir, "train.json"), json.dumps(train, indent=1))
     _write(os.path.join(out_dir, "train_scenes.jsonl"), _jsonl(train_scenes))
-    meta = {"generator": "learnpruner_ext.toy.generate", "version": VERSION, "seed": seed,
+    meta = {"generator": "toyworld.generate", "version": VERSION, "seed": seed,
             "image_size": image_size, "num_train_images": num_train, "num_test_images": num_test,
             "num_train_questions": sum(counts["train"].values()), "num_test_questions": num_test,
             "num_pope_questions": {c: sum(p["category"] == c for p in pope) for c in POPE_CATEGORIES},
@@ -414,7 +414,7 @@ def generate(out_dir, seed=0, num_train=60000, num_test=1000, image_size=192, pr
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m learnpruner_ext.toy.generate",
+    ap = argparse.ArgumentParser(prog="python -m toyworld.generate",
                                  description="Generate the deterministic toy VQA benchmark (LLaVA formats).")
     ap.add_argument("--out", required=True, help="output directory, e.g. playground/data/toy")
     ap.add_argument("--seed", type=int, default=0)

@@ -1,6 +1,6 @@
 """Training mixes for a short extra VQA phase: a sample of the full mix plus extra turns of chosen question types.
 
-    python -m learnpruner_ext.toy.focus_mix --data playground/data/toy/train.json --types position \
+    python -m toyworld.focus_mix --data playground/data/toy/train.json --types position \
         --question-regex left --base-samples 20000 --out outputs/toy/train_focus_b.json
 
 Why: after the main VQA stage the toy base answered top/bottom from the image tokens' sequence positions

@@ -1,11 +1,11 @@
 """Held-out linear probe of a toy vision tower: does each patch token say what lies under it?
 
-    python -m learnpruner_ext.toy.probe_vision --model checkpoints/toy-llava --data playground/data/toy \\
+    python -m toyworld.probe_vision --model checkpoints/toy-llava --data playground/data/toy \\
         [--train-images 2000] [--steps 400]
 
 Extracts the feature-layer tokens (what the projector and the LPM read) of the first ``--train-images``
 training images and of the held-out test images, fits one linear classifier per target of
-:mod:`learnpruner_ext.toy.pretrain_vision` on the training tokens, and reports accuracy on the test
+:mod:`toyworld.pretrain_vision` on the training tokens, and reports accuracy on the test
 tokens, over all patches and over the patches that show something (``@obj``: an object for colour/shape,
 an object centre for ``center``, letter ink for ``glyph``). The pretraining log's accuracies are measured
 on the batches it trains on; this is the held-out check to run before the VQA stage.

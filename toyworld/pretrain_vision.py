@@ -1,6 +1,6 @@
 """Stage 1 of the toy base: per-patch pretraining of a fresh vision tower (what CLIP gives LLaVA).
 
-    python -m learnpruner_ext.toy.pretrain_vision --data playground/data/toy --out checkpoints/toy-init \
+    python -m toyworld.pretrain_vision --data playground/data/toy --out checkpoints/toy-init \
         [--epochs 10] [--batch-size 64] [--lr 2e-3] [--text-layers 4] [--seed 0]
 
 Builds a randomly initialised tiny LLaVA (192 px, 16-px patches -> 12x12 = 144 vision tokens; ViT 4x96,
@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
-from ..tiny import CLIP_MEAN, CLIP_STD, build_tokenizer, image_processor_for, tiny_configs
-from ..modeling import PrunableLlavaForConditionalGeneration
+from learnpruner_ext.tiny import CLIP_MEAN, CLIP_STD, build_tokenizer, image_processor_for, tiny_configs
+from learnpruner_ext.modeling import PrunableLlavaForConditionalGeneration
 from . import generate as G
-from .threads import AdaptiveThreads
+from llava.train.threads import AdaptiveThreads
 
 COLORS, SHAPES, BACKGROUNDS, LETTERS = list(G.COLORS), list(G.SHAPES), list(G.BACKGROUNDS), G.LETTERS
 # head name -> number of classes (the last class of color/shape/letter2 is "none")

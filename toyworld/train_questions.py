@@ -1,6 +1,6 @@
 """Export questions the base was trained on, in the test split's formats, to measure the train/test gap.
 
-    python -m learnpruner_ext.toy.train_questions --data playground/data/toy --num-images 900 \
+    python -m toyworld.train_questions --data playground/data/toy --num-images 900 \
         --out outputs/toy/train_check
     python -m llava.eval.model_vqa_loader --model-path checkpoints/toy-llava \
         --question-file outputs/toy/train_check/train_questions.jsonl --image-folder playground/data/toy/images \
