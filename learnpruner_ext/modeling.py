@@ -235,7 +235,7 @@ class PrunableLlamaModel(LlamaModel):
                      past_key_values, state) -> SequenceCut | None:  # fmt: skip
         """Decoder stage at layer ``idx``: the method scores and picks vision tokens; -> the cut that keeps them
         (None when every sample keeps all of its vision tokens)."""
-        batch, seq = vision_mask.shape
+        batch = vision_mask.shape[0]
         per_sample = vision_mask.sum(-1)
         if bool((per_sample != per_sample[0]).any()):
             raise ValueError(
@@ -257,7 +257,6 @@ class PrunableLlamaModel(LlamaModel):
         keep = ~vision_mask if key_valid is None else key_valid & ~vision_mask
         rows = torch.arange(batch, device=keep.device)[:, None].expand_as(keep_vision)
         chosen = keep_vision >= 0
-        keep = keep.clone()
         keep[rows[chosen], vision_index.gather(1, keep_vision.clamp(min=0))[chosen]] = True
         cut = SequenceCut.from_keep(idx, keep)
         if state is not None:
@@ -494,8 +493,8 @@ class PrunableLlavaModel(LlavaModel):
             position_ids = (new_mask.cumsum(-1) - 1).clamp(min=0)
         if past_key_values is not None:
             state.cuts.append(cut)
-        return cut.gather(inputs_embeds), new_mask if attention_mask is not None else None, position_ids, \
-            cut.gather(image_mask) & cut.valid
+        mask = new_mask if attention_mask is not None or not bool(cut.valid.all()) else None  # ragged: new padding
+        return cut.gather(inputs_embeds), mask, position_ids, cut.gather(image_mask) & cut.valid
 
     @staticmethod
     def _decode_positions(state, position_ids, inputs_embeds, past_key_values) -> torch.Tensor:
