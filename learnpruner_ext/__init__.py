@@ -3,12 +3,18 @@
 from .config import BudgetError, PruningConfig, TokenPlan
 from .lpm import LearnablePruningModule
 from .methods import available_methods, create_method, register_method
-from .modeling import PrunableLlavaForConditionalGeneration, PruningTrace, apply_pruning
+from .modeling import (
+    PrunableLlavaForConditionalGeneration,
+    PrunableLlavaNextForConditionalGeneration,
+    PruningTrace,
+    apply_pruning,
+)
 
 __all__ = [
     "BudgetError",
     "LearnablePruningModule",
     "PrunableLlavaForConditionalGeneration",
+    "PrunableLlavaNextForConditionalGeneration",
     "PruningConfig",
     "PruningTrace",
     "TokenPlan",

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 POSITION_MODES = ("contiguous", "original")
+# How a budget T applies to an image whose N_i differs from the model's reference N (LLaVA-NeXT tiles):
+# "scaled" keeps the same share, T * N_i / N (the papers' "reduction ratio" 1 - T/N); "absolute" keeps T.
+BUDGET_SCOPES = ("scaled", "absolute")
 
 
 class BudgetError(ValueError):
@@ -30,6 +33,9 @@ class PruningConfig:
             (LearnPruner: the layer at relative depth 12/32, FastV/DART: 2).
         ratio: ``rho = R1 / R2`` for two-stage methods (LearnPruner: 3).
         diversity: ``lambda``, share of ``R1`` filled by max-min diversity tokens (LearnPruner: 0.1).
+        budget_scope: ``"scaled"`` (default; image ``i`` with ``N_i`` tokens gets ``T * N_i / N``, ``N`` the model's
+            reference count, e.g. 2880 for LLaVA-NeXT) or ``"absolute"`` (``min(T, N_i)`` per image). Equal for
+            models whose images all have ``N`` tokens (LLaVA-1.5).
         position_mode: ``"contiguous"`` (kept tokens get consecutive positions, as upstream LLaVA builds
             sequences) or ``"original"`` (every token keeps its unpruned position).
         lpm_path: trained LPM (folder with ``lpm.safetensors`` + ``lpm_config.json``), LearnPruner only.
@@ -41,6 +47,9 @@ class PruningConfig:
     method: str = field(default="none", metadata={"flag": "--pruning-method", "help": "pruning method"})
     budget: int | None = field(default=None, metadata={
         "flag": "--visual-token-budget", "help": "T, average vision tokens per LLM layer (default: all tokens)"})
+    budget_scope: str = field(default="scaled", metadata={
+        "flag": "--budget-scope", "choices": BUDGET_SCOPES,
+        "help": "per-image budget when N_i differs from the model's N: T*N_i/N (scaled) or T (absolute)"})
     layer: int | None = field(default=None, metadata={
         "flag": "--pruning-layer", "help": "decoder layer k of the in-LLM stage (default: the method's)"})
     ratio: float = field(default=3.0, metadata={"flag": "--pruning-ratio", "help": "R1/R2 for two-stage methods"})
@@ -69,6 +78,8 @@ class PruningConfig:
         if not 0.0 <= self.diversity <= 1.0:
             raise ValueError(f"diversity share lambda must be in [0, 1] (LearnPruner uses 0.1), got {self.diversity}; "
                              "pass e.g. --diversity-ratio 0.1")
+        if self.budget_scope not in BUDGET_SCOPES:
+            raise ValueError(f"budget_scope must be one of {BUDGET_SCOPES}, got {self.budget_scope!r}")
         if self.position_mode not in POSITION_MODES:
             raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {self.position_mode!r}")
 
@@ -86,6 +97,7 @@ class TokenPlan:
     r2: int | None = None
     layer: int | None = None
     convention: str = "average"  # how the budget was mapped; recorded in every answers line
+    scope: str = "scaled"  # PruningConfig.budget_scope: how T became this image's budget
 
     @property
     def tokens_per_layer(self) -> list[int]:
@@ -109,6 +121,20 @@ def budget_notice(plan: TokenPlan, budget: int | None, method: str) -> str | Non
     stage2 = f", R2={plan.r2} from layer {plan.layer}" if plan.layer is not None else ""
     return (f"{method}: requested an average of {budget} vision tokens per layer; the plan achieves "
             f"{plan.average:.2f} (R1={plan.r1}{stage2}, token counts are whole numbers)")
+
+
+def image_budget(budget: int | None, num_tokens: int, reference_tokens: int, scope: str) -> int | None:
+    """The budget of one image with ``num_tokens`` vision tokens, for a model whose budgets refer to
+    ``reference_tokens`` (its nominal N): ``scaled`` -> ``round(T * N_i / N)`` (at least 1), ``absolute`` ->
+    ``min(T, N_i)``. ``None`` (no pruning) stays ``None``; ``N_i == N`` gives ``T`` in both scopes."""
+    if budget is None or num_tokens == reference_tokens:
+        return budget
+    check_budget(budget, reference_tokens)
+    if scope == "scaled":
+        return max(1, min(num_tokens, round(budget * num_tokens / reference_tokens)))
+    if scope == "absolute":
+        return min(budget, num_tokens)
+    raise ValueError(f"budget_scope must be one of {BUDGET_SCOPES}, got {scope!r}")
 
 
 def check_budget(budget: int | None, num_vision_tokens: int) -> int:

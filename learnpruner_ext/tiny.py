@@ -1,6 +1,6 @@
 """Tiny, randomly initialised LLaVA checkpoints for tests and examples (no hub access).
 
-    python -m learnpruner_ext.tiny --out DIR --format {hf,llava} [--text-layers N] [--image-size S]
+    python -m learnpruner_ext.tiny --out DIR [--family {llava,llava_next}] --format {hf,llava} [--text-layers N] [--image-size S]
         [--patch-size P] [--seed N] [--weights {safetensors,bin,bin-shards}] [--tower-keys-in-llm]
         [--tower-hub-id ID --hf-cache DIR]
 
@@ -15,6 +15,10 @@ a transformers-4.x ``CLIPVisionModel`` (``vision_model.*`` keys) in its own fold
 Both formats hold the same weights for the same seed and load back through
 ``llava.model.builder.load_pretrained_model``. With ``--text-layers 32 --image-size 336 --patch-size 14``
 the geometry is LLaVA-1.5's: 576 vision tokens, 32 layers, stage-2 layer 12.
+
+``--family llava_next`` writes a ``LlavaNextForConditionalGeneration`` folder (``hf`` format) with its real
+``LlavaNextProcessor`` (anyres: grid pinpoints ``S x {1,2,3}`` as llava-v1.6's 336 x {1,2,3}, so a 56 px tiny model
+has 5 x 16 = 80 reference tokens and images of different aspect get different crop counts and N_i).
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from PIL import Image
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlamaTokenizer, LlavaConfig
+from transformers import LlavaNextConfig, LlavaNextImageProcessorPil, LlavaNextProcessor
 
-from .modeling import PrunableLlavaForConditionalGeneration
+from .modeling import PrunableLlavaForConditionalGeneration, PrunableLlavaNextForConditionalGeneration
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -44,6 +49,8 @@ CLIP_HUB_ID = "openai/clip-vit-large-patch14-336"  # LLaVA-1.5's mm_vision_tower
 SP_VOCAB_SIZE = 511  # + <image> = 512 ids, the size of the older BPE tiny tokenizer
 UPSTREAM_TRANSFORMERS = "4.37.2"  # the version upstream LLaVA (c121f04) pins; written into saved configs
 WEIGHT_LAYOUTS = ("safetensors", "bin", "bin-shards")
+FAMILIES = ("llava", "llava_next")
+GRID_MULTIPLES = [[1, 2], [2, 1], [2, 2], [3, 1], [1, 3]]  # llava-v1.6's pinpoints / 336
 BIN_SHARDS = 2  # like llava-v1.5-7b's pytorch_model-0000{1,2}-of-00002.bin
 
 # Words the tiny tokenizer should know as whole tokens: the prompt templates and the toy world.
@@ -189,6 +196,48 @@ def tiny_configs(
         image_aspect_ratio="pad",
         tie_word_embeddings=False,
     )
+
+
+def tiny_next_config(tokenizer: LlamaTokenizer, **geometry) -> LlavaNextConfig:
+    """LLaVA-NeXT geometry on the tiny tower and LLM: anyres grids of ``image_size`` crops."""
+    base = tiny_configs(tokenizer, **geometry)
+    size = base.vision_config.image_size
+    return LlavaNextConfig(
+        vision_config=base.vision_config,
+        text_config=base.text_config,
+        image_token_id=base.image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=[[h * size, w * size] for h, w in GRID_MULTIPLES],
+        image_seq_length=base.image_seq_length,
+        tie_word_embeddings=False,
+    )
+
+
+def next_processor_for(config: LlavaNextConfig, tokenizer: LlamaTokenizer) -> LlavaNextProcessor:
+    """The real anyres processor, configured as llava-hf's NeXT processors are (+1 [CLS], ``default`` strategy)."""
+    size = config.vision_config.image_size
+    images = LlavaNextImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        image_grid_pinpoints=config.image_grid_pinpoints, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_pad=True,
+    )  # fmt: skip
+    return LlavaNextProcessor(
+        image_processor=images, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy="default", image_token=IMAGE_TOKEN, num_additional_image_tokens=1,
+    )  # fmt: skip
+
+
+def build_tiny_next_model(seed: int = 0, **geometry):
+    """A random tiny LLaVA-NeXT in memory -> (model, tokenizer, LlavaNextProcessor)."""
+    tokenizer = build_sp_tokenizer()
+    config = tiny_next_config(tokenizer, **geometry)
+    torch.manual_seed(seed)
+    model = PrunableLlavaNextForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight[config.image_token_id].zero_()
+        model.lm_head.weight[config.image_token_id].zero_()
+    return model, tokenizer, next_processor_for(config, tokenizer)
 
 
 def image_processor_for(image_size: int) -> CLIPImageProcessorPil:
@@ -380,6 +429,7 @@ def save_tiny_checkpoint(
     tower_keys_in_llm: bool = False,
     tower_hub_id: str | None = None,
     hf_cache: str | Path | None = None,
+    family: str = "llava",
     **geometry,
 ) -> Path:
     """Write a tiny random checkpoint; the same seed gives the same weights in both formats.
@@ -389,6 +439,16 @@ def save_tiny_checkpoint(
     ``model.vision_tower.vision_tower.vision_model.*`` in the LLM weights; ``tower_hub_id`` with ``hf_cache``
     writes the tower into that Hugging Face cache and names it by hub id in ``mm_vision_tower``.
     """
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    if family == "llava_next":
+        if format != "hf" or weights != "safetensors" or tower_keys_in_llm or tower_hub_id:
+            raise ValueError("--family llava_next writes the llava-hf layout only (format 'hf')")
+        out = Path(out)
+        model, tokenizer, processor = build_tiny_next_model(seed=seed, **geometry)
+        model.save_pretrained(out)
+        processor.save_pretrained(out)  # the tokenizer files and the image processor
+        return out
     if format not in ("hf", "llava"):
         raise ValueError(f"format must be 'hf' or 'llava', got {format!r}")
     if weights not in WEIGHT_LAYOUTS:
@@ -416,6 +476,7 @@ def random_image(seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
+    parser.add_argument("--family", choices=FAMILIES, default="llava", help="VLM family (llava: LLaVA-1.5)")
     parser.add_argument("--format", choices=["hf", "llava"], default="hf")
     parser.add_argument("--text-layers", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=56)
@@ -431,15 +492,20 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--image-size {args.image_size} must be a multiple of --patch-size {args.patch_size}")
     if args.format == "hf" and (args.weights != "safetensors" or args.tower_keys_in_llm or args.tower_hub_id):
         parser.error("--weights, --tower-keys-in-llm and --tower-hub-id apply to --format llava only")
+    if args.family == "llava_next" and args.format != "hf":
+        parser.error("--family llava_next writes the llava-hf layout only: use --format hf")
     if bool(args.tower_hub_id) != bool(args.hf_cache):
         parser.error("--tower-hub-id and --hf-cache go together")
     path = save_tiny_checkpoint(
         args.out, args.format, args.seed, weights=args.weights, tower_keys_in_llm=args.tower_keys_in_llm,
-        tower_hub_id=args.tower_hub_id, hf_cache=args.hf_cache,
+        tower_hub_id=args.tower_hub_id, hf_cache=args.hf_cache, family=args.family,
         text_layers=args.text_layers, image_size=args.image_size, patch_size=args.patch_size,
     )  # fmt: skip
     n = (args.image_size // args.patch_size) ** 2
-    print(f"wrote tiny {args.format}-format LLaVA to {path} ({n} vision tokens, {args.text_layers} LLM layers)")
+    if args.family == "llava_next":
+        print(f"wrote tiny LLaVA-NeXT to {path} ({n} tokens per crop, {args.text_layers} LLM layers)")
+    else:
+        print(f"wrote tiny {args.format}-format LLaVA to {path} ({n} vision tokens, {args.text_layers} LLM layers)")
 
 
 if __name__ == "__main__":

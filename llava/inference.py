@@ -9,7 +9,7 @@ from PIL import Image
 
 from .constants import DEFAULT_IMAGE_TOKEN
 from .conversation import get_conv_template
-from .mm_utils import process_images, tokenizer_image_token
+from .mm_utils import image_inputs, tokenizer_image_token
 
 
 def build_prompt(question: str, conv_mode: str = "vicuna_v1") -> str:
@@ -33,12 +33,15 @@ def build_prompt(question: str, conv_mode: str = "vicuna_v1") -> str:
 
 
 def prepare_batch(model, tokenizer, image_processor, images: list[Image.Image], prompts: list[str]) -> dict:
-    """Left-padded ``input_ids``/``attention_mask`` with each ``<image>`` expanded to ``model.num_image_tokens``."""
+    """Left-padded ``input_ids``/``attention_mask`` with each ``<image>`` expanded to its image's N_i placeholders
+    (``model.image_token_counts``: N for LLaVA-1.5, the anyres count for LLaVA-NeXT), and the vision inputs."""
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+    vision = image_inputs(images, image_processor, model.config)
+    counts = model.image_token_counts(vision.get("image_sizes"), num_images=len(images))
     ids = [
-        tokenizer_image_token(p, tokenizer, model.config.image_token_id, num_image_tokens=model.num_image_tokens, expected_images=1)
-        for p in prompts
+        tokenizer_image_token(p, tokenizer, model.config.image_token_id, num_image_tokens=n, expected_images=1)
+        for p, n in zip(prompts, counts)
     ]
     width = max(len(x) for x in ids)
     pad = tokenizer.pad_token_id
@@ -47,13 +50,12 @@ def prepare_batch(model, tokenizer, image_processor, images: list[Image.Image], 
     for row, x in enumerate(ids):
         input_ids[row, width - len(x) :] = torch.tensor(x)
         attention_mask[row, width - len(x) :] = 1
-    pixel_values = process_images(images, image_processor, model.config)
     dtype = next(model.parameters()).dtype
-    return {
-        "input_ids": input_ids.to(model.device),
-        "attention_mask": attention_mask.to(model.device),
-        "pixel_values": pixel_values.to(model.device, dtype),
-    }
+    batch = {"input_ids": input_ids.to(model.device), "attention_mask": attention_mask.to(model.device),
+             "pixel_values": vision["pixel_values"].to(model.device, dtype)}  # fmt: skip
+    if "image_sizes" in vision:
+        batch["image_sizes"] = vision["image_sizes"].to(model.device)
+    return batch
 
 
 @dataclass

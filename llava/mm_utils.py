@@ -53,6 +53,18 @@ def process_images(images: list[Image.Image], image_processor, model_cfg=None) -
     return image_processor(images=images, return_tensors="pt")["pixel_values"]
 
 
+def image_inputs(images: list[Image.Image], image_processor, model_cfg=None) -> dict[str, torch.Tensor]:
+    """PIL images -> the model's vision inputs: ``{"pixel_values": [B, 3, H, W]}`` for LLaVA-1.5 (with its 'pad'
+    aspect), ``{"pixel_values": [B, max crops, 3, H, W], "image_sizes": [B, 2]}`` for LLaVA-NeXT (anyres, as its
+    processor does it)."""
+    if getattr(model_cfg, "model_type", "llava") == "llava_next":
+        if not hasattr(image_processor, "image_grid_pinpoints"):
+            raise ValueError(f"a LLaVA-NeXT checkpoint needs its anyres image processor, got {type(image_processor).__name__}")
+        out = image_processor(images=images, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}
+    return {"pixel_values": process_images(images, image_processor, model_cfg)}
+
+
 def tokenizer_image_token(
     prompt: str,
     tokenizer,

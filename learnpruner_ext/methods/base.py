@@ -8,7 +8,7 @@ and are shared by every method.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Callable, ClassVar
 
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .. import scoring
-from ..config import PruningConfig, TokenPlan
+from ..config import PruningConfig, TokenPlan, image_budget
 
 # Signals a method may declare; contexts refuse to compute undeclared ones so declarations stay honest.
 SIGNALS = ("cls_attention", "cls_feature", "vision_features", "projected_features", "text_attention", "keys", "hidden_states")
@@ -78,7 +78,7 @@ def plan_method(config: PruningConfig, *, num_vision_tokens: int, num_layers: in
     raises the same errors (unknown method or option, infeasible budget) as building the method would."""
     cls = get_method_class(config.method)
     spec = cls.resolve(config)
-    return MethodPlan(cls, spec, cls.make_plan(spec, num_vision_tokens, num_layers))
+    return MethodPlan(cls, spec, cls.image_plan(spec, num_vision_tokens, num_vision_tokens, num_layers))
 
 
 @dataclass
@@ -106,10 +106,21 @@ class VisionContext:
     # the model's projector: [B, R, Dv] vision features -> [B, R, D] LLM tokens (for merging methods)
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
     cls_token: torch.Tensor | None = None  # [B, Dv] the feature layer's [CLS] output; None if the tower has none
+    plan: TokenPlan | None = None  # the plan of these images (default: the method's); select plan.r1 tokens
+    # encoder rows -> these images' tokens: [C, P, ...] per encoder input (crop) and patch -> [B, N, ...]. The
+    # identity when every image is one encoder input; a family adapter's gather otherwise (LLaVA-NeXT crops).
+    to_image: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __post_init__(self):
+        if self.plan is None:
+            self.plan = self.method.plan
 
     def _check(self, signal: str) -> None:
         if signal not in self.method.signals:
             raise RuntimeError(f"method {self.method.name!r} reads {signal!r} but does not declare it in `signals`")
+
+    def _image_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.to_image is None else self.to_image(x)
 
     def keys(self) -> torch.Tensor:
         """[B, N, d] head-averaged key states of the patch tokens in the feature layer (VisionZip's metric):
@@ -117,16 +128,17 @@ class VisionContext:
         self._check("keys")
         if "_keys" not in self.__dict__:
             k = scoring.encoder_keys(self.encoder_layer, self.encoder_layer_input)
-            self.__dict__["_keys"] = k[:, 1:] if self.has_cls else k
+            self.__dict__["_keys"] = self._image_rows(k[:, 1:] if self.has_cls else k)
         return self.__dict__["_keys"]
 
     @cached_property
     def cls_attention(self) -> torch.Tensor:
-        """[B, N] head-averaged [CLS] -> patch attention of the feature layer (mean received attention if no [CLS])."""
+        """[B, N] head-averaged [CLS] -> patch attention of the feature layer (mean received attention if no
+        [CLS]), each patch scored within its own encoder input (crop)."""
         self._check("cls_attention")
         if self.has_cls:
-            return scoring.cls_attention(self.encoder_layer, self.encoder_layer_input)
-        return scoring.mean_received_attention(self.encoder_layer, self.encoder_layer_input)
+            return self._image_rows(scoring.cls_attention(self.encoder_layer, self.encoder_layer_input))
+        return self._image_rows(scoring.mean_received_attention(self.encoder_layer, self.encoder_layer_input))
 
     @cached_property
     def cls_feature(self) -> torch.Tensor:
@@ -158,6 +170,11 @@ class DecoderContext:
     vision_index: torch.Tensor  # [B, Nv] sequence positions of the vision tokens, ascending
     key_valid: torch.Tensor | None  # [B, S] bool, False on padding
     extras: dict[str, Any] = field(default_factory=dict)
+    plan: TokenPlan | None = None  # the plan of these prompts (default: the method's); keep plan.r2 tokens
+
+    def __post_init__(self):
+        if self.plan is None:
+            self.plan = self.method.plan
 
     def _check(self, signal: str) -> None:
         if signal not in self.method.signals:
@@ -237,9 +254,17 @@ class PruningMethod(nn.Module):
     def __init__(self, config: PruningConfig, num_vision_tokens: int, num_layers: int, vision_dim: int):
         super().__init__()
         spec = self.resolve(config)
-        self.config, self.options = spec.config, spec.options
-        self.vision_dim = vision_dim
-        self.plan: TokenPlan = self.make_plan(spec, num_vision_tokens, num_layers)
+        self.spec, self.config, self.options = spec, spec.config, spec.options
+        self.vision_dim, self.num_layers = vision_dim, num_layers
+        # the plan at the model's reference N (every image of LLaVA-1.5); plan_for(n) for other images
+        self.plan: TokenPlan = self.image_plan(spec, num_vision_tokens, num_vision_tokens, num_layers)
+        self._plans = {num_vision_tokens: self.plan}
+
+    def plan_for(self, num_tokens: int) -> TokenPlan:
+        """The plan of one image with ``num_tokens`` vision tokens (:meth:`image_plan`; cached)."""
+        if num_tokens not in self._plans:
+            self._plans[num_tokens] = self.image_plan(self.spec, num_tokens, self.plan.num_vision_tokens, self.num_layers)
+        return self._plans[num_tokens]
 
     # -- the plan: class-level, so it can be computed without building the module ----------------------
     @classmethod
@@ -259,7 +284,19 @@ class PruningMethod(nn.Module):
 
     @classmethod
     def make_plan(cls, spec: MethodSpec, num_vision_tokens: int, num_layers: int) -> TokenPlan:
+        """The plan for an image of ``num_vision_tokens`` tokens under ``spec.config.budget`` (that image's T)."""
         raise NotImplementedError
+
+    @classmethod
+    def image_plan(cls, spec: MethodSpec, num_tokens: int, reference_tokens: int, num_layers: int) -> TokenPlan:
+        """The plan of an image with ``num_tokens`` vision tokens on a model whose budgets refer to
+        ``reference_tokens``: the budget is mapped by ``config.budget_scope`` (:func:`image_budget`), then
+        :meth:`make_plan`; the plan records the scope."""
+        config = spec.config
+        budget = image_budget(config.budget, num_tokens, reference_tokens, config.budget_scope)
+        if budget != config.budget:
+            spec = replace(spec, config=replace(config, budget=budget))
+        return replace(cls.make_plan(spec, num_tokens, num_layers), scope=config.budget_scope)
 
     @classmethod
     def plan_overhead_flops(cls, spec: MethodSpec, plan: TokenPlan, model_config, text_tokens: int,

@@ -26,6 +26,6 @@ class ClsPruning(PruningMethod):
         return vision_only_plan(spec, num_vision_tokens, num_layers)
 
     def select_vision(self, ctx: VisionContext) -> VisionSelection | None:
-        if self.plan.r1 == self.plan.num_vision_tokens:
+        if ctx.plan.r1 == ctx.plan.num_vision_tokens:
             return None
-        return VisionSelection(index=topk_indices(ctx.cls_attention, self.plan.r1))
+        return VisionSelection(index=topk_indices(ctx.cls_attention, ctx.plan.r1))

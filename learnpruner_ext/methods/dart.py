@@ -130,6 +130,6 @@ class Dart(PruningMethod):
         vision_norm = ctx.keys().float().abs().sum(dim=(1, 3))  # [B, Nv] L1 over heads x head dims
         text_norm = ctx.keys(rows).float().abs().sum(dim=(1, 3))
         return dart_select(
-            vision_hidden, vision_norm, text_hidden, text_norm, rows_valid, self.plan.r2,
+            vision_hidden, vision_norm, text_hidden, text_norm, rows_valid, ctx.plan.r2,
             self.options["image_pivots"], self.options["text_pivots"],
         )  # fmt: skip

@@ -41,6 +41,6 @@ class DivPrune(PruningMethod):
         return vision_only_plan(spec, num_vision_tokens, num_layers)
 
     def select_vision(self, ctx: VisionContext) -> VisionSelection | None:
-        if self.plan.r1 == self.plan.num_vision_tokens:
+        if ctx.plan.r1 == ctx.plan.num_vision_tokens:
             return None
-        return VisionSelection(index=divprune_select(ctx.projected_features, self.plan.r1))
+        return VisionSelection(index=divprune_select(ctx.projected_features, ctx.plan.r1))

@@ -59,4 +59,4 @@ class FastV(PruningMethod):
         return self.plan.layer - 1 if self.options["score_with"] == "previous" else self.plan.layer
 
     def select_decoder(self, ctx: DecoderContext) -> torch.Tensor:
-        return topk_indices(ctx.text_attention(self.options["query"]), self.plan.r2)
+        return topk_indices(ctx.text_attention(self.options["query"]), ctx.plan.r2)

@@ -60,15 +60,16 @@ class LearnPruner(PruningMethod):
         layer = config.layer if config.layer is not None else default_stage2_layer(num_layers)
         return two_stage_plan(config.budget, num_vision_tokens, num_layers, layer, config.ratio)
 
-    def num_diverse(self) -> int:
-        return round(self.config.diversity * self.plan.r1)
+    def num_diverse(self, plan: TokenPlan | None = None) -> int:
+        """D = round(lambda * R1) of ``plan`` (default: the method's plan)."""
+        return round(self.config.diversity * (plan or self.plan).r1)
 
     def select_vision(self, ctx: VisionContext) -> VisionSelection | None:
-        if self.plan.r1 == self.plan.num_vision_tokens:
+        if ctx.plan.r1 == ctx.plan.num_vision_tokens:
             return None
         scores = self.lpm.keep_scores(ctx.vision_features)
-        index, is_diverse = importance_plus_diversity(scores, ctx.projected_features, self.plan.r1, self.num_diverse())
+        index, is_diverse = importance_plus_diversity(scores, ctx.projected_features, ctx.plan.r1, self.num_diverse(ctx.plan))
         return VisionSelection(index=index, is_diverse=is_diverse)
 
     def select_decoder(self, ctx: DecoderContext) -> torch.Tensor:
-        return topk_indices(ctx.text_attention("after_image"), self.plan.r2)
+        return topk_indices(ctx.text_attention("after_image"), ctx.plan.r2)

@@ -32,8 +32,8 @@ class RandomPruning(PruningMethod):
         return vision_only_plan(spec, num_vision_tokens, num_layers)
 
     def select_vision(self, ctx: VisionContext) -> VisionSelection | None:
-        if self.plan.r1 == self.plan.num_vision_tokens:
+        if ctx.plan.r1 == ctx.plan.num_vision_tokens:
             return None
         batch = ctx.features.shape[0]
-        index = random_indices(self.plan.num_vision_tokens, self.plan.r1, self.config.seed)
+        index = random_indices(ctx.plan.num_vision_tokens, ctx.plan.r1, self.config.seed)
         return VisionSelection(index=index.to(ctx.features.device).expand(batch, -1))

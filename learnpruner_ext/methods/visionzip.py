@@ -112,7 +112,7 @@ class VisionZip(PruningMethod):
 
     def __init__(self, config, num_vision_tokens, num_layers, vision_dim):
         super().__init__(config, num_vision_tokens, num_layers, vision_dim)
-        self.split = self.split_counts(self.options, self.plan.r1)  # (dominant, contextual)
+        self.split = self.split_counts(self.options, self.plan.r1)  # (dominant, contextual) at the reference N
 
     @staticmethod
     def split_counts(options, t: int) -> tuple[int, int]:
@@ -132,9 +132,9 @@ class VisionZip(PruningMethod):
         return dominant, contextual
 
     def select_vision(self, ctx: VisionContext) -> VisionSelection | None:
-        if self.plan.r1 == self.plan.num_vision_tokens:
+        if ctx.plan.r1 == ctx.plan.num_vision_tokens:
             return None
-        dominant, contextual = self.split
+        dominant, contextual = self.split_counts(self.options, ctx.plan.r1)
         cls_feature = ctx.cls_feature if self.options["cls_dominant"] and ctx.has_cls else None
         index, merged = visionzip_select(
             ctx.cls_attention, ctx.keys(), ctx.vision_features, dominant, contextual, cls_feature

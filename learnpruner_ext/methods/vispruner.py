@@ -64,10 +64,10 @@ class VisPruner(PruningMethod):
         return vision_only_plan(spec, num_vision_tokens, num_layers)
 
     def select_vision(self, ctx: VisionContext) -> VisionSelection | None:
-        if self.plan.r1 == self.plan.num_vision_tokens:
+        if ctx.plan.r1 == ctx.plan.num_vision_tokens:
             return None
         index, is_diverse = vispruner_select(
-            ctx.cls_attention, ctx.vision_features, self.plan.r1, self.options["important_ratio"],
+            ctx.cls_attention, ctx.vision_features, ctx.plan.r1, self.options["important_ratio"],
             self.options["removal_step"],
         )  # fmt: skip
         return VisionSelection(index=index, is_diverse=is_diverse)

@@ -109,7 +109,7 @@ class LPMTrainingModel(nn.Module):
             if pixel_values is not None:
                 features = inner.vision_features(pixel_values)  # [B_img, N, Dv]
                 tokens = inner.multi_modal_projector(features)
-                inner._check_placeholders(image_mask, tokens)
+                inner._check_placeholders(image_mask, [tokens.shape[1]] * tokens.shape[0])
                 embeds = embeds.masked_scatter(image_mask[..., None], tokens.to(embeds.dtype))
             elif bool(image_mask.any()):
                 raise ValueError("input_ids hold <image> placeholders but no pixel_values were given")

@@ -21,11 +21,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig
+from transformers import LlavaNextImageProcessorPil
 from transformers.initialization import no_init_weights
 from transformers.utils import is_torchvision_available
 
 from learnpruner_ext import PruningConfig, apply_pruning
-from learnpruner_ext.modeling import PrunableLlavaForConditionalGeneration
+from learnpruner_ext.modeling import PrunableLlavaForConditionalGeneration, PrunableLlavaNextForConditionalGeneration
 
 from ..constants import DEFAULT_IMAGE_TOKEN
 from .tokenizer import SlowLlamaTokenizer
@@ -46,6 +47,15 @@ _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json
 
 class CheckpointError(ValueError):
     """A checkpoint file that exists but cannot be read (truncated, corrupt, or inconsistent)."""
+
+
+def _hf_model_class(path: Path):
+    """The prunable class of an llava-hf folder, by its config's ``model_type``."""
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    classes = {"llava": PrunableLlavaForConditionalGeneration, "llava_next": PrunableLlavaNextForConditionalGeneration}
+    if model_type not in classes:
+        raise ValueError(f"{path}: model_type {model_type!r} is not supported; supported: {', '.join(classes)}")
+    return classes[model_type]
 
 
 def image_processor_class():
@@ -325,11 +335,14 @@ def load_pretrained_model(
         for f in path.glob("*.safetensors"):
             check_safetensors_complete(f)
         try:
-            model = PrunableLlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn)
+            model = _hf_model_class(path).from_pretrained(path, dtype=torch_dtype, attn_implementation=attn)
         except (SafetensorError, EOFError, RuntimeError) as err:  # a corrupt pytorch_model*.bin
             raise CheckpointError(f"cannot read the weights in {path} ({type(err).__name__}: {err}); a weights "
                                   "file is truncated or corrupt, download it again") from err  # fmt: skip
-        image_processor = image_processor_class().from_pretrained(path)
+        if model.config.model_type == "llava_next":
+            image_processor = LlavaNextImageProcessorPil.from_pretrained(path)
+        else:
+            image_processor = image_processor_class().from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     model = model.to(torch_device).eval()

@@ -1,0 +1,78 @@
+"""Family adapters: what the pruning core needs from one VLM family, behind one small interface.
+
+An adapter turns a family's vision inputs into :class:`ImageGroup` s: the candidate tokens a method scores
+(their vision features, and lazily the importance signals of the encoder rows they came from), the projector,
+and the layout that maps them to the image's placeholder slots. Methods see only the group's
+:class:`~learnpruner_ext.methods.VisionContext`, never the family.
+
+Adding a family: one module here with an adapter class (``reference_tokens``, ``image_token_counts``,
+``image_groups``), registered in :data:`ADAPTERS` under the transformers ``model_type``, and one model class in
+:mod:`learnpruner_ext.modeling` that subclasses the family's transformers model with the pruning mixin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ImageGroup:
+    """Images that share one vision-stage call: the same token count ``num_tokens`` (N_i), one context.
+
+    ``features`` are the method's candidates: ``M <= N_i`` per image (LLaVA-NeXT's ``image_newline`` slots are
+    placeholders but not candidates). ``slots`` says which placeholder slot each candidate fills.
+    """
+
+    images: list[int]  # the batch's image indices in this group
+    num_tokens: int  # N_i: placeholder slots per image
+    features: torch.Tensor  # [G, M, Dv] candidate features (the projector's input)
+    slots: torch.Tensor  # [G, M] placeholder slot (0..N_i-1) of each candidate, ascending
+    encoder_layer: nn.Module  # the encoder layer that produced the features
+    encoder_layer_input: torch.Tensor  # [C, T, Dv] its input for these images' encoder rows (crops)
+    has_cls: bool  # row 0 of every encoder input is a [CLS] token
+    cls_token: torch.Tensor | None  # [G, Dv] the [CLS] output that summarises each image (None: no [CLS])
+    to_image: Callable[[torch.Tensor], torch.Tensor] | None  # [C, P, ...] encoder rows -> [G, M, ...]
+    full_tokens: Callable[[], torch.Tensor]  # -> [G, N_i, D] the unpruned tokens, exactly as the family builds them
+
+
+def tower_hidden_states(tower: nn.Module, pixel_values: torch.Tensor, feature_layer) -> tuple[tuple, int]:
+    """Run a CLIP/SigLIP-style tower -> (every hidden state: embeddings, then each layer's output; the index of
+    the feature layer in it)."""
+    if not isinstance(feature_layer, int):
+        raise NotImplementedError("pruning supports a single vision_feature_layer (an int), not a list of layers")
+    dtype = next(tower.parameters()).dtype
+    hidden = tower(pixel_values.to(dtype), output_hidden_states=True, return_dict=True).hidden_states
+    return hidden, feature_layer % len(hidden)
+
+
+def encoder_layers(tower: nn.Module) -> nn.ModuleList:
+    return getattr(tower, "vision_model", tower).encoder.layers
+
+
+def strips_cls(config) -> bool:
+    """True when the projector's input drops row 0 of the feature layer: transformers' ``default`` feature
+    strategy, which is defined as removing the [CLS] token (``full`` keeps every row, e.g. SigLIP towers)."""
+    strategy = config.vision_feature_select_strategy
+    if strategy not in ("default", "full"):
+        raise NotImplementedError(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")
+    return strategy == "default"
+
+
+from .llava import LlavaAdapter  # noqa: E402
+from .llava_next import LlavaNextAdapter  # noqa: E402
+
+ADAPTERS = {"llava": LlavaAdapter, "llava_next": LlavaNextAdapter}
+
+
+def adapter_for(config):
+    """The adapter of a VLM config (by ``model_type``)."""
+    if config.model_type not in ADAPTERS:
+        raise NotImplementedError(f"no pruning adapter for model_type {config.model_type!r}; known: {sorted(ADAPTERS)}")
+    return ADAPTERS[config.model_type]()
+
+
+__all__ = ["ADAPTERS", "ImageGroup", "LlavaAdapter", "LlavaNextAdapter", "adapter_for"]

@@ -1,0 +1,42 @@
+"""LLaVA-1.5: one CLIP pass per image, a square grid of N patch tokens, each filling its own placeholder."""
+
+from __future__ import annotations
+
+import torch
+
+from . import ImageGroup, encoder_layers, strips_cls, tower_hidden_states
+
+
+class LlavaAdapter:
+    family = "llava"
+
+    @staticmethod
+    def patch_tokens(config) -> int:
+        vc = config.vision_config
+        return (vc.image_size // vc.patch_size) ** 2
+
+    def reference_tokens(self, config) -> int:
+        """N, the tokens of every image (576 for LLaVA-1.5's 336 px CLIP-L/14)."""
+        return self.patch_tokens(config)
+
+    def image_token_counts(self, config, image_sizes=None, num_images: int = 1) -> list[int]:
+        return [self.patch_tokens(config)] * (num_images if image_sizes is None else len(image_sizes))
+
+    def vision_features(self, model, pixel_values: torch.Tensor, image_sizes=None) -> torch.Tensor:
+        """[B, N, Dv] the projector's input (what the LPM scores and trains on)."""
+        hidden, idx = tower_hidden_states(model.vision_tower, pixel_values, model.config.vision_feature_layer)
+        return hidden[idx][:, 1:] if strips_cls(model.config) else hidden[idx]
+
+    def image_groups(self, model, pixel_values: torch.Tensor, image_sizes=None) -> list[ImageGroup]:
+        """One group: every image has N candidates, slot j = patch j."""
+        has_cls = strips_cls(model.config)
+        hidden, idx = tower_hidden_states(model.vision_tower, pixel_values, model.config.vision_feature_layer)
+        patches = hidden[idx][:, 1:] if has_cls else hidden[idx]  # [B, N, Dv]
+        batch, n = patches.shape[:2]
+        return [ImageGroup(
+            images=list(range(batch)), num_tokens=n, features=patches,
+            slots=torch.arange(n, device=patches.device).expand(batch, -1),
+            encoder_layer=encoder_layers(model.vision_tower)[idx - 1], encoder_layer_input=hidden[idx - 1],
+            has_cls=has_cls, cls_token=hidden[idx][:, 0] if has_cls else None, to_image=None,
+            full_tokens=lambda: model.multi_modal_projector(patches),
+        )]  # fmt: skip

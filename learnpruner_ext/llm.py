@@ -1,0 +1,148 @@
+"""The LLM side of pruning: ``LlamaModel`` whose layer loop runs a method's decoder stage at layer ``k``.
+
+Shared by every Llama-family VLM (LLaVA-1.5, LLaVA-NeXT-Vicuna); the stage-2 cut is a :class:`SequenceCut`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaModel
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .cut import SequenceCut, SequenceState, right_pad
+from .methods import DecoderContext, PruningMethod
+
+
+class PrunableLlamaModel(LlamaModel):
+    """``LlamaModel`` whose layer loop can run a method's decoder stage at layer ``k``."""
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        vision_mask: torch.Tensor | None = None,
+        pruner: PruningMethod | None = None,
+        sequence_state: SequenceState | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
+
+        state = sequence_state
+        prefill = vision_mask is not None and bool(vision_mask.any())
+        decode_masks = state.decode_masks(attention_mask) if state is not None and not prefill and state.cuts else {}
+        if 0 in decode_masks:  # the boundary-0 cut shortened the cached prefill: every layer sees its columns
+            attention_mask = decode_masks[0]
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids if not decode_masks else None,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+
+        stage_layer = pruner.decoder_layer if pruner is not None else None
+        counts = vision_mask.sum(-1) if prefill else None  # [B] vision tokens each sample has in this layer
+        per_layer, score_input = [], None
+        for idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+            if stage_layer is not None and prefill and idx == pruner.score_layer:
+                score_input = hidden_states
+            if prefill and idx == stage_layer and int(counts.max()) > 0:
+                cut = self._decoder_cut(pruner, idx, score_input, hidden_states, attention_mask, vision_mask,
+                                        position_embeddings, past_key_values, state)  # fmt: skip
+                if cut is not None:
+                    cos, sin = position_embeddings
+                    hidden_states, position_ids = cut.gather(hidden_states), cut.gather(position_ids)
+                    position_embeddings = (cut.gather(cos), cut.gather(sin))
+                    attention_mask, vision_mask = cut.mask(attention_mask), cut.gather(vision_mask) & cut.valid
+                    counts = vision_mask.sum(-1)
+                    causal_mask = create_causal_mask(
+                        self.config, hidden_states, attention_mask, past_key_values, position_ids=None, layer_idx=idx
+                    )
+            elif idx in decode_masks and idx > 0:
+                causal_mask = create_causal_mask(
+                    self.config, hidden_states, decode_masks[idx], past_key_values, position_ids=None, layer_idx=idx
+                )
+            if prefill:
+                per_layer.append(counts)
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        if prefill and state is not None:
+            state.vision_tokens_per_layer = torch.stack(per_layer, dim=1).tolist()
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+    def _decoder_cut(self, pruner, idx, score_input, hidden_states, attention_mask, vision_mask, position_embeddings,
+                     past_key_values, state) -> SequenceCut | None:  # fmt: skip
+        """Decoder stage at layer ``idx``: the method scores and picks each prompt's ``plan.r2`` vision tokens;
+        -> the cut that keeps them (None when every prompt keeps all of its vision tokens).
+
+        Prompts with the same vision count and plan are scored in one call; a batch whose prompts differ (LLaVA-NeXT
+        images of different sizes, text-only prompts) is scored one prompt at a time, each on its own rows."""
+        if past_key_values is not None and past_key_values.get_seq_length(idx) > 0:
+            raise ValueError("in-LLM pruning runs at prefill and needs an empty KV cache for this prompt")
+        batch = vision_mask.shape[0]
+        counts = vision_mask.sum(-1).tolist()
+        plans = state.plans if state is not None and state.plans else [pruner.plan] * batch
+        if all(plan is None or plan.r2 >= n for plan, n in zip(plans, counts)):
+            return None
+        key_valid = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
+        extras = {"stage_input": hidden_states, "final_norm": self.norm}  # layer k's input (DART)
+        if len(set(counts)) == 1 and all(plan == plans[0] for plan in plans):
+            vision_index = vision_mask.nonzero()[:, 1].view(batch, counts[0])
+            ctx = DecoderContext(pruner, self.layers[pruner.score_layer], score_input, position_embeddings, vision_index,
+                                 key_valid, extras=extras, plan=plans[0])  # fmt: skip
+            keep_vision = pruner.select_decoder(ctx)  # [B, R2] into the Nv vision tokens; -1 = an empty slot
+        else:
+            rows = []
+            for b, (plan, n) in enumerate(zip(plans, counts)):
+                if plan is None or plan.r2 >= n:
+                    rows.append(torch.arange(n, device=vision_mask.device))
+                    continue
+                one = slice(b, b + 1)
+                ctx = DecoderContext(
+                    pruner, self.layers[pruner.score_layer], score_input[one],
+                    tuple(t[one] if t.shape[0] == batch else t for t in position_embeddings),
+                    vision_mask[one].nonzero()[:, 1][None], None if key_valid is None else key_valid[one],
+                    extras={k: v[one] if isinstance(v, torch.Tensor) else v for k, v in extras.items()}, plan=plan,
+                )  # fmt: skip
+                rows.append(pruner.select_decoder(ctx)[0])
+            keep_vision = right_pad(rows, -1)
+        keep = ~vision_mask if key_valid is None else key_valid & ~vision_mask
+        vision_index = right_pad([row.nonzero()[:, 0] for row in vision_mask], 0)  # [B, max Nv]
+        rows_idx = torch.arange(batch, device=keep.device)[:, None].expand_as(keep_vision)
+        chosen = keep_vision >= 0
+        keep[rows_idx[chosen], vision_index.gather(1, keep_vision.clamp(min=0))[chosen]] = True
+        cut = SequenceCut.from_keep(idx, keep)
+        if state is not None:
+            state.stage2_vision_keep = keep_vision
+            if past_key_values is not None:
+                state.cuts.append(cut)
+        return cut
