@@ -81,6 +81,14 @@ class SequenceState:
     vision_tokens_per_layer: list[list[int]] = field(default_factory=list)  # [B][L], measured
     stage2_vision_keep: torch.Tensor | None = None  # [B, R2] indices into the R1 vision tokens (-1: not kept)
 
+    def implicit_mask(self, past_key_values, batch: int, q_len: int, device) -> torch.Tensor:
+        """The all-ones 2D mask ``generate()`` leaves out when the prompts had no padding (the cuts may have
+        added some): [B, prefill_length + tokens generated since prefill + q_len]."""
+        first = self.cuts[0]
+        width0 = first.index.shape[1] if first.boundary == 0 else self.prefill_length  # layer 0's prefill cache
+        later = past_key_values.get_seq_length(0) - width0 + q_len
+        return torch.ones(batch, self.prefill_length + later, dtype=torch.long, device=device)
+
     def decode_masks(self, attention_mask: torch.Tensor | None) -> dict[int, torch.Tensor | None]:
         """{boundary: the 2D mask layers >= boundary need while decoding}: the kept prefill columns, then every
         later column (the tokens generated since prefill)."""

@@ -188,13 +188,14 @@ class PrunableVLMMixin:
         selection = pruner.select_vision(ctx)
         if selection is None:
             return project_all(), group.slots, None
+        index = selection.index.clamp(min=0)  # -1 marks an empty slot (an image that keeps fewer than R1)
         if selection.tokens is not None:
             tokens = selection.tokens
         elif "all" in projected:
-            tokens = gather_seq(projected["all"], selection.index)
+            tokens = gather_seq(projected["all"], index)
         else:
-            tokens = self.multi_modal_projector(gather_seq(group.features, selection.index))
-        return tokens, group.slots.gather(1, selection.index), selection.is_diverse
+            tokens = self.multi_modal_projector(gather_seq(group.features, index))
+        return tokens, torch.where(selection.index >= 0, group.slots.gather(1, index), -1), selection.is_diverse
 
     # -- forward ---------------------------------------------------------------------------------
     def set_pruner(self, pruner: PruningMethod | None) -> None:
@@ -251,8 +252,11 @@ class PrunableVLMMixin:
                 )
         else:
             state = self._states.get(past_key_values) if past_key_values is not None else None
-            if state is not None and state.removed is not None:
-                position_ids = self._decode_positions(state, position_ids, inputs_embeds, past_key_values)
+            if state is not None and state.cuts:
+                if attention_mask is None:  # the cuts may have padded: decoding needs the mask
+                    attention_mask = state.implicit_mask(past_key_values, *inputs_embeds.shape[:2], inputs_embeds.device)
+                if state.removed is not None:
+                    position_ids = self._decode_positions(state, position_ids, attention_mask, inputs_embeds.shape[1])
 
         outputs = self.language_model(
             attention_mask=attention_mask,
@@ -322,7 +326,7 @@ class PrunableVLMMixin:
             shift = index - torch.arange(index.shape[1], device=index.device)  # patch index - slot: [B_img, R1]
             offset[filled] = shift[index >= 0]  # row-major order of both: image rows, then slots
             position_ids = cut.gather(position_ids.expand(batch, -1) + offset)
-        elif position_ids is not None:
+        else:  # numbered within each row's kept tokens (also without given positions: the cut may have padded)
             position_ids = (new_mask.cumsum(-1) - 1).clamp(min=0)
         if past_key_values is not None:
             state.cuts.append(cut)
@@ -330,13 +334,13 @@ class PrunableVLMMixin:
         return cut.gather(inputs_embeds), mask, position_ids, cut.gather(image_mask) & cut.valid
 
     @staticmethod
-    def _decode_positions(state, position_ids, inputs_embeds, past_key_values) -> torch.Tensor:
+    def _decode_positions(state: SequenceState, position_ids, attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
         """Decode positions after a boundary-0 cut. ``generate()`` numbers new tokens from the unpruned prompt
         length: right for ``original`` positions, ``removed`` too far for ``contiguous``. Without given
-        positions the cache length (the pruned prompt) is the start: right for ``contiguous``."""
+        positions, each prompt's kept columns are counted (``contiguous``), plus ``removed`` (``original``)."""
         if position_ids is None:
-            start = past_key_values.get_seq_length()
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + start)[None]
+            kept = state.decode_masks(attention_mask)[0]  # [B, kept prefill columns + later columns]
+            position_ids = (kept.cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
             return position_ids + state.removed[:, None] if state.position_mode == "original" else position_ids
         return position_ids - state.removed[:, None] if state.position_mode == "contiguous" else position_ids
 

@@ -86,7 +86,8 @@ class VisionSelection:
     """Result of a vision-stage method for a batch of images."""
 
     # [B, R1] patch index of each token, in the order the tokens enter the LLM: ascending for methods that
-    # gather patches; merging methods (VisionZip) give a representative patch per token, in their own order
+    # gather patches; merging methods (VisionZip) give a representative patch per token, in their own order;
+    # -1 marks an empty slot at the end of a row (an image that keeps fewer than R1 tokens)
     index: torch.Tensor
     tokens: torch.Tensor | None = None  # [B, R1, D] replacement tokens (merging methods); None = gather
     is_diverse: torch.Tensor | None = None  # [B, R1] bool, tokens picked for diversity (for figures)
