@@ -63,6 +63,12 @@ class SequenceCut:
         """x [B or 1, S, ...] -> [B, S', ...] (padding slots hold row position 0: finite, always masked)."""
         return gather_seq(x, self.index)
 
+    def gather_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """position_ids [B or 1, S] -> [B, S'], or M-RoPE's [3, B or 1, S] -> [3, B, S']."""
+        if position_ids.dim() == 3:
+            return torch.stack([self.gather(axis) for axis in position_ids])
+        return self.gather(position_ids)
+
     def mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """The 2D padding mask after the cut: the kept columns of ``attention_mask``, 0 on the new padding."""
         kept = self.valid if attention_mask is None else self.gather(attention_mask).bool() & self.valid

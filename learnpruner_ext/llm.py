@@ -72,7 +72,7 @@ class PrunableLlamaModel(LlamaModel):
                                         position_embeddings, past_key_values, state)  # fmt: skip
                 if cut is not None:
                     cos, sin = position_embeddings
-                    hidden_states, position_ids = cut.gather(hidden_states), cut.gather(position_ids)
+                    hidden_states, position_ids = cut.gather(hidden_states), cut.gather_positions(position_ids)
                     position_embeddings = (cut.gather(cos), cut.gather(sin))
                     attention_mask, vision_mask = cut.mask(attention_mask), cut.gather(vision_mask) & cut.valid
                     counts = vision_mask.sum(-1)

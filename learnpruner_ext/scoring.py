@@ -11,7 +11,16 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the rotate-half convention of transformers' decoders: x [B, H, S, d], cos/sin
+    [B, S, d] as the model's rotary module returns them (any family whose rotary module already folds its
+    position layout into cos/sin, e.g. M-RoPE sections, uses the same formula)."""
+    cos, sin = cos[:, None], sin[:, None]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -81,8 +90,8 @@ def decoder_attention_rows(
     q_in = normed.gather(1, rows.expand(-1, -1, normed.shape[-1]))
     q = _heads(attn.q_proj(q_in), attn.head_dim)
     k = _heads(attn.k_proj(normed), attn.head_dim)
-    q, _ = apply_rotary_pos_emb(q, q, cos.gather(1, rows.expand(-1, -1, cos.shape[-1])), sin.gather(1, rows.expand(-1, -1, sin.shape[-1])))
-    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    q = apply_rope(q, cos.gather(1, rows.expand(-1, -1, cos.shape[-1])), sin.gather(1, rows.expand(-1, -1, sin.shape[-1])))
+    k = apply_rope(k, cos, sin)
     k = k.repeat_interleave(attn.num_key_value_groups, dim=1)
     logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling  # [B, H, Q, S]
     allowed = torch.arange(seq, device=normed.device)[None, None, :] <= query_index[..., None]  # causal
@@ -116,5 +125,4 @@ def key_states(layer: nn.Module, hidden_in: torch.Tensor, position_embeddings: t
     normed = layer.input_layernorm(hidden_in)
     k = _heads(attn.k_proj(normed), attn.head_dim)
     cos, sin = position_embeddings
-    _, k = apply_rotary_pos_emb(k, k, cos, sin)
-    return k
+    return apply_rope(k, cos.expand(k.shape[0], -1, -1), sin.expand(k.shape[0], -1, -1))
