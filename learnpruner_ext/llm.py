@@ -16,10 +16,13 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .cut import SequenceCut, SequenceState, right_pad
 from .methods import DecoderContext, PruningMethod
+from .timing import StageTimer, section
 
 
 class PrunableLlamaModel(LlamaModel):
     """``LlamaModel`` whose layer loop can run a method's decoder stage at layer ``k``."""
+
+    stage_timer: StageTimer | None = None  # set by the VLM's set_stage_timer
 
     @merge_with_config_defaults
     @capture_outputs
@@ -68,17 +71,18 @@ class PrunableLlamaModel(LlamaModel):
             if stage_layer is not None and prefill and idx == pruner.score_layer:
                 score_input = hidden_states
             if prefill and idx == stage_layer and int(counts.max()) > 0:
-                cut = self._decoder_cut(pruner, idx, score_input, hidden_states, attention_mask, vision_mask,
-                                        position_embeddings, past_key_values, state)  # fmt: skip
+                with section(self.stage_timer, "stage2_select"):
+                    cut = self._decoder_cut(pruner, idx, score_input, hidden_states, attention_mask, vision_mask,
+                                            position_embeddings, past_key_values, state)  # fmt: skip
                 if cut is not None:
-                    cos, sin = position_embeddings
-                    hidden_states, position_ids = cut.gather(hidden_states), cut.gather_positions(position_ids)
-                    position_embeddings = (cut.gather(cos), cut.gather(sin))
-                    attention_mask, vision_mask = cut.mask(attention_mask), cut.gather(vision_mask) & cut.valid
-                    counts = vision_mask.sum(-1)
-                    causal_mask = create_causal_mask(
-                        self.config, hidden_states, attention_mask, past_key_values, position_ids=None, layer_idx=idx
-                    )
+                    with section(self.stage_timer, "stage2_cut"):  # hidden states, positions, RoPE, masks together
+                        cos, sin = position_embeddings
+                        hidden_states, position_ids = cut.gather(hidden_states), cut.gather_positions(position_ids)
+                        position_embeddings = (cut.gather(cos), cut.gather(sin))
+                        attention_mask, vision_mask = cut.mask(attention_mask), cut.gather(vision_mask) & cut.valid
+                        counts = vision_mask.sum(-1)
+                        causal_mask = create_causal_mask(self.config, hidden_states, attention_mask, past_key_values,
+                                                         position_ids=None, layer_idx=idx)  # fmt: skip
             elif idx in decode_masks and idx > 0:
                 causal_mask = create_causal_mask(
                     self.config, hidden_states, decode_masks[idx], past_key_values, position_ids=None, layer_idx=idx

@@ -46,6 +46,7 @@ from .cut import SequenceCut, SequenceState, gather_seq, right_pad
 from .llm import PrunableLlamaModel
 from .lpm import shipped_lpm_path
 from .methods import PruningMethod, VisionContext, create_method, get_method_class
+from .timing import StageTimer, section
 
 
 
@@ -101,6 +102,11 @@ class PrunableVLMMixin:
         self.pruner: PruningMethod | None = None
         self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.last_trace: PruningTrace | None = None
+        self.stage_timer: StageTimer | None = None
+
+    def set_stage_timer(self, timer: StageTimer | None) -> None:
+        """Time the pruning machinery's sections (:mod:`learnpruner_ext.timing`); None switches timing off."""
+        self.stage_timer = self.language_model.stage_timer = timer
 
     @staticmethod
     def _check_llm(config) -> None:
@@ -146,7 +152,9 @@ class PrunableVLMMixin:
     def encode_images(self, pixel_values: torch.Tensor, image_sizes=None):
         """-> (tokens [B_img, R1, D], slot index [B_img, R1] (-1: padding), is_diverse or None, N_i [B_img])."""
         results = {}
-        for group in self.adapter.image_groups(self, pixel_values, image_sizes):
+        with section(self.stage_timer, "vision_tower"):
+            groups = self.adapter.image_groups(self, pixel_values, image_sizes)
+        for group in groups:
             tokens, index, diverse = self._select_group(group)
             for j, image in enumerate(group.images):
                 results[image] = (tokens[j], index[j], None if diverse is None else diverse[j], group.num_tokens)
@@ -163,12 +171,16 @@ class PrunableVLMMixin:
         """The method's choice for one image group -> (tokens [G, R, D], slots [G, R], is_diverse or None)."""
         batch, n = group.features.shape[0], group.num_tokens
         all_slots = torch.arange(n, device=group.features.device).expand(batch, -1)
-        pruner = self.pruner
-        if pruner is None or "vision" not in pruner.acts_at:
-            return group.full_tokens(), all_slots, None
+        pruner, timer = self.pruner, self.stage_timer
+
+        def project(features):
+            with section(timer, "projector"):
+                return self.multi_modal_projector(features)
+
+        if pruner is None or "vision" not in pruner.acts_at or pruner.plan_for(n).r1 >= n:
+            with section(timer, "projector"):
+                return group.full_tokens(), all_slots, None
         plan = pruner.plan_for(n)
-        if plan.r1 >= n:
-            return group.full_tokens(), all_slots, None
         candidates = group.features.shape[1]
         if candidates != n:  # newline slots are not candidates: choose among the M patch slots
             plan = replace(plan, num_vision_tokens=candidates, r1=min(plan.r1, candidates))
@@ -176,16 +188,17 @@ class PrunableVLMMixin:
 
         def project_all():
             if "all" not in projected:
-                projected["all"] = self.multi_modal_projector(group.features)
+                projected["all"] = project(group.features)
             return projected["all"]
 
         ctx = _LazyVisionContext(
             method=pruner, features=group.features, projected=None, encoder_layer=group.encoder_layer,
             encoder_layer_input=group.encoder_layer_input, has_cls=group.has_cls,
-            project=self.multi_modal_projector,  # merging methods (VisionZip) project their own tokens
-            cls_token=group.cls_token, plan=plan, to_image=group.to_image, project_all=project_all,
+            project=project,  # merging methods (VisionZip) project their own tokens
+            cls_token=group.cls_token, plan=plan, to_image=group.to_image, timer=timer, project_all=project_all,
         )  # fmt: skip
-        selection = pruner.select_vision(ctx)
+        with section(timer, "stage1_select"):
+            selection = pruner.select_vision(ctx)
         if selection is None:
             return project_all(), group.slots, None
         index = selection.index.clamp(min=0)  # -1 marks an empty slot (an image that keeps fewer than R1)
@@ -194,7 +207,7 @@ class PrunableVLMMixin:
         elif "all" in projected:
             tokens = gather_seq(projected["all"], index)
         else:
-            tokens = self.multi_modal_projector(gather_seq(group.features, index))
+            tokens = project(gather_seq(group.features, index))
         return tokens, torch.where(selection.index >= 0, group.slots.gather(1, index), -1), selection.is_diverse
 
     # -- forward ---------------------------------------------------------------------------------

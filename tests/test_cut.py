@@ -45,3 +45,30 @@ def test_apply_rope_equals_transformers_llama():
     q_ref, k_ref = apply_rotary_pos_emb(x, x * 2, cos, sin)
     assert torch.allclose(apply_rope(x, cos, sin), q_ref, atol=1e-6)
     assert torch.allclose(apply_rope(x * 2, cos, sin), k_ref, atol=1e-6)
+
+
+def test_stage_timer_sections_cover_both_stages(tiny_hf, images):
+    """The core's timing hooks record every section of a LearnPruner prefill, and nothing once detached."""
+    from learnpruner_ext import PruningConfig, apply_pruning
+    from learnpruner_ext.timing import StageTimer
+    from llava.inference import build_prompt, prepare_batch
+    from llava.model.builder import load_pretrained_model
+
+    tokenizer, model, processor, _ = load_pretrained_model(str(tiny_hf), None, None, device="cpu", dtype="float32")
+    import pytest
+
+    with pytest.warns(UserWarning, match="UNTRAINED"):
+        apply_pruning(model, PruningConfig("learnpruner", 6))
+    batch = prepare_batch(model, tokenizer, processor, images[:1], [build_prompt("What is shown?")])
+    timer = StageTimer("cpu")
+    model.model.set_stage_timer(timer)
+    with torch.no_grad():
+        model(**batch)
+    sections = {"vision_tower", "stage1_select", "lpm", "diversity", "projector", "stage2_select", "stage2_cut"}
+    assert set(timer.seconds) == sections and all(v > 0 for v in timer.seconds.values())
+    assert timer.seconds["lpm"] <= timer.seconds["stage1_select"]
+    model.model.set_stage_timer(None)
+    before = dict(timer.seconds)
+    with torch.no_grad():
+        model(**batch)
+    assert timer.seconds == before

@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import scoring
 from ..config import PruningConfig, TokenPlan, image_budget
+from ..timing import StageTimer, section
 
 # Signals a method may declare; contexts refuse to compute undeclared ones so declarations stay honest.
 SIGNALS = ("cls_attention", "cls_feature", "vision_features", "projected_features", "text_attention", "keys", "hidden_states")
@@ -111,10 +112,15 @@ class VisionContext:
     # encoder rows -> these images' tokens: [C, P, ...] per encoder input (crop) and patch -> [B, N, ...]. The
     # identity when every image is one encoder input; a family adapter's gather otherwise (LLaVA-NeXT crops).
     to_image: Callable[[torch.Tensor], torch.Tensor] | None = None
+    timer: StageTimer | None = None  # the model's timing hook (None: untimed)
 
     def __post_init__(self):
         if self.plan is None:
             self.plan = self.method.plan
+
+    def section(self, name: str):
+        """A named timing section inside a method's selection (:mod:`learnpruner_ext.timing`)."""
+        return section(self.timer, name)
 
     def _check(self, signal: str) -> None:
         if signal not in self.method.signals:

@@ -67,8 +67,11 @@ class LearnPruner(PruningMethod):
     def select_vision(self, ctx: VisionContext) -> VisionSelection | None:
         if ctx.plan.r1 == ctx.plan.num_vision_tokens:
             return None
-        scores = self.lpm.keep_scores(ctx.vision_features)
-        index, is_diverse = importance_plus_diversity(scores, ctx.projected_features, ctx.plan.r1, self.num_diverse(ctx.plan))
+        with ctx.section("lpm"):
+            scores = self.lpm.keep_scores(ctx.vision_features)
+        projected = ctx.projected_features
+        with ctx.section("diversity"):  # top-k by score, then max-min diversity
+            index, is_diverse = importance_plus_diversity(scores, projected, ctx.plan.r1, self.num_diverse(ctx.plan))
         return VisionSelection(index=index, is_diverse=is_diverse)
 
     def select_decoder(self, ctx: DecoderContext) -> torch.Tensor:
