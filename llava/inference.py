@@ -7,16 +7,24 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from learnpruner_ext.cut import left_pad
+
 from .constants import DEFAULT_IMAGE_TOKEN
 from .conversation import get_conv_template
 from .mm_utils import image_inputs, tokenizer_image_token
 
 
-def build_prompt(question: str, conv_mode: str = "vicuna_v1") -> str:
-    """One user turn with the image first (unless the question already places ``<image>``).
+def build_prompt(question: str, conv_mode: str = "vicuna_v1", with_image: bool = True) -> str:
+    """One user turn with the image first (unless the question already places ``<image>``); ``with_image=False``
+    for a text-only prompt (the question as it is).
 
     Refuses (``ValueError``) an empty question and one with more than one ``<image>`` (one image per prompt).
     """
+    if not with_image:
+        conv = get_conv_template(conv_mode)
+        conv.append_message(conv.roles[0], question)
+        conv.append_message(conv.roles[1], None)
+        return conv.get_prompt()
     if not question or not question.strip():
         raise ValueError("the question is empty; give a question about the image (e.g. --query 'What is shown?')")
     if question.count(DEFAULT_IMAGE_TOKEN) > 1:
@@ -32,6 +40,12 @@ def build_prompt(question: str, conv_mode: str = "vicuna_v1") -> str:
     return conv.get_prompt()
 
 
+def left_padded(ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> left-padded ``input_ids`` [B, S] and ``attention_mask`` [B, S] (0 on the padding)."""
+    rows = [torch.tensor(x, dtype=torch.long) for x in ids]
+    return left_pad(rows, pad_token_id), left_pad([torch.ones_like(r) for r in rows], 0)
+
+
 def prepare_batch(model, tokenizer, image_processor, images: list[Image.Image], prompts: list[str]) -> dict:
     """Left-padded ``input_ids``/``attention_mask`` with each ``<image>`` expanded to its image's N_i placeholders
     (``model.image_token_counts``: N for LLaVA-1.5, the anyres count for LLaVA-NeXT), and the vision inputs."""
@@ -43,13 +57,7 @@ def prepare_batch(model, tokenizer, image_processor, images: list[Image.Image], 
         tokenizer_image_token(p, tokenizer, model.config.image_token_id, num_image_tokens=n, expected_images=1)
         for p, n in zip(prompts, counts)
     ]
-    width = max(len(x) for x in ids)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, x in enumerate(ids):
-        input_ids[row, width - len(x) :] = torch.tensor(x)
-        attention_mask[row, width - len(x) :] = 1
+    input_ids, attention_mask = left_padded(ids, tokenizer.pad_token_id)
     dtype = next(model.parameters()).dtype
     batch = {"input_ids": input_ids.to(model.device), "attention_mask": attention_mask.to(model.device),
              "pixel_values": vision["pixel_values"].to(model.device, dtype)}  # fmt: skip

@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import scoring
 from ..config import PruningConfig, TokenPlan, image_budget
+from ..cut import gather_seq
 from ..timing import StageTimer, section
 
 # Signals a method may declare; contexts refuse to compute undeclared ones so declarations stay honest.
@@ -232,7 +233,7 @@ class DecoderContext:
     def vision_hidden_states(self) -> torch.Tensor:
         """[B, Nv, D] the vision tokens' hidden states entering the scoring layer."""
         self._check("hidden_states")
-        return self.hidden_in.gather(1, self.vision_index[..., None].expand(-1, -1, self.hidden_in.shape[-1]))
+        return gather_seq(self.hidden_in, self.vision_index)
 
     def stage_hidden_states(self) -> torch.Tensor:
         """[B, S, D] hidden states entering the pruning layer ``k`` (the output of layer k-1), every position.

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TokenPlan
+from ..cut import gather_seq
 from ._common import BUDGET_MODES, check_choice, check_int, decoder_plan
 from .base import DecoderContext, PruningMethod, register_method
 
@@ -69,11 +70,7 @@ def dart_select(
     num_text = min(text_pivots, text_key_norm.shape[1])
     masked_norm = text_key_norm.float().masked_fill(~text_valid, float("-inf"))
     text_pivot = masked_norm.topk(num_text, dim=-1).indices  # [B, P_txt]
-    dim = vision_hidden.shape[-1]
-    pivots = torch.cat(
-        [vision_hidden.gather(1, image_pivot[..., None].expand(-1, -1, dim)),
-         text_hidden.gather(1, text_pivot[..., None].expand(-1, -1, dim))], dim=1,
-    )  # fmt: skip
+    pivots = torch.cat([gather_seq(vision_hidden, image_pivot), gather_seq(text_hidden, text_pivot)], dim=1)
     pivot_valid = torch.cat([torch.ones_like(image_pivot, dtype=torch.bool), text_valid.gather(1, text_pivot)], dim=1)
     # quota of each valid pivot: split the free slots evenly, the remainder to the first pivots
     free = keep - num_image
@@ -124,9 +121,8 @@ class Dart(PruningMethod):
         if "final_norm" not in ctx.extras:
             raise RuntimeError("dart needs the model's final norm in DecoderContext.extras['final_norm']")
         hidden = ctx.extras["final_norm"](hidden)
-        dim = hidden.shape[-1]
-        vision_hidden = hidden.gather(1, ctx.vision_index[..., None].expand(-1, -1, dim))
-        text_hidden = hidden.gather(1, rows[..., None].expand(-1, -1, dim))
+        vision_hidden = gather_seq(hidden, ctx.vision_index)
+        text_hidden = gather_seq(hidden, rows)
         vision_norm = ctx.keys().float().abs().sum(dim=(1, 3))  # [B, Nv] L1 over heads x head dims
         text_norm = ctx.keys(rows).float().abs().sum(dim=(1, 3))
         return dart_select(

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import BudgetError, TokenPlan
+from ..cut import gather_seq
 from ._common import check_int, check_unit_interval, vision_only_plan
 from .base import PruningMethod, VisionContext, VisionSelection, register_method
 
@@ -41,10 +42,6 @@ from .base import PruningMethod, VisionContext, VisionSelection, register_method
 # in the encoder's sequence, and patch 0 is kept anyway whenever there are contextual tokens (it is either
 # dominant or the first target), so a figure marks no extra patch; "original" positions give it patch 0's.
 CLS_INDEX = 0
-
-
-def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def visionzip_select(
@@ -65,7 +62,7 @@ def visionzip_select(
     is_dominant = torch.zeros(batch, n, dtype=torch.bool, device=attention.device)
     is_dominant.scatter_(1, attention.float().topk(patches, dim=-1).indices, True)
     dominant_index = is_dominant.nonzero()[:, 1].view(batch, patches)  # ascending patch order
-    index, tokens = [dominant_index], [_gather(features, dominant_index)]
+    index, tokens = [dominant_index], [gather_seq(features, dominant_index)]
     if with_cls:
         index.insert(0, dominant_index.new_full((batch, 1), CLS_INDEX))
         tokens.insert(0, cls_feature[:, None].to(features.dtype))
@@ -77,12 +74,12 @@ def visionzip_select(
         is_target[torch.arange(0, rest, step, device=attention.device)[:contextual]] = True
         target_index, member_index = remaining[:, is_target], remaining[:, ~is_target]  # patch indices
         unit = F.normalize(keys.float(), dim=-1)
-        similarity = _gather(unit, member_index) @ _gather(unit, target_index).transpose(1, 2)  # [B, M, C]
+        similarity = gather_seq(unit, member_index) @ gather_seq(unit, target_index).transpose(1, 2)  # [B, M, C]
         assign = F.one_hot(similarity.argmax(-1), contextual).float()  # [B, M, C], first target on ties
         counts = assign.sum(1).clamp(min=1)[..., None]  # [B, C, 1] members per target; 0 -> 1 (sum is 0)
-        members_mean = assign.transpose(1, 2) @ _gather(features, member_index).float() / counts
+        members_mean = assign.transpose(1, 2) @ gather_seq(features, member_index).float() / counts
         index.append(target_index)
-        tokens.append((_gather(features, target_index).float() + members_mean).to(features.dtype))
+        tokens.append((gather_seq(features, target_index).float() + members_mean).to(features.dtype))
     return torch.cat(index, dim=1), torch.cat(tokens, dim=1)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..config import TokenPlan
+from ..cut import gather_seq
 from ..selection import remove_duplicates
 from ._common import check_int, check_unit_interval, vision_only_plan
 from .base import PruningMethod, VisionContext, VisionSelection, register_method
@@ -38,7 +39,7 @@ def vispruner_select(
     num_important = int(keep * important_ratio)
     order = attention.argsort(dim=-1, descending=True, stable=True)
     important, residual = order[:, :num_important], order[:, num_important:]
-    residual_features = features.gather(1, residual[..., None].expand(-1, -1, features.shape[-1]))
+    residual_features = gather_seq(features, residual)
     diverse = residual.gather(1, remove_duplicates(residual_features, keep - num_important, step))
     index = torch.cat([important, diverse], dim=1).sort(dim=1).values
     is_diverse = torch.zeros(batch, n, dtype=torch.bool, device=attention.device)
