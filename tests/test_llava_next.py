@@ -211,3 +211,16 @@ def test_answers_through_the_shared_inference_path(loaded, images):
     batched = generate_answers(model, tokenizer, processor, images, QUESTIONS, settings=settings)
     singles = [generate_answers(model, tokenizer, processor, [im], [q], settings=settings)[0] for im, q in zip(images, QUESTIONS)]
     assert batched == singles and len(batched) == 3
+
+
+@pytest.mark.parametrize("method", ["learnpruner", "vispruner"])
+def test_original_positions_batch_equals_single_runs(loaded, images, method):
+    """position_mode='original' (each kept token keeps its packed slot's position) on a mixed-size batch."""
+    tokenizer, model, _, _ = loaded
+    use(model, method, _budget(method), position_mode="original")
+    kw = dict(GEN, pad_token_id=tokenizer.pad_token_id)
+    batch = batch_for(loaded, images, QUESTIONS)
+    batched = model.generate(**batch, **kw)[:, batch["input_ids"].shape[1] :]
+    for i in range(3):
+        single_batch = batch_for(loaded, images[i : i + 1], QUESTIONS[i : i + 1])
+        assert model.generate(**single_batch, **kw)[0, single_batch["input_ids"].shape[1] :].tolist() == batched[i].tolist()
