@@ -64,15 +64,16 @@ class PrunableLlamaModel(LlamaModel):
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
 
-        stage_layer = pruner.decoder_layer if pruner is not None else None
+        stages = pruner.decoder_layers if pruner is not None and prefill else ()  # cut boundaries k, ascending
         counts = vision_mask.sum(-1) if prefill else None  # [B] vision tokens each sample has in this layer
-        per_layer, score_input = [], None
+        per_layer, score_inputs = [], {}
         for idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-            if stage_layer is not None and prefill and idx == pruner.score_layer:
-                score_input = hidden_states
-            if prefill and idx == stage_layer and int(counts.max()) > 0:
+            for k in stages:
+                if idx == pruner.score_layer_for(k):
+                    score_inputs[k] = hidden_states  # the scoring layer's input (layer k itself, or k-1)
+            if idx in stages and int(counts.max()) > 0:
                 with section(self.stage_timer, "stage2_select"):
-                    cut = self._decoder_cut(pruner, idx, score_input, hidden_states, attention_mask, vision_mask,
+                    cut = self._decoder_cut(pruner, idx, score_inputs[idx], hidden_states, attention_mask, vision_mask,
                                             position_embeddings, past_key_values, state)  # fmt: skip
                 if cut is not None:
                     with section(self.stage_timer, "stage2_cut"):  # hidden states, positions, RoPE, masks together
@@ -115,14 +116,15 @@ class PrunableLlamaModel(LlamaModel):
         batch = vision_mask.shape[0]
         counts = vision_mask.sum(-1).tolist()
         plans = state.plans if state is not None and state.plans else [pruner.plan] * batch
-        if all(plan is None or plan.r2 >= n for plan, n in zip(plans, counts)):
+        if all(plan is None or (plan.r2 is not None and plan.r2 >= n) for plan, n in zip(plans, counts)):
             return None
+        score_layer = self.layers[pruner.score_layer_for(idx)]
         key_valid = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
         extras = {"stage_input": hidden_states, "final_norm": self.norm}  # layer k's input (DART)
         if len(set(counts)) == 1 and all(plan == plans[0] for plan in plans):
             vision_index = vision_mask.nonzero()[:, 1].view(batch, counts[0])
-            ctx = DecoderContext(pruner, self.layers[pruner.score_layer], score_input, position_embeddings, vision_index,
-                                 key_valid, extras=extras, plan=plans[0])  # fmt: skip
+            ctx = DecoderContext(pruner, score_layer, score_input, position_embeddings, vision_index, key_valid,
+                                 extras=extras, plan=plans[0], stage_layer=idx)  # fmt: skip
             keep_vision = pruner.select_decoder(ctx)  # [B, R2] into the Nv vision tokens; -1 = an empty slot
         else:
             rows = []
@@ -132,10 +134,11 @@ class PrunableLlamaModel(LlamaModel):
                     continue
                 one = slice(b, b + 1)
                 ctx = DecoderContext(
-                    pruner, self.layers[pruner.score_layer], score_input[one],
+                    pruner, score_layer, score_input[one],
                     tuple(t[one] if t.shape[0] == batch else t for t in position_embeddings),
                     vision_mask[one].nonzero()[:, 1][None], None if key_valid is None else key_valid[one],
                     extras={k: v[one] if isinstance(v, torch.Tensor) else v for k, v in extras.items()}, plan=plan,
+                    stage_layer=idx,
                 )  # fmt: skip
                 rows.append(pruner.select_decoder(ctx)[0])
             keep_vision = right_pad(rows, -1)
@@ -145,7 +148,13 @@ class PrunableLlamaModel(LlamaModel):
         chosen = keep_vision >= 0
         keep[rows_idx[chosen], vision_index.gather(1, keep_vision.clamp(min=0))[chosen]] = True
         cut = SequenceCut.from_keep(idx, keep)
-        if state is not None:
+        if state is not None:  # compose with an earlier cut: indices into the vision tokens that entered the LLM
+            earlier = state.stage2_vision_keep  # the vision tokens now in the sequence, in sequence order:
+            if earlier is not None:  # the earlier keep ascending (a cut keeps sequence order), empty slots last
+                spare = torch.iinfo(earlier.dtype).max
+                earlier = earlier.masked_fill(earlier < 0, spare).sort(-1).values
+                earlier = earlier.masked_fill(earlier == spare, -1)
+                keep_vision = torch.where(keep_vision >= 0, earlier.gather(1, keep_vision.clamp(min=0)), -1)
             state.stage2_vision_keep = keep_vision
             if past_key_values is not None:
                 state.cuts.append(cut)

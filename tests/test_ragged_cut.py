@@ -105,3 +105,43 @@ def test_manual_decode_without_positions_equals_generate(loaded, images, questio
                 mask = torch.cat([mask, torch.ones_like(token)], dim=1)
             step = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
             torch.testing.assert_close(step.logits[:, -1], out.logits[i], atol=1e-5, rtol=0)
+
+
+class TwoCutMethod(RaggedMethod):
+    """RaggedMethod's stage 1, then a cut at layer 1 and another at layer 2 (each keeps ceil(n / 2))."""
+
+    name = "two_cut_test"
+
+    @property
+    def decoder_layers(self):
+        return (1, 2)
+
+    def score_layer_for(self, stage_layer):
+        return stage_layer
+
+
+def test_two_decoder_cuts_ragged_batch_equals_single_runs(tiny_hf, images):
+    """Several cuts per prefill (as ATP-LLaVA needs): measured counts c, ceil(c/2), ceil(ceil(c/2)/2) per prompt,
+    a ragged batch equals its single runs, and the trace's final kept slots are a subset of stage 1's."""
+    base.register_method(TwoCutMethod)
+    try:
+        tokenizer, model, processor, _ = load_pretrained_model(str(tiny_hf), None, None, device="cpu", dtype="float32")
+        apply_pruning(model, PruningConfig("two_cut_test", 8))
+        loaded = (tokenizer, model, processor)
+        out, trace, width = _run(loaded, images, SAME)
+        layers = model.config.text_config.num_hidden_layers
+        for row in trace.vision_tokens_per_sample:
+            c = row[0]
+            assert row == [c, (c + 1) // 2] + [((c + 1) // 2 + 1) // 2] * (layers - 2)
+        assert len({row[-1] for row in trace.vision_tokens_per_sample}) > 1
+        for i in range(3):
+            single, one, single_width = _run(loaded, images[i : i + 1], SAME[i : i + 1])
+            assert one.vision_tokens_per_sample[0] == trace.vision_tokens_per_sample[i]
+            final = trace.stage2_index[i][trace.stage2_index[i] >= 0]
+            assert final.tolist() == one.stage2_index[0].tolist()
+            assert set(final.tolist()) <= set(trace.stage1_index[i].tolist()) and len(final) == one.vision_tokens_per_sample[0][-1]
+            assert single.sequences[0, single_width:].tolist() == out.sequences[i, width:].tolist()
+            for step in range(4):
+                torch.testing.assert_close(single.logits[step][0], out.logits[step][i], atol=1e-4, rtol=0)
+    finally:
+        del base._REGISTRY["two_cut_test"]

@@ -179,6 +179,7 @@ class DecoderContext:
     key_valid: torch.Tensor | None  # [B, S] bool, False on padding
     extras: dict[str, Any] = field(default_factory=dict)
     plan: TokenPlan | None = None  # the plan of these prompts (default: the method's); keep plan.r2 tokens
+    stage_layer: int | None = None  # the boundary k this selection cuts at (methods with several cuts)
 
     def __post_init__(self):
         if self.plan is None:
@@ -328,6 +329,17 @@ class PruningMethod(nn.Module):
     def score_layer(self) -> int | None:
         """Layer whose attention scores the in-LLM selection (default: the pruning layer itself)."""
         return self.plan.layer
+
+    @property
+    def decoder_layers(self) -> tuple[int, ...]:
+        """Every boundary k where the method cuts inside the LLM, ascending (one for LearnPruner, FastV, DART;
+        several for methods that prune repeatedly). Each cut's selection gets ``ctx.stage_layer = k``."""
+        return () if self.decoder_layer is None else (self.decoder_layer,)
+
+    def score_layer_for(self, stage_layer: int) -> int:
+        """The layer whose input scores the cut at ``stage_layer`` (default: :attr:`score_layer` for the single
+        cut, the cut's own layer otherwise)."""
+        return self.score_layer if stage_layer == self.decoder_layer else stage_layer
 
     def select_vision(self, ctx: VisionContext) -> VisionSelection | None:
         """Pick ``plan.r1`` tokens per image; None keeps all."""
