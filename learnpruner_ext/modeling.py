@@ -175,7 +175,7 @@ class PrunableVLMMixin:
 
         def project(features):
             with section(timer, "projector"):
-                return self.multi_modal_projector(features)
+                return group.project(features)
 
         if pruner is None or "vision" not in pruner.acts_at or pruner.plan_for(n).r1 >= n:
             with section(timer, "projector"):
@@ -192,10 +192,10 @@ class PrunableVLMMixin:
             return projected["all"]
 
         ctx = _LazyVisionContext(
-            method=pruner, features=group.features, projected=None, encoder_layer=group.encoder_layer,
-            encoder_layer_input=group.encoder_layer_input, has_cls=group.has_cls,
+            method=pruner, features=group.features, projected=None, has_cls=group.has_cls,
             project=project,  # merging methods (VisionZip) project their own tokens
-            cls_token=group.cls_token, plan=plan, to_image=group.to_image, timer=timer, project_all=project_all,
+            cls_token=group.cls_token, plan=plan, importance=group.importance, key_states=group.key_states,
+            timer=timer, project_all=project_all,
         )  # fmt: skip
         with section(timer, "stage1_select"):
             selection = pruner.select_vision(ctx)

@@ -18,25 +18,45 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .. import scoring
+
 
 @dataclass
 class ImageGroup:
     """Images that share one vision-stage call: the same token count ``num_tokens`` (N_i), one context.
 
     ``features`` are the method's candidates: ``M <= N_i`` per image (LLaVA-NeXT's ``image_newline`` slots are
-    placeholders but not candidates). ``slots`` says which placeholder slot each candidate fills.
+    placeholders but not candidates). ``slots`` says which placeholder slot each candidate fills. The signals
+    are lazy: nothing beyond the tower's forward is computed unless a method reads it.
     """
 
     images: list[int]  # the batch's image indices in this group
     num_tokens: int  # N_i: placeholder slots per image
     features: torch.Tensor  # [G, M, Dv] candidate features (the projector's input)
     slots: torch.Tensor  # [G, M] placeholder slot (0..N_i-1) of each candidate, ascending
-    encoder_layer: nn.Module  # the encoder layer that produced the features
-    encoder_layer_input: torch.Tensor  # [C, T, Dv] its input for these images' encoder rows (crops)
-    has_cls: bool  # row 0 of every encoder input is a [CLS] token
+    has_cls: bool  # the tower has a [CLS] token (importance = [CLS] attention, cls_token set)
     cls_token: torch.Tensor | None  # [G, Dv] the [CLS] output that summarises each image (None: no [CLS])
-    to_image: Callable[[torch.Tensor], torch.Tensor] | None  # [C, P, ...] encoder rows -> [G, M, ...]
+    importance: Callable[[], torch.Tensor]  # -> [G, M] [CLS] attention, or mean received attention without [CLS]
+    key_states: Callable[[], torch.Tensor]  # -> [G, M, d] head-averaged keys of the feature layer
+    project: Callable[[torch.Tensor], torch.Tensor]  # [G, R, Dv] candidate features -> [G, R, D] LLM tokens
     full_tokens: Callable[[], torch.Tensor]  # -> [G, N_i, D] the unpruned tokens, exactly as the family builds them
+
+
+def clip_signals(layer: nn.Module, layer_input: torch.Tensor, has_cls: bool, to_image=None):
+    """(importance, key_states) callables of a CLIP/SigLIP feature layer: ``layer`` and its input [C, T, Dv] for
+    the encoder rows (images or crops); ``to_image`` maps per-row results [C, P, ...] to the candidates."""
+    gather = to_image or (lambda x: x)
+
+    def importance():
+        if has_cls:
+            return gather(scoring.cls_attention(layer, layer_input))
+        return gather(scoring.mean_received_attention(layer, layer_input))
+
+    def key_states():
+        keys = scoring.encoder_keys(layer, layer_input)
+        return gather(keys[:, 1:] if has_cls else keys)
+
+    return importance, key_states
 
 
 def tower_hidden_states(tower: nn.Module, pixel_values: torch.Tensor, feature_layer) -> tuple[tuple, int]:

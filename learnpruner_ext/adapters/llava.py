@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ImageGroup, encoder_layers, strips_cls, tower_hidden_states
+from . import ImageGroup, clip_signals, encoder_layers, strips_cls, tower_hidden_states
 
 
 class LlavaAdapter:
@@ -33,10 +33,11 @@ class LlavaAdapter:
         hidden, idx = tower_hidden_states(model.vision_tower, pixel_values, model.config.vision_feature_layer)
         patches = hidden[idx][:, 1:] if has_cls else hidden[idx]  # [B, N, Dv]
         batch, n = patches.shape[:2]
+        importance, key_states = clip_signals(encoder_layers(model.vision_tower)[idx - 1], hidden[idx - 1], has_cls)
         return [ImageGroup(
             images=list(range(batch)), num_tokens=n, features=patches,
             slots=torch.arange(n, device=patches.device).expand(batch, -1),
-            encoder_layer=encoder_layers(model.vision_tower)[idx - 1], encoder_layer_input=hidden[idx - 1],
-            has_cls=has_cls, cls_token=hidden[idx][:, 0] if has_cls else None, to_image=None,
+            has_cls=has_cls, cls_token=hidden[idx][:, 0] if has_cls else None,
+            importance=importance, key_states=key_states, project=model.multi_modal_projector,
             full_tokens=lambda: model.multi_modal_projector(patches),
         )]  # fmt: skip

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from . import ImageGroup, encoder_layers, strips_cls, tower_hidden_states
+from . import ImageGroup, clip_signals, encoder_layers, strips_cls, tower_hidden_states
 
 NEWLINE = -1  # packing-map entry of an ``image_newline`` slot
 
@@ -85,11 +85,12 @@ class LlavaNextAdapter:
                 table = torch.cat([projected, model.image_newline[None].to(projected)])
                 return table[torch.where(source == NEWLINE, len(projected), source)][None]
 
+            importance, key_states = clip_signals(layer, layer_input[rows], True, to_image)  # each crop's own [CLS]
             groups.append(ImageGroup(
-                images=[i], num_tokens=len(source), features=to_image(patches[rows]), slots=slots[None],
-                encoder_layer=layer, encoder_layer_input=layer_input[rows], has_cls=True,
+                images=[i], num_tokens=len(source), features=to_image(patches[rows]), slots=slots[None], has_cls=True,
                 cls_token=cls[start : start + 1],  # the base crop (the whole image) summarises the image
-                to_image=to_image, full_tokens=full_tokens,
+                importance=importance, key_states=key_states, project=model.multi_modal_projector,
+                full_tokens=full_tokens,
             ))  # fmt: skip
             start += count
         return groups

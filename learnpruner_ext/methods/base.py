@@ -97,22 +97,24 @@ class VisionSelection:
 
 @dataclass
 class VisionContext:
-    """Signals available after the vision encoder, computed lazily on first use."""
+    """Signals available after the vision encoder, computed lazily on first use.
+
+    The family adapter (``learnpruner_ext.adapters``) supplies the signals as callables, so a method never
+    sees the family: ``importance`` is the [CLS] -> patch attention of the feature layer, or the mean attention
+    each token receives where the tower has no [CLS]; ``key_states`` are the feature layer's keys.
+    """
 
     method: "PruningMethod"
-    features: torch.Tensor  # [B, N, Dv] selected-layer patch features (the projector's input)
-    projected: torch.Tensor  # [B, N, D] projector output
-    encoder_layer: nn.Module  # the encoder layer that produced `features`
-    encoder_layer_input: torch.Tensor  # [B, T, Dv] its input (T = N + 1 with [CLS])
+    features: torch.Tensor  # [B, N, Dv] the candidates' features (the projector's input)
+    projected: torch.Tensor | None  # [B, N, D] projector output (None: computed on first use)
     has_cls: bool
     generator: torch.Generator | None = None
     # the model's projector: [B, R, Dv] vision features -> [B, R, D] LLM tokens (for merging methods)
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
     cls_token: torch.Tensor | None = None  # [B, Dv] the feature layer's [CLS] output; None if the tower has none
     plan: TokenPlan | None = None  # the plan of these images (default: the method's); select plan.r1 tokens
-    # encoder rows -> these images' tokens: [C, P, ...] per encoder input (crop) and patch -> [B, N, ...]. The
-    # identity when every image is one encoder input; a family adapter's gather otherwise (LLaVA-NeXT crops).
-    to_image: Callable[[torch.Tensor], torch.Tensor] | None = None
+    importance: Callable[[], torch.Tensor] | None = None  # -> [B, N] head-averaged attention (see above)
+    key_states: Callable[[], torch.Tensor] | None = None  # -> [B, N, d] head-averaged keys of the feature layer
     timer: StageTimer | None = None  # the model's timing hook (None: untimed)
 
     def __post_init__(self):
@@ -127,26 +129,20 @@ class VisionContext:
         if signal not in self.method.signals:
             raise RuntimeError(f"method {self.method.name!r} reads {signal!r} but does not declare it in `signals`")
 
-    def _image_rows(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.to_image is None else self.to_image(x)
-
     def keys(self) -> torch.Tensor:
-        """[B, N, d] head-averaged key states of the patch tokens in the feature layer (VisionZip's metric):
-        ``self_attn.k_proj(layer_norm1(encoder_layer_input))``, [CLS] row dropped."""
+        """[B, N, d] head-averaged key states of the candidates in the feature layer (VisionZip's metric; CLIP:
+        ``self_attn.k_proj(layer_norm1(x))``, [CLS] row dropped)."""
         self._check("keys")
         if "_keys" not in self.__dict__:
-            k = scoring.encoder_keys(self.encoder_layer, self.encoder_layer_input)
-            self.__dict__["_keys"] = self._image_rows(k[:, 1:] if self.has_cls else k)
+            self.__dict__["_keys"] = self.key_states()
         return self.__dict__["_keys"]
 
     @cached_property
     def cls_attention(self) -> torch.Tensor:
         """[B, N] head-averaged [CLS] -> patch attention of the feature layer (mean received attention if no
-        [CLS]), each patch scored within its own encoder input (crop)."""
+        [CLS]), each patch scored within its own encoder input (LLaVA-NeXT: its crop)."""
         self._check("cls_attention")
-        if self.has_cls:
-            return self._image_rows(scoring.cls_attention(self.encoder_layer, self.encoder_layer_input))
-        return self._image_rows(scoring.mean_received_attention(self.encoder_layer, self.encoder_layer_input))
+        return self.importance()
 
     @cached_property
     def cls_feature(self) -> torch.Tensor:

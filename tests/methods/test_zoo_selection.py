@@ -63,8 +63,7 @@ def test_remove_duplicates_drops_the_duplicates():
 
 
 def fake_vision_context(method, features=None, attention=None, projected=None, keys=None, cls=None):
-    ctx = VisionContext(method, features, projected, encoder_layer=None, encoder_layer_input=None, has_cls=True,
-                        project=lambda x: x * 10, cls_token=cls)  # fmt: skip
+    ctx = VisionContext(method, features, projected, has_cls=True, project=lambda x: x * 10, cls_token=cls)
     for name, value in (("cls_attention", attention), ("projected_features", projected), ("_keys", keys)):
         if value is not None:
             ctx.__dict__[name] = value
