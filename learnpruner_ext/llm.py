@@ -1,6 +1,8 @@
-"""The LLM side of pruning: ``LlamaModel`` whose layer loop runs a method's decoder stage at layer ``k``.
+"""The LLM side of pruning: a decoder layer loop that runs a method's decoder stage at each cut boundary ``k``.
 
-Shared by every Llama-family VLM (LLaVA-1.5, LLaVA-NeXT-Vicuna); the stage-2 cut is a :class:`SequenceCut`.
+:class:`PrunableDecoderMixin` is transformers' decoder loop plus the stage (a :class:`SequenceCut`); a family's
+text model adds only how it reads positions (``_positions``). :class:`PrunableLlamaModel` serves every
+Llama-family VLM (LLaVA-1.5, LLaVA-NeXT-Vicuna).
 """
 
 from __future__ import annotations
@@ -19,10 +21,15 @@ from .methods import DecoderContext, PruningMethod
 from .timing import StageTimer, section
 
 
-class PrunableLlamaModel(LlamaModel):
-    """``LlamaModel`` whose layer loop can run a method's decoder stage at layer ``k``."""
+class PrunableDecoderMixin:
+    """The layer loop with the decoder stage, for a transformers decoder model (``embed_tokens``, ``layers``,
+    ``norm``, ``rotary_emb``, one causal mask for every layer)."""
 
     stage_timer: StageTimer | None = None  # set by the VLM's set_stage_timer
+
+    def _positions(self, inputs_embeds, position_ids, past_key_values):
+        """-> (positions for the rotary embedding, 2D text positions for the mask builder and the layers)."""
+        raise NotImplementedError
 
     @merge_with_config_defaults
     @capture_outputs
@@ -45,9 +52,7 @@ class PrunableLlamaModel(LlamaModel):
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
-        if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
+        position_ids, text_positions = self._positions(inputs_embeds, position_ids, past_key_values)
 
         state = sequence_state
         prefill = vision_mask is not None and bool(vision_mask.any())
@@ -59,7 +64,7 @@ class PrunableLlamaModel(LlamaModel):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
-            position_ids=position_ids if not decode_masks else None,
+            position_ids=text_positions if not decode_masks else None,
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -79,6 +84,7 @@ class PrunableLlamaModel(LlamaModel):
                     with section(self.stage_timer, "stage2_cut"):  # hidden states, positions, RoPE, masks together
                         cos, sin = position_embeddings
                         hidden_states, position_ids = cut.gather(hidden_states), cut.gather_positions(position_ids)
+                        text_positions = None if text_positions is None else cut.gather(text_positions)
                         position_embeddings = (cut.gather(cos), cut.gather(sin))
                         attention_mask, vision_mask = cut.mask(attention_mask), cut.gather(vision_mask) & cut.valid
                         counts = vision_mask.sum(-1)
@@ -94,7 +100,7 @@ class PrunableLlamaModel(LlamaModel):
                 hidden_states,
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
-                position_ids=position_ids,
+                position_ids=text_positions,
                 past_key_values=past_key_values,
                 use_cache=use_cache,
                 **kwargs,
@@ -159,3 +165,13 @@ class PrunableLlamaModel(LlamaModel):
             if past_key_values is not None:
                 state.cuts.append(cut)
         return cut
+
+
+class PrunableLlamaModel(PrunableDecoderMixin, LlamaModel):
+    """``LlamaModel`` whose layer loop can run a method's decoder stage at each cut boundary."""
+
+    def _positions(self, inputs_embeds, position_ids, past_key_values):
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
+        return position_ids, position_ids
