@@ -431,7 +431,17 @@ class PrunableLlavaNextModel(PrunableVLMMixin, LlavaNextModel):
 
 
 class _PrunableForConditionalGeneration:
-    """What both families' generation classes add to transformers' (standard ``generate()`` types)."""
+    """What both families' generation classes add to transformers' (standard ``generate()`` types): the prunable
+    inner model (``_inner_class``) under transformers' own parameter names."""
+
+    _pretrained_class: type
+    _inner_class: type
+
+    def __init__(self, config):
+        self._pretrained_class.__init__(self, config)
+        self.model = self._inner_class(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
 
     @property
     def num_image_tokens(self) -> int:
@@ -460,21 +470,13 @@ class _PrunableForConditionalGeneration:
 class PrunableLlavaForConditionalGeneration(_PrunableForConditionalGeneration, LlavaForConditionalGeneration):
     """Drop-in ``LlavaForConditionalGeneration``."""
 
-    def __init__(self, config: LlavaConfig):
-        LlavaPreTrainedModel.__init__(self, config)
-        self.model = PrunableLlavaModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
+    _pretrained_class, _inner_class = LlavaPreTrainedModel, PrunableLlavaModel
 
 
 class PrunableLlavaNextForConditionalGeneration(_PrunableForConditionalGeneration, LlavaNextForConditionalGeneration):
     """Drop-in ``LlavaNextForConditionalGeneration``."""
 
-    def __init__(self, config: LlavaNextConfig):
-        LlavaNextPreTrainedModel.__init__(self, config)
-        self.model = PrunableLlavaNextModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
+    _pretrained_class, _inner_class = LlavaNextPreTrainedModel, PrunableLlavaNextModel
 
 
 PRUNABLE_MODELS = (PrunableLlavaForConditionalGeneration, PrunableLlavaNextForConditionalGeneration)

@@ -232,12 +232,18 @@ def build_tiny_next_model(seed: int = 0, **geometry):
     """A random tiny LLaVA-NeXT in memory -> (model, tokenizer, LlavaNextProcessor)."""
     tokenizer = build_sp_tokenizer()
     config = tiny_next_config(tokenizer, **geometry)
+    model = _random_model(PrunableLlavaNextForConditionalGeneration, config, seed)
+    return model, tokenizer, next_processor_for(config, tokenizer)
+
+
+def _random_model(model_class, config, seed: int):
+    """``model_class(config)`` from ``seed``, with zero ``<image>`` rows in the embedding and the LM head."""
     torch.manual_seed(seed)
-    model = PrunableLlavaNextForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     with torch.no_grad():
         model.get_input_embeddings().weight[config.image_token_id].zero_()
         model.lm_head.weight[config.image_token_id].zero_()
-    return model, tokenizer, next_processor_for(config, tokenizer)
+    return model
 
 
 def image_processor_for(image_size: int) -> CLIPImageProcessorPil:
@@ -258,11 +264,7 @@ def build_tiny_model(seed: int = 0, **geometry) -> tuple[PrunableLlavaForConditi
     """
     tokenizer = build_sp_tokenizer()
     config = tiny_configs(tokenizer, **geometry)
-    torch.manual_seed(seed)
-    model = PrunableLlavaForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        model.get_input_embeddings().weight[config.image_token_id].zero_()
-        model.lm_head.weight[config.image_token_id].zero_()
+    model = _random_model(PrunableLlavaForConditionalGeneration, config, seed)
     return model, tokenizer, image_processor_for(config.vision_config.image_size)
 
 

@@ -59,6 +59,12 @@ def clip_signals(layer: nn.Module, layer_input: torch.Tensor, has_cls: bool, to_
     return importance, key_states
 
 
+def patch_grid_tokens(config) -> int:
+    """Patch tokens of one tower input: (image_size / patch_size)^2 (576 for CLIP-L/14 at 336 px)."""
+    vc = config.vision_config
+    return (vc.image_size // vc.patch_size) ** 2
+
+
 def tower_hidden_states(tower: nn.Module, pixel_values: torch.Tensor, feature_layer) -> tuple[tuple, int]:
     """Run a CLIP/SigLIP-style tower -> (every hidden state: embeddings, then each layer's output; the index of
     the feature layer in it)."""

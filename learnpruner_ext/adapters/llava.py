@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from . import ImageGroup, clip_signals, encoder_layers, strips_cls, tower_hidden_states
+from . import ImageGroup, clip_signals, encoder_layers, patch_grid_tokens, strips_cls, tower_hidden_states
 
 
 class LlavaAdapter:
     family = "llava"
 
-    @staticmethod
-    def patch_tokens(config) -> int:
-        vc = config.vision_config
-        return (vc.image_size // vc.patch_size) ** 2
-
     def reference_tokens(self, config) -> int:
         """N, the tokens of every image (576 for LLaVA-1.5's 336 px CLIP-L/14)."""
-        return self.patch_tokens(config)
+        return patch_grid_tokens(config)
 
     def image_token_counts(self, config, image_sizes=None, num_images: int = 1) -> list[int]:
-        return [self.patch_tokens(config)] * (num_images if image_sizes is None else len(image_sizes))
+        return [patch_grid_tokens(config)] * (num_images if image_sizes is None else len(image_sizes))
 
     def vision_features(self, model, pixel_values: torch.Tensor, image_sizes=None) -> torch.Tensor:
         """[B, N, Dv] the projector's input (what the LPM scores and trains on)."""

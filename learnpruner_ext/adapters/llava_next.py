@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from . import ImageGroup, clip_signals, encoder_layers, strips_cls, tower_hidden_states
+from . import ImageGroup, clip_signals, encoder_layers, patch_grid_tokens, strips_cls, tower_hidden_states
 
 NEWLINE = -1  # packing-map entry of an ``image_newline`` slot
 
@@ -21,17 +21,12 @@ NEWLINE = -1  # packing-map entry of an ``image_newline`` slot
 class LlavaNextAdapter:
     family = "llava_next"
 
-    @staticmethod
-    def patches_per_crop(config) -> int:
-        vc = config.vision_config
-        return (vc.image_size // vc.patch_size) ** 2
-
     def reference_tokens(self, config) -> int:
         """The nominal N budgets refer to: (1 base + the largest grid's crops) x P, 2880 = 5 x 576 for
         llava-v1.6 (the papers' "2880 tokens"; a real image has N_i from unpadding and newlines)."""
         size = config.vision_config.image_size
         crops = max((h // size) * (w // size) for h, w in config.image_grid_pinpoints)
-        return (1 + crops) * self.patches_per_crop(config)
+        return (1 + crops) * patch_grid_tokens(config)
 
     @staticmethod
     def crops_per_image(config, image_sizes) -> list[int]:
@@ -41,7 +36,7 @@ class LlavaNextAdapter:
     def packing_maps(self, model, image_sizes) -> list[torch.Tensor]:
         """Per image, [N_i] long: the crop-major source ``crop * P + patch`` of each placeholder slot, or -1 for a
         newline, obtained by packing integer ids with transformers' ``pack_image_features``."""
-        p = self.patches_per_crop(model.config)
+        p = patch_grid_tokens(model.config)
         ids = [torch.arange(c * p, dtype=torch.float64).view(c, p, 1) for c in self.crops_per_image(model.config, image_sizes)]
         newline = torch.tensor([float(NEWLINE)], dtype=torch.float64)
         packed, _ = model.pack_image_features(ids, torch.as_tensor(image_sizes).cpu(), "default", image_newline=newline)
