@@ -34,3 +34,10 @@ def tiny_llava(tmp_path_factory):
 @pytest.fixture(scope="session")
 def images():
     return [make_image(i) for i in range(3)]
+
+
+@pytest.fixture
+def no_grad():
+    """Use with ``pytestmark = pytest.mark.usefixtures("no_grad")``: every test of the module runs under no_grad."""
+    with torch.no_grad():
+        yield

@@ -23,10 +23,7 @@ BUDGET = {"learnpruner": 40, "fastv": 60, "dart": 60}  # pruning budgets of T (i
 GEN = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
 
 
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 @pytest.fixture(scope="module")
