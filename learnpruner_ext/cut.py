@@ -86,6 +86,7 @@ class SequenceState:
     plans: list[TokenPlan | None] = field(default_factory=list)  # [B] each prompt's plan (None: no image)
     vision_tokens_per_layer: list[list[int]] = field(default_factory=list)  # [B][L], measured
     stage2_vision_keep: torch.Tensor | None = None  # [B, R2] indices into the R1 vision tokens (-1: not kept)
+    stage2_scores: torch.Tensor | None = None  # [B, Nv] text->vision scores the last cut's selection read (or None)
 
     def implicit_mask(self, past_key_values, batch: int, q_len: int, device) -> torch.Tensor:
         """The all-ones 2D mask ``generate()`` leaves out when the prompts had no padding (the cuts may have

@@ -132,11 +132,13 @@ class PrunableDecoderMixin:
             ctx = DecoderContext(pruner, score_layer, score_input, position_embeddings, vision_index, key_valid,
                                  extras=extras, plan=plans[0], stage_layer=idx)  # fmt: skip
             keep_vision = pruner.select_decoder(ctx)  # [B, R2] into the Nv vision tokens; -1 = an empty slot
+            scores = ctx.extras.get("scores")
         else:
-            rows = []
+            rows, score_rows = [], []
             for b, (plan, n) in enumerate(zip(plans, counts)):
                 if plan is None or plan.r2 >= n:
                     rows.append(torch.arange(n, device=vision_mask.device))
+                    score_rows.append(torch.full((n,), float("nan"), device=vision_mask.device))
                     continue
                 one = slice(b, b + 1)
                 ctx = DecoderContext(
@@ -147,7 +149,9 @@ class PrunableDecoderMixin:
                     stage_layer=idx,
                 )  # fmt: skip
                 rows.append(pruner.select_decoder(ctx)[0])
+                score_rows.append(ctx.extras["scores"][0] if "scores" in ctx.extras else torch.full((n,), float("nan")))
             keep_vision = right_pad(rows, -1)
+            scores = right_pad([r.float().to(vision_mask.device) for r in score_rows], float("nan"))
         keep = ~vision_mask if key_valid is None else key_valid & ~vision_mask
         vision_index = right_pad([row.nonzero()[:, 0] for row in vision_mask], 0)  # [B, max Nv]
         rows_idx = torch.arange(batch, device=keep.device)[:, None].expand_as(keep_vision)
@@ -162,6 +166,7 @@ class PrunableDecoderMixin:
                 earlier = earlier.masked_fill(earlier == spare, -1)
                 keep_vision = torch.where(keep_vision >= 0, earlier.gather(1, keep_vision.clamp(min=0)), -1)
             state.stage2_vision_keep = keep_vision
+            state.stage2_scores = scores
             if past_key_values is not None:
                 state.cuts.append(cut)
         return cut

@@ -69,6 +69,8 @@ class PruningTrace:
     stage1_index: torch.Tensor | None = None  # [B_img, R1] placeholder slots entering the LLM (-1: an empty slot)
     stage1_diverse: torch.Tensor | None = None  # [B_img, R1] bool, diversity tokens among them
     stage2_index: torch.Tensor | None = None  # [B_img, R2] slots kept from layer k on (-1: an empty slot)
+    # [B_img, R1] text->vision attention the decoder stage read, per vision token in stage1_index order (NaN: none)
+    stage2_scores: torch.Tensor | None = None
 
     @property
     def average_vision_tokens(self) -> float:
@@ -364,6 +366,7 @@ class PrunableVLMMixin:
         if state.stage2_vision_keep is not None:
             keep = state.stage2_vision_keep[with_image]  # [B_img, R2] into each image's R1 kept tokens
             stage2 = torch.where(keep >= 0, index.gather(1, keep.clamp(min=0)), -1)
+        scores = state.stage2_scores[with_image] if state.stage2_scores is not None else None
         per_sample = state.vision_tokens_per_layer  # [B][L]
         plans = [p for p in state.plans if p is not None]
         return PruningTrace(
@@ -382,6 +385,7 @@ class PrunableVLMMixin:
             stage1_index=index,
             stage1_diverse=diverse,
             stage2_index=stage2,
+            stage2_scores=scores,
         )
 
 

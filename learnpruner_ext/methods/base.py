@@ -212,9 +212,11 @@ class DecoderContext:
         """[B, Nv] mean attention each vision token receives from the query rows (exact softmax over all keys)."""
         self._check("text_attention")
         index, valid = self.query_rows(rows)
-        return scoring.text_to_vision_attention(
+        scores = scoring.text_to_vision_attention(
             self.layer, self.hidden_in, self.position_embeddings, index, valid, self.vision_index, self.key_valid
         )
+        self.extras["scores"] = scores  # the model records what its selection read (PruningTrace.stage2_scores)
+        return scores
 
     def keys(self, index: torch.Tensor | None = None) -> torch.Tensor:
         """[B, Hkv, Q, d] post-RoPE keys of the scoring layer at sequence positions ``index`` [B, Q]

@@ -1,0 +1,1 @@
+"""Analyses of pruning decisions (issue 21): computations only; the command lines live in ``llava.eval``."""
