@@ -13,7 +13,8 @@ the scorer's per-type accuracies) and writes into the sweep folder:
 * ``verdict`` lines: at each budget, does LearnPruner beat every feasible baseline on overall accuracy?
   With ``--answer-key``, each verdict line is followed by LearnPruner's paired difference to every baseline
   (same questions) with a 95 % paired-bootstrap interval, so a 0.5-point "win" on 1000 questions is not
-  mistaken for a real one;
+  mistaken for a real one, and the table gains loyalty columns (``llava.eval.loyalty``): answers identical to
+  the unpruned run's after the scorer's normalisation, and the shares turned right → wrong / wrong → right;
 * ``accuracy_by_type.png``: accuracy against the budget, one panel per question type and overall;
 * ``kept_patches.png`` (with ``--figure-model``): kept patches (stage 1 importance / diversity, stage 2) of
   several methods on a few test images, drawn by :mod:`llava.serve.visualize`.
@@ -100,20 +101,46 @@ def paired_differences(rows: list[dict], budgets: list[int], answer_key: str | P
     return out
 
 
+LOYALTY = ("Loyalty", "R→W", "W→R")
+
+
+def add_loyalty(rows: list[dict], answer_key: str | Path) -> None:
+    """Each ok row gets ``loyalty`` (``llava.eval.loyalty``): identical normalised answers to the unpruned run
+    (``none``), and the shares of questions turned right -> wrong and wrong -> right, in %."""
+    from llava.eval._io import read_jsonl
+    from llava.eval.eval_toy import correct_by_question, normalize_prediction
+    from llava.eval.loyalty import loyalty
+
+    answers = read_jsonl(answer_key, "answer key", ("question_id", "answer"))
+    vanilla = next((r for r in rows if r["method"] == "none" and r["status"] == "ok" and r.get("answers_file")), None)
+    if vanilla is None:
+        return
+    base_correct = correct_by_question(read_jsonl(vanilla["answers_file"]), answers)[0]
+    for r in rows:
+        if r["status"] == "ok" and r.get("answers_file"):
+            correct = correct_by_question(read_jsonl(r["answers_file"]), answers)[0]
+            r["loyalty"] = loyalty(vanilla["answers_file"], r["answers_file"], normalize_prediction, base_correct, correct)
+
+
 def markdown(results: dict, rows: list[dict], extra_rows: list[dict]) -> str:
     n = results["num_vision_tokens"]
     budgets = results["budgets"]
     vanilla = next((r for r in rows if r["method"] == "none" and r["status"] == "ok"), None)
-    header = ["Method", "Avg. tokens", *TYPES, "Overall", "RelAcc."]
+    with_loyalty = any("loyalty" in r for r in rows + extra_rows)
+    header = ["Method", "Avg. tokens", *TYPES, "Overall", "RelAcc.", *(LOYALTY if with_loyalty else ())]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":--"] + ["--:"] * (len(header) - 1)) + "|"]
 
     def row_line(r, label):
+        extra = len(LOYALTY) if with_loyalty else 0
         if r["status"] == "infeasible":
-            return "| " + " | ".join([label, "–"] + ["infeasible"] * (len(TYPES) + 1) + ["infeasible"]) + " |"
+            return "| " + " | ".join([label, "–"] + ["infeasible"] * (len(TYPES) + 2) + ["–"] * extra) + " |"
         cells = [f"{r['by_type'].get(t, float('nan')):.1f}" for t in TYPES]
         rel = f"{100 * r['overall'] / vanilla['overall']:.1f}%" if vanilla and vanilla["overall"] else "–"
         avg = "–" if r["avg"] is None else f"{r['avg']:.1f}"
-        return "| " + " | ".join([label, avg, *cells, f"**{r['overall']:.1f}**", rel]) + " |"
+        loyal = r.get("loyalty")
+        tail = ([f"{loyal['loyalty']:.1f}", f"{loyal['right_to_wrong']:.1f}", f"{loyal['wrong_to_right']:.1f}"]
+                if loyal else ["–"] * extra)  # fmt: skip
+        return "| " + " | ".join([label, avg, *cells, f"**{r['overall']:.1f}**", rel, *tail]) + " |"
 
     if vanilla:
         lines.append(f"| *Upper Bound, {n} Tokens (100%)* |" + " |" * (len(header) - 1))
@@ -221,6 +248,8 @@ def main(argv=None) -> dict:
     results, rows = load_rows(args.sweep)
     extra = load_rows(args.after_layer, " (after_layer)")[1] if args.after_layer else []
     extra = [r for r in extra if r["method"] != "none (after_layer)"]
+    if args.answer_key:
+        add_loyalty(rows + extra, args.answer_key)
     table = markdown(results, rows, extra)
     verdict = verdicts(rows, results["budgets"])
     if args.answer_key:

@@ -73,7 +73,8 @@ def test_table_and_figures(run):
     sweep = tmp / "work" / "sweep"
     table = (sweep / "table_toy.md").read_text().splitlines()
     header = next(line for line in table if line.startswith("| Method"))
-    assert header.split("|")[1:-1] == [f" {c} " for c in ["Method", "Avg. tokens", *TYPES, "Overall", "RelAcc."]]
+    assert header.split("|")[1:-1] == [f" {c} " for c in ["Method", "Avg. tokens", *TYPES, "Overall", "RelAcc.",
+                                                            "Loyalty", "R→W", "W→R"]]  # fmt: skip
     width = len(header.split("|"))
     body = [line for line in table if line.startswith("| ") and not line.startswith("| Method")]
     assert all(len(line.split("|")) == width for line in body)
@@ -82,6 +83,8 @@ def test_table_and_figures(run):
     for b in BUDGETS:
         assert any(label.startswith(f"*Retain Averaged {b} Tokens") for label in labels)
     assert labels.count("learnpruner") == 3 and labels.count("fastv (after_layer)") == 3
+    vanilla = next(line for line in body if line.split("|")[1].strip() == "Vanilla (none)")
+    assert [c.strip() for c in vanilla.split("|")[-4:-1]] == ["100.0", "0.0", "0.0"]  # loyal to itself
     verdicts = [line for line in table if line.startswith("- T=") and "beat" in line]
     paired = [line for line in table if line.startswith("- T=") and "paired-bootstrap" in line]
     assert len(verdicts) == 3 and len(paired) == 3  # per budget: the verdict and LearnPruner's paired differences
