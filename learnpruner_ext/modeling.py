@@ -197,7 +197,7 @@ class PrunableVLMMixin:
             method=pruner, features=group.features, projected=None, has_cls=group.has_cls,
             project=project,  # merging methods (VisionZip) project their own tokens
             cls_token=group.cls_token, plan=plan, importance=group.importance, key_states=group.key_states,
-            timer=timer, project_all=project_all,
+            timer=timer, grid=group.grid, project_all=project_all,
         )  # fmt: skip
         with section(timer, "stage1_select"):
             selection = pruner.select_vision(ctx)
@@ -497,7 +497,12 @@ def apply_pruning(model, config: PruningConfig) -> PruningMethod:
             f"apply_pruning needs a Prunable{{Llava,LlavaNext}}ForConditionalGeneration, got {type(model).__name__}; "
             "load the checkpoint with llava.model.builder.load_pretrained_model or the Prunable class's from_pretrained"
         )
-    if get_method_class(config.method).uses_lpm and not config.lpm_path:
+    method_class, adapter = get_method_class(config.method), model.model.adapter
+    missing = [need for need in method_class.requires if need not in adapter.provides]
+    if missing:
+        raise ValueError(f"method {config.method!r} needs {', '.join(missing)}, which {adapter.family} images do not "
+                         "have (LLaVA-NeXT's tiles are not one grid); choose another method")  # fmt: skip
+    if method_class.uses_lpm and not config.lpm_path:
         shipped = shipped_lpm_path(getattr(model.config, "_name_or_path", None))
         if shipped:
             logging.getLogger(__name__).warning("learnpruner: no --lpm-path given; using the checkpoint's LPM %s", shipped)

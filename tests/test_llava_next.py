@@ -10,6 +10,7 @@ import torch
 from transformers import LlavaNextForConditionalGeneration
 
 from learnpruner_ext import PruningConfig, apply_pruning, available_methods
+from learnpruner_ext.methods import get_method_class
 from learnpruner_ext.adapters.llava_next import NEWLINE
 from learnpruner_ext.tiny import random_image, save_tiny_checkpoint
 from llava.inference import build_prompt, prepare_batch
@@ -18,7 +19,7 @@ from llava.model.builder import load_pretrained_model
 QUESTIONS = ["What color is the circle?", "How many shapes are there in this picture?", "Is there a red square?"]
 SIZES = [(64, 48), (40, 120), (112, 112)]  # (width, height)
 N_I = [44, 76, 88]
-METHODS = [m for m in available_methods() if m != "none"]
+METHODS = [m for m in available_methods() if m != "none" and not get_method_class(m).requires]  # see the refusal test
 BUDGET = {"learnpruner": 40, "fastv": 60, "dart": 60}  # pruning budgets of T (in-LLM methods need T > K*N/L)
 GEN = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
 
@@ -221,3 +222,13 @@ def test_original_positions_batch_equals_single_runs(loaded, images, method):
     for i in range(3):
         single_batch = batch_for(loaded, images[i : i + 1], QUESTIONS[i : i + 1])
         assert model.generate(**single_batch, **kw)[0, single_batch["input_ids"].shape[1] :].tolist() == batched[i].tolist()
+
+
+def test_methods_that_need_one_grid_are_refused(loaded):
+    """`downsample` pools one raster grid; LLaVA-NeXT's tiles are not one: one clear error at attach time."""
+    _, model, _, _ = loaded
+    needing = [m for m in available_methods() if get_method_class(m).requires]
+    assert "downsample" in needing
+    for method in needing:
+        with pytest.raises(ValueError, match=f"method '{method}' needs single_grid, which llava_next images do not have"):
+            apply_pruning(model, PruningConfig(method, 20))

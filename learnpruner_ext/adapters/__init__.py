@@ -40,6 +40,7 @@ class ImageGroup:
     key_states: Callable[[], torch.Tensor]  # -> [G, M, d] head-averaged keys of the feature layer
     project: Callable[[torch.Tensor], torch.Tensor]  # [G, R, Dv] candidate features -> [G, R, D] LLM tokens
     full_tokens: Callable[[], torch.Tensor]  # -> [G, N_i, D] the unpruned tokens, exactly as the family builds them
+    grid: tuple[int, int] | None = None  # (rows, cols) when the candidates are one raster grid, row-major
 
 
 def clip_signals(layer: nn.Module, layer_input: torch.Tensor, has_cls: bool, to_image=None):

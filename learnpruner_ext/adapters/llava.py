@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import ImageGroup, clip_signals, encoder_layers, patch_grid_tokens, strips_cls, tower_hidden_states
@@ -9,6 +11,7 @@ from . import ImageGroup, clip_signals, encoder_layers, patch_grid_tokens, strip
 
 class LlavaAdapter:
     family = "llava"
+    provides = ("single_grid",)  # every image is one square grid of N patches
 
     def reference_tokens(self, config) -> int:
         """N, the tokens of every image (576 for LLaVA-1.5's 336 px CLIP-L/14)."""
@@ -34,5 +37,5 @@ class LlavaAdapter:
             slots=torch.arange(n, device=patches.device).expand(batch, -1),
             has_cls=has_cls, cls_token=hidden[idx][:, 0] if has_cls else None,
             importance=importance, key_states=key_states, project=model.multi_modal_projector,
-            full_tokens=lambda: model.multi_modal_projector(patches),
+            full_tokens=lambda: model.multi_modal_projector(patches), grid=(math.isqrt(n), math.isqrt(n)),
         )]  # fmt: skip

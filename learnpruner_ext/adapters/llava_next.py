@@ -20,6 +20,7 @@ NEWLINE = -1  # packing-map entry of an ``image_newline`` slot
 
 class LlavaNextAdapter:
     family = "llava_next"
+    provides = ()  # a base crop plus an unpadded grid of crops: not one grid
 
     def reference_tokens(self, config) -> int:
         """The nominal N budgets refer to: (1 base + the largest grid's crops) x P, 2880 = 5 x 576 for

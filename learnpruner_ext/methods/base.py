@@ -116,6 +116,7 @@ class VisionContext:
     importance: Callable[[], torch.Tensor] | None = None  # -> [B, N] head-averaged attention (see above)
     key_states: Callable[[], torch.Tensor] | None = None  # -> [B, N, d] head-averaged keys of the feature layer
     timer: StageTimer | None = None  # the model's timing hook (None: untimed)
+    grid: tuple[int, int] | None = None  # (rows, cols) when the candidates are one raster grid (LLaVA-1.5), else None
 
     def __post_init__(self):
         if self.plan is None:
@@ -257,6 +258,9 @@ class PruningMethod(nn.Module):
     signals: ClassVar[tuple[str, ...]] = ()
     defaults: ClassVar[dict[str, Any]] = {}
     uses_lpm: ClassVar[bool] = False  # reads PruningConfig.lpm_path (a trained pruning module)
+    # what the family adapter must provide (adapters' ``provides``), e.g. "single_grid": the candidates are one
+    # raster grid; apply_pruning refuses the method on a family without it
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: PruningConfig, num_vision_tokens: int, num_layers: int, vision_dim: int):
         super().__init__()

@@ -16,7 +16,7 @@ import pytest
 from toyworld.report import TYPES
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = ["none", "learnpruner", "vispruner", "fastv", "visionzip", "divprune", "dart", "random", "cls"]
+METHODS = ["none", "learnpruner", "vispruner", "fastv", "visionzip", "divprune", "dart", "random", "cls", "downsample"]
 BUDGETS = [32, 16, 8]
 
 
@@ -88,9 +88,9 @@ def test_table_and_figures(run):
     verdicts = [line for line in table if line.startswith("- T=") and "beat" in line]
     paired = [line for line in table if line.startswith("- T=") and "paired-bootstrap" in line]
     assert len(verdicts) == 3 and len(paired) == 3  # per budget: the verdict and LearnPruner's paired differences
-    for line in paired:  # one difference per feasible baseline: vispruner, visionzip, divprune, random, cls
+    for line in paired:  # one difference per feasible baseline
         parts = line.split("CI]: ", 1)[1].split("; ")
-        assert [p.split(" ")[0] for p in parts] == ["vispruner", "visionzip", "divprune", "random", "cls"], line
+        assert [p.split(" ")[0] for p in parts] == ["vispruner", "visionzip", "divprune", "random", "cls", "downsample"], line
     for name in ("accuracy_vs_budget.png", "accuracy_by_type.png", "kept_patches.png"):
         assert (sweep / name).stat().st_size > 1000, name
     assert "done:" in stdout
