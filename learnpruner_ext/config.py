@@ -14,8 +14,9 @@ from typing import Any
 
 POSITION_MODES = ("contiguous", "original")
 # How a budget T applies to an image whose N_i differs from the model's reference N (LLaVA-NeXT tiles):
-# "scaled" keeps the same share, T * N_i / N (the papers' "reduction ratio" 1 - T/N); "absolute" keeps T.
-BUDGET_SCOPES = ("scaled", "absolute")
+# "absolute" keeps T per image (the default: what LearnPruner's Table 5 NeXT rows imply, docs/efficiency.md);
+# "scaled" keeps the same share, T * N_i / N (the tables' nominal "reduction ratio" 1 - T/N read per image).
+BUDGET_SCOPES = ("absolute", "scaled")
 
 
 class BudgetError(ValueError):
@@ -33,8 +34,8 @@ class PruningConfig:
             (LearnPruner: the layer at relative depth 12/32, FastV/DART: 2).
         ratio: ``rho = R1 / R2`` for two-stage methods (LearnPruner: 3).
         diversity: ``lambda``, share of ``R1`` filled by max-min diversity tokens (LearnPruner: 0.1).
-        budget_scope: ``"scaled"`` (default; image ``i`` with ``N_i`` tokens gets ``T * N_i / N``, ``N`` the model's
-            reference count, e.g. 2880 for LLaVA-NeXT) or ``"absolute"`` (``min(T, N_i)`` per image). Equal for
+        budget_scope: ``"absolute"`` (default; ``min(T, N_i)`` per image) or ``"scaled"`` (image ``i`` with ``N_i``
+            tokens gets ``T * N_i / N``, ``N`` the model's reference count, e.g. 2880 for LLaVA-NeXT). Equal for
             models whose images all have ``N`` tokens (LLaVA-1.5).
         position_mode: ``"contiguous"`` (kept tokens get consecutive positions, as upstream LLaVA builds
             sequences) or ``"original"`` (every token keeps its unpruned position).
@@ -47,9 +48,9 @@ class PruningConfig:
     method: str = field(default="none", metadata={"flag": "--pruning-method", "help": "pruning method"})
     budget: int | None = field(default=None, metadata={
         "flag": "--visual-token-budget", "help": "T, average vision tokens per LLM layer (default: all tokens)"})
-    budget_scope: str = field(default="scaled", metadata={
+    budget_scope: str = field(default="absolute", metadata={
         "flag": "--budget-scope", "choices": BUDGET_SCOPES,
-        "help": "per-image budget when N_i differs from the model's N: T*N_i/N (scaled) or T (absolute)"})
+        "help": "per-image budget when N_i differs from the model's N: T (absolute) or T*N_i/N (scaled)"})
     layer: int | None = field(default=None, metadata={
         "flag": "--pruning-layer", "help": "decoder layer k of the in-LLM stage (default: the method's)"})
     ratio: float = field(default=3.0, metadata={"flag": "--pruning-ratio", "help": "R1/R2 for two-stage methods"})
@@ -97,7 +98,7 @@ class TokenPlan:
     r2: int | None = None
     layer: int | None = None
     convention: str = "average"  # how the budget was mapped; recorded in every answers line
-    scope: str = "scaled"  # PruningConfig.budget_scope: how T became this image's budget
+    scope: str = "absolute"  # PruningConfig.budget_scope: how T became this image's budget
 
     @property
     def tokens_per_layer(self) -> list[int]:

@@ -118,14 +118,16 @@ def count_flops(
     projected_tokens: int | None = None,
     vision_layers_run: int | None = None,
     overhead: float = 0.0,
+    vision_crops: int = 1,
 ) -> FlopBreakdown:
     """Exact prefill FLOPs of LLaVA with ``tokens_per_layer[l]`` vision tokens in LLM layer ``l``.
 
     ``projected_tokens``: tokens the projector maps (default: ``tokens_per_layer[0]``, i.e. R1).
     The LM head runs on the last position only (what generation needs at prefill).
+    ``vision_crops``: images the vision tower runs on per sample (LLaVA-NeXT anyres: base + grid crops).
     """
     vc, tc = _get(config, "vision_config"), _get(config, "text_config")
-    vision, vision_attn = vision_tower_flops(vc, batch, vision_layers_run)
+    vision, vision_attn = vision_tower_flops(vc, batch * vision_crops, vision_layers_run)
     d, *_rest, vocab = _llm_dims(tc)
     dv = _get(vc, "hidden_size")
     p = tokens_per_layer[0] if projected_tokens is None else projected_tokens
@@ -142,6 +144,32 @@ def estimate_tflops(config, tokens_per_layer: Sequence[int], text_tokens: int) -
     """Prefill TFLOPs in the paper's (Table 5) convention: weight matmuls, vision tower included,
     LM head on the last position; attention products and pruning overhead excluded."""
     return count_flops(config, tokens_per_layer, text_tokens).tflops
+
+
+def anyres_num_vision_tokens(config, height: int, width: int) -> tuple[int, int]:
+    """(N_i, crops) of LLaVA-NeXT anyres for an ``height x width`` image: the vision tokens the LLM sees and
+    the crops the vision tower runs on (1 base + grid crops).
+
+    Follows transformers ``LlavaNextProcessor._get_number_of_features`` (with the ``default`` feature
+    strategy's [CLS] drop): best pinpoint by ``select_best_resolution``; base crop ``(S/p)^2`` tokens; the
+    grid's ``(S/p * rows) x (S/p * cols)`` feature map loses the padding rows/cols (``spatial_unpad``) and
+    gains one ``image_newline`` token per remaining row.
+    """
+    from transformers.image_processing_utils import select_best_resolution
+
+    vc = _get(config, "vision_config")
+    crop, patch = _get(vc, "image_size"), _get(vc, "patch_size")
+    best_h, best_w = select_best_resolution([height, width], _get(config, "image_grid_pinpoints"))
+    rows, cols = best_h // crop, best_w // crop
+    side = crop // patch
+    cur_h, cur_w = side * rows, side * cols
+    if width / height > cur_w / cur_h:  # wider than the grid: padding rows top and bottom
+        new_h = int(round(height * (cur_w / width), 7))
+        cur_h -= 2 * ((cur_h - new_h) // 2)
+    else:
+        new_w = int(round(width * (cur_h / height), 7))
+        cur_w -= 2 * ((cur_w - new_w) // 2)
+    return side * side + cur_h * cur_w + cur_h, 1 + rows * cols
 
 
 def kv_cache_bytes(config, tokens_per_layer: Sequence[int], text_tokens: int, bytes_per_value: int = 2, batch: int = 1) -> int:

@@ -175,6 +175,15 @@ def processor_background(image_processor) -> tuple[int, int, int]:
     return tuple(int(x * 255) for x in image_processor.image_mean)  # truncated, as upstream's process_images
 
 
+def check_single_grid(model) -> None:
+    """The overlays draw one square patch grid; LLaVA-NeXT packs several crops (anyres), so refuse it clearly."""
+    family = getattr(model, "family", "llava")
+    if family != "llava":
+        raise ValueError(f"kept-patch overlays draw one square grid, but this is a {family!r} checkpoint whose "
+                         f"images are packed from several crops; use a LLaVA-1.5 checkpoint for the overlays, or "
+                         f"run_llava --json for the per-image token accounting")
+
+
 def model_grid(model) -> int:
     return int(round(math.sqrt(model.num_vision_tokens)))
 

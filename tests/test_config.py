@@ -98,11 +98,11 @@ def test_flags_round_trip_every_field():
 
     from learnpruner_ext.cli import pruning_config_from_args
 
-    want = PruningConfig(method="vispruner", budget=48, budget_scope="absolute", layer=5, ratio=2.5, diversity=0.25, position_mode="original",
+    want = PruningConfig(method="vispruner", budget=48, budget_scope="scaled", layer=5, ratio=2.5, diversity=0.25, position_mode="original",
                          lpm_path="some/lpm", seed=7, options={"important_ratio": 0.5, "tag": "x", "flags": [1, 2]})
     defaults = PruningConfig()
     assert all(getattr(want, f.name) != getattr(defaults, f.name) for f in fields(PruningConfig))
-    argv = ["--pruning-method", "vispruner", "--visual-token-budget", "48", "--budget-scope", "absolute", "--pruning-layer", "5", "--pruning-ratio",
+    argv = ["--pruning-method", "vispruner", "--visual-token-budget", "48", "--budget-scope", "scaled", "--pruning-layer", "5", "--pruning-ratio",
             "2.5", "--diversity-ratio", "0.25", "--position-mode", "original", "--lpm-path", "some/lpm",
             "--pruning-seed", "7", "--method-option", "important_ratio=0.5", "--method-option", "tag=x",
             "--method-option", "flags=[1, 2]"]

@@ -45,6 +45,7 @@ def batch_for(loaded, images, questions):
 
 
 def use(model, method, budget=None, **kw):
+    kw.setdefault("budget_scope", "scaled")  # the mixed-size tests below use per-image budgets T * N_i / N
     if method == "learnpruner":
         with pytest.warns(UserWarning, match="UNTRAINED"):
             return apply_pruning(model, PruningConfig(method, budget, **kw))
@@ -112,9 +113,9 @@ def test_tokens_per_layer_equal_the_per_sample_plan(loaded, images, method):
 
 
 def test_absolute_scope_keeps_t_per_image(loaded, images):
-    """budget_scope='absolute': every image keeps T = 30 (vision-only method: R1 = T in every layer)."""
+    """budget_scope='absolute' (the default): every image keeps T = 30 (vision-only method: R1 = T in every layer)."""
     _, model, _, _ = loaded
-    use(model, "vispruner", 30, budget_scope="absolute")
+    apply_pruning(model, PruningConfig("vispruner", 30))
     model(**batch_for(loaded, images, QUESTIONS))
     trace = model.last_pruning_trace()
     assert [row[0] for row in trace.vision_tokens_per_sample] == [30, 30, 30] and trace.budget_scope == "absolute"

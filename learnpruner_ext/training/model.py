@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..lpm import LearnablePruningModule
-from ..modeling import PrunableLlavaForConditionalGeneration
+from ..modeling import PrunableLlavaForConditionalGeneration, PrunableLlavaNextForConditionalGeneration
 from .losses import next_token_loss, pruning_loss
 from .masked_attention import KEEP_KWARG, contiguous_positions, use_masked_attention
 
@@ -35,8 +35,8 @@ class LPMTrainingModel(nn.Module):
         prune_target_ratio: float = 0.0,
     ):
         super().__init__()
-        if not isinstance(vlm, PrunableLlavaForConditionalGeneration):
-            raise TypeError(f"expected a PrunableLlavaForConditionalGeneration, got {type(vlm).__name__}")
+        if not isinstance(vlm, (PrunableLlavaForConditionalGeneration, PrunableLlavaNextForConditionalGeneration)):
+            raise TypeError(f"expected a Prunable LLaVA / LLaVA-NeXT model, got {type(vlm).__name__}")
         if vlm.pruner is not None:
             raise ValueError("train the LPM on an unpruned model (no pruning method attached)")
         vision_dim = vlm.config.vision_config.hidden_size
@@ -100,20 +100,28 @@ class LPMTrainingModel(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.LongTensor,
         pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> dict:
         inner = self.vlm.model
+        next_family = getattr(self.vlm, "family", "llava") == "llava_next"
         image_mask = input_ids == self.vlm.config.image_token_id
         keep = torch.ones(input_ids.shape, dtype=torch.float32, device=input_ids.device)
         with torch.no_grad():
             embeds = inner.get_input_embeddings()(input_ids)
-            if pixel_values is not None:
+            if pixel_values is not None and next_family:  # filled per image in _next_images
+                pass
+            elif pixel_values is not None:
                 features = inner.vision_features(pixel_values)  # [B_img, N, Dv]
                 tokens = inner.multi_modal_projector(features)
                 inner._check_placeholders(image_mask, [tokens.shape[1]] * tokens.shape[0])
                 embeds = embeds.masked_scatter(image_mask[..., None], tokens.to(embeds.dtype))
             elif bool(image_mask.any()):
                 raise ValueError("input_ids hold <image> placeholders but no pixel_values were given")
-        if pixel_values is not None:
+        if pixel_values is not None and next_family:
+            embeds, keep, per_image = self._next_images(embeds, keep, image_mask, pixel_values, image_sizes)
+            prune = torch.stack([pruning_loss(k[None], self.prune_target_ratio) for k in per_image]).mean()
+            kept_ratio = torch.cat(per_image).detach().mean()  # over the candidates (patch slots)
+        elif pixel_values is not None:
             keep_vision = self.lpm.keep_mask(features)  # hard 0/1 forward, soft gradient (STE)
             keep = keep.masked_scatter(image_mask, keep_vision.to(keep.dtype))
             prune = pruning_loss(keep_vision, self.prune_target_ratio)
@@ -138,3 +146,26 @@ class LPMTrainingModel(nn.Module):
             "kept_ratio": kept_ratio,
             "num_images": 0 if pixel_values is None else int(pixel_values.shape[0]),
         }
+
+    def _next_images(self, embeds, keep, image_mask, pixel_values, image_sizes):
+        """LLaVA-NeXT: each image's placeholders hold its unpruned packed tokens (``full_tokens()``, as HF packs them);
+        the LPM scores each image's M_i candidate patch features. The keep mask is the LPM's at patch slots and 0 at
+        ``image_newline`` slots: inference drops the newlines whenever stage 1 prunes (the adapter's documented policy),
+        so training sees the same sequence. Returns the embeddings, the keep mask and each image's [M_i] candidate
+        keep values (Eq. 7's kept ratio is over the candidates)."""
+        if image_sizes is None:
+            raise ValueError("LLaVA-NeXT training needs image_sizes with pixel_values (the collator stacks them)")
+        inner = self.vlm.model
+        with torch.no_grad():
+            groups = inner.adapter.image_groups(inner, pixel_values, image_sizes)
+            tokens = [g.full_tokens()[0] for g in groups]
+            inner._check_placeholders(image_mask, [len(t) for t in tokens])
+            embeds = embeds.masked_scatter(image_mask[..., None], torch.cat(tokens).to(embeds.dtype))
+        keep_images, candidates = [], []
+        for g in groups:
+            k = self.lpm.keep_mask(g.features)[0]  # [M_i] hard 0/1 forward, soft gradient (STE)
+            slot_keep = torch.zeros(g.num_tokens, dtype=keep.dtype, device=keep.device)
+            keep_images.append(slot_keep.index_put((g.slots[0],), k.to(keep.dtype)))
+            candidates.append(k)
+        keep = keep.masked_scatter(image_mask, torch.cat(keep_images))
+        return embeds, keep, candidates

@@ -3,6 +3,7 @@
     python -m llava.eval.efficiency --config-only llava-v1.5-7b --methods none,learnpruner --budgets 128,64,32
     python -m llava.eval.efficiency --analytic --config-only llava-v1.5-7b --methods none,learnpruner --budgets 128,32 --json
     python -m llava.eval.efficiency --model-path CKPT --methods none,learnpruner,fastv --budgets 192,128,64
+    python -m llava.eval.efficiency --analytic --config-only llava-v1.6-vicuna-7b   # Table 5 NeXT rows
 
 Every (method, budget) row runs in the same process on the same image+prompt pairs (POPE-style, ~60 text
 tokens). ``--config-only NAME`` builds the architecture with random bf16 weights (timing only; no
@@ -22,7 +23,6 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from learnpruner_ext.cli import add_pruning_args, pruning_config_from_args
-from learnpruner_ext.flops import count_flops, kv_cache_bytes, method_for, plan_for
+from learnpruner_ext.config import PruningConfig, image_budget
+from learnpruner_ext.flops import anyres_num_vision_tokens, count_flops, kv_cache_bytes, method_for, plan_for
 
 MIB = 2**20
 
@@ -43,17 +44,32 @@ POPE_QUESTIONS = [
 ]
 PREFIX_TOKENS = 35  # vicuna_v1 system prompt + "USER:" (+BOS), before the image, with the LLaMA tokenizer
 
+# LLaVA-NeXT analytic defaults that reproduce the paper's Table 5 NeXT rows (derivation: docs/efficiency.md,
+# "LLaVA-NeXT"): a 640x427 COCO image (the commonest POPE/COCO val2014 size, 3:2), tokens kept in every row
+# besides the vision tokens = 99 (the 60-token POPE prompt + 39; fitted from the two pruned rows, which
+# pin it at 98.8 whatever the image), and budgets applied per image as ``absolute`` (the pruned rows keep
+# T tokens on average; ``scaled`` would keep T * N_i / 2880): the toolkit's default scope.
+NEXT_DEFAULT_IMAGE_HW = (427, 640)
+NEXT_DEFAULT_TEXT_TOKENS = 99
+NEXT_DEFAULT_BUDGETS = "640,160"
+DEFAULT_BUDGETS = "128,64,32"
+
 
 # ---------------------------------------------------------------------------------------------------
 # configurations
 # ---------------------------------------------------------------------------------------------------
+NEXT_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6 config.json
+
+
 def named_config(name: str):
-    """LLaVA-1.5 architectures (CLIP ViT-L/14-336 + mlp2x_gelu + Vicuna/LLaMA)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    """LLaVA-1.5 architectures (CLIP ViT-L/14-336 + mlp2x_gelu + Vicuna/LLaMA) and LLaVA-NeXT-7B
+    (``llava-v1.6-vicuna-7b``: the same tower and LLM, anyres over ``NEXT_GRID_PINPOINTS``)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
 
     sizes = {
         "llava-v1.5-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
         "llava-v1.5-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+        "llava-v1.6-vicuna-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
     }
     if name not in sizes:
         raise ValueError(f"unknown --config-only {name!r}; known: {', '.join(sizes)}")
@@ -66,6 +82,12 @@ def named_config(name: str):
         vocab_size=32064, num_key_value_heads=s["num_attention_heads"], max_position_embeddings=4096,
         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, **s,
     )  # fmt: skip
+    if name.startswith("llava-v1.6"):
+        return LlavaNextConfig(
+            vision_config=vision, text_config=text, image_token_id=32000, projector_hidden_act="gelu",
+            vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=576,
+            image_grid_pinpoints=NEXT_GRID_PINPOINTS, tie_word_embeddings=False,
+        )  # fmt: skip
     return LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=32000, projector_hidden_act="gelu",
         vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=576,
@@ -78,18 +100,43 @@ def geometry(config) -> tuple[int, int, int]:
     return (vc.image_size // vc.patch_size) ** 2, config.text_config.num_hidden_layers, vc.hidden_size
 
 
+def is_anyres(config) -> bool:
+    return getattr(config, "image_grid_pinpoints", None) is not None
+
+
+def reference_tokens(config) -> int:
+    """Nominal vision tokens of the model (the budget's reference N): 576 for LLaVA-1.5; for anyres,
+    base crop + the largest grid = (1 + 4) x 576 = 2880 for llava-v1.6."""
+    n = geometry(config)[0]
+    if not is_anyres(config):
+        return n
+    crop = config.vision_config.image_size
+    return n * (1 + max((h // crop) * (w // crop) for h, w in config.image_grid_pinpoints))
+
+
+def image_geometry(config, image_hw: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
+    """(N_i vision tokens, LLM layers, vision width, tower crops) of one image: LLaVA-1.5 ignores ``image_hw``;
+    anyres counts ``image_hw`` (default: the paper-matching 427x640) with ``anyres_num_vision_tokens``."""
+    n, layers, dv = geometry(config)
+    if not is_anyres(config):
+        return n, layers, dv, 1
+    n_i, crops = anyres_num_vision_tokens(config, *(image_hw or NEXT_DEFAULT_IMAGE_HW))
+    return n_i, layers, dv, crops
+
+
 def build_random_model(config, device: torch.device, dtype: torch.dtype = torch.bfloat16):
     """The architecture with random weights created directly in ``dtype`` (no fp32 copy, no uninitialised
     memory): small normals drawn in place, norms set to 1, biases to 0."""
     from transformers.initialization import no_init_weights
 
-    from learnpruner_ext.modeling import PrunableLlavaForConditionalGeneration
+    from learnpruner_ext.modeling import PrunableLlavaForConditionalGeneration, PrunableLlavaNextForConditionalGeneration
 
+    model_class = PrunableLlavaNextForConditionalGeneration if is_anyres(config) else PrunableLlavaForConditionalGeneration
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with no_init_weights(), torch.device(device):
-            model = PrunableLlavaForConditionalGeneration(config)
+            model = model_class(config)
     finally:
         torch.set_default_dtype(default)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -104,10 +151,7 @@ def build_random_model(config, device: torch.device, dtype: torch.dtype = torch.
     return model.eval()
 
 
-# ---------------------------------------------------------------------------------------------------
-# analytic rows
-# ---------------------------------------------------------------------------------------------------
-def method_budgets(methods: list[str], budgets: list[int], config=None, plan_kw=None) -> list[tuple[str, int | None]]:
+def method_budgets(methods: list[str], budgets: list[int], config=None, plan_kw=None, image_hw=None) -> list[tuple[str, int | None]]:
     """(method, budget) pairs; with ``config``, pairs whose budget the method cannot meet are skipped (stderr)."""
     from learnpruner_ext.config import BudgetError
 
@@ -115,8 +159,11 @@ def method_budgets(methods: list[str], budgets: list[int], config=None, plan_kw=
     for m in methods:
         for b in [None] if m == "none" else budgets:
             if config is not None:
+                n, layers, dv, _ = image_geometry(config, image_hw)
+                kw = dict(plan_kw or {})
+                b_i = image_budget(b, n, reference_tokens(config), kw.pop("budget_scope", PruningConfig.budget_scope))
                 try:
-                    plan_for(m, b, *geometry(config), **(plan_kw or {}))
+                    plan_for(m, b_i, n, layers, dv, **kw)
                 except BudgetError as e:
                     print(f"[efficiency] skipping {m} T={b}: {e}", file=sys.stderr)
                     continue
@@ -125,19 +172,29 @@ def method_budgets(methods: list[str], budgets: list[int], config=None, plan_kw=
 
 
 def analytic_row(config, method: str, budget: int | None, text_tokens: int, text_after_image: int | None = None,
-                 bytes_per_value: int = 2, **plan_kw) -> dict:  # fmt: skip
-    """FLOPs and KV cache of one (method, budget), from the registry's TokenPlan; no weights."""
-    n, layers, dv = geometry(config)
-    pruner = method_for(method, budget, n, layers, dv, **plan_kw)
+                 bytes_per_value: int = 2, image_hw: tuple[int, int] | None = None, **plan_kw) -> dict:  # fmt: skip
+    """FLOPs and KV cache of one (method, budget), from the registry's TokenPlan; no weights.
+
+    Anyres (LLaVA-NeXT): one ``image_hw`` image gives ``N_i`` tokens (``anyres_num_vision_tokens``), the
+    tower runs on every crop, and ``budget`` becomes the image's budget by ``plan_kw["budget_scope"]``
+    (``learnpruner_ext.config.image_budget``)."""
+    n, layers, dv, crops = image_geometry(config, image_hw)
+    scope = plan_kw.pop("budget_scope", PruningConfig.budget_scope)
+    this_budget = image_budget(budget, n, reference_tokens(config), scope)
+    pruner = method_for(method, this_budget, n, layers, dv, **plan_kw)
     plan = pruner.plan
     tpl = plan.tokens_per_layer
     after = text_tokens - PREFIX_TOKENS if text_after_image is None else text_after_image
     overhead = pruner.overhead_flops(config, text_tokens, after)
-    fl = count_flops(config, tpl, text_tokens, overhead=overhead)
+    fl = count_flops(config, tpl, text_tokens, overhead=overhead, vision_crops=crops)
     kv = kv_cache_bytes(config, tpl, text_tokens, bytes_per_value)
     return {
         "method": method,
         "budget": budget,
+        "image_budget": this_budget,
+        "budget_scope": scope,
+        "num_vision_tokens": n,
+        "vision_crops": crops,
         "r1": plan.r1,
         "r2": plan.r2,
         "layer": plan.layer,
@@ -481,12 +538,17 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Efficiency of visual-token pruning (Table 5).")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model-path", help="checkpoint folder (HF or original LLaVA format)")
-    src.add_argument("--config-only", metavar="NAME", help="architecture only, random weights: llava-v1.5-7b | llava-v1.5-13b")
+    src.add_argument("--config-only", metavar="NAME", help="architecture only, random weights: llava-v1.5-7b | llava-v1.5-13b | llava-v1.6-vicuna-7b (--analytic only)")
     p.add_argument("--model-base", default=None)
     p.add_argument("--methods", default="none,learnpruner", help="comma-separated registered methods")
-    p.add_argument("--budgets", default="128,64,32", help="comma-separated budgets T (ignored for 'none')")
+    p.add_argument("--budgets", default=None,
+                   help=f"comma-separated budgets T (ignored for 'none'); default {DEFAULT_BUDGETS}, {NEXT_DEFAULT_BUDGETS} for llava-v1.6")
     p.add_argument("--analytic", action="store_true", help="count FLOPs/KV per layer; no weights, no timing")
-    p.add_argument("--text-tokens", type=int, default=60, help="text tokens per prompt for --config-only / --analytic")
+    p.add_argument("--text-tokens", type=int, default=None,
+                   help=f"text tokens per prompt for --config-only / --analytic (default 60; {NEXT_DEFAULT_TEXT_TOKENS} for llava-v1.6 --analytic)")
+    p.add_argument("--image-size", default=None, metavar="HxW",
+                   help="image height x width for LLaVA-NeXT --analytic rows (anyres token count); default "
+                        f"{NEXT_DEFAULT_IMAGE_HW[0]}x{NEXT_DEFAULT_IMAGE_HW[1]}")
     p.add_argument("--num-prompts", type=int, default=1, help="image+prompt pairs")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)
@@ -499,7 +561,30 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="print a JSON list of rows instead of the table")
     p.add_argument("--output-json", default=None, help="also write the JSON rows to this file")
     add_pruning_args(p, exclude=("method", "budget"))  # those come from --methods / --budgets
-    return p.parse_args(argv)
+    return _apply_model_defaults(p, p.parse_args(argv))
+
+
+def parse_image_size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+        if h > 0 and w > 0:
+            return h, w
+    except ValueError:
+        pass
+    raise SystemExit(f"--image-size {text!r}: expected HEIGHTxWIDTH in pixels, e.g. --image-size 480x640")
+
+
+def _apply_model_defaults(parser, args):
+    """Defaults that depend on the model: LLaVA-NeXT --analytic reproduces the paper's NeXT rows."""
+    next_analytic = args.analytic and (args.config_only or "").startswith("llava-v1.6")
+    if args.budgets is None:
+        args.budgets = NEXT_DEFAULT_BUDGETS if next_analytic else DEFAULT_BUDGETS
+    if args.text_tokens is None:
+        args.text_tokens = NEXT_DEFAULT_TEXT_TOKENS if next_analytic else 60
+    args.image_size = parse_image_size(args.image_size)
+    return args
 
 
 def main(argv=None) -> list[dict]:
@@ -529,11 +614,18 @@ def main(argv=None) -> list[dict]:
             if is_llava_format(args.model_path):
                 raise SystemExit("--analytic with an original-LLaVA-format checkpoint: use --config-only NAME")
             config, text_tokens, after = AutoConfig.from_pretrained(args.model_path), args.text_tokens, None
-        rows = [analytic_row(config, m, b, text_tokens, after, **plan_kw) for m, b in method_budgets(methods, budgets, config, plan_kw)]
+        hw = args.image_size
+        todo = method_budgets(methods, budgets, config, plan_kw, hw)
+        rows = [analytic_row(config, m, b, text_tokens, after, image_hw=hw, **plan_kw) for m, b in todo]
         if "none" not in methods:
-            base = analytic_row(config, "none", None, text_tokens)
+            base = analytic_row(config, "none", None, text_tokens, image_hw=hw, budget_scope=plan_kw["budget_scope"])
             rows = [base] + rows
-        _emit(rows, args, header=f"analytic, {text_tokens} text tokens")
+        header = f"analytic, {text_tokens} text tokens"
+        if is_anyres(config):
+            n, _, _, crops = image_geometry(config, hw)
+            h, w = hw or NEXT_DEFAULT_IMAGE_HW
+            header += f", {h}x{w} image: N_i={n} vision tokens, {crops} crops, budget scope {plan_kw['budget_scope']}"
+        _emit(rows, args, header=header)
         return rows
 
     from llava.model.builder import resolve_device, resolve_dtype
@@ -542,6 +634,8 @@ def main(argv=None) -> list[dict]:
     t0 = time.perf_counter()
     if args.config_only:
         config = named_config(args.config_only)
+        if is_anyres(config):
+            raise SystemExit(f"--config-only {args.config_only}: only --analytic rows are supported for LLaVA-NeXT so far; add --analytic")
         dtype = torch.bfloat16 if args.dtype == "auto" else resolve_dtype(args.dtype, device)
         model = build_random_model(config, device, dtype)
         samples = synthetic_samples(config, args.num_prompts, args.text_tokens, device, dtype)

@@ -19,7 +19,7 @@ import warnings
 from learnpruner_ext.config import BudgetError, PruningConfig
 from learnpruner_ext.methods import available_methods, get_method_class
 from learnpruner_ext.modeling import apply_pruning
-from learnpruner_ext.visualize import PatchMarks, compose_panels, draw_overlay, model_grid, processor_background
+from learnpruner_ext.visualize import PatchMarks, check_single_grid, compose_panels, draw_overlay, model_grid, processor_background
 
 from ..inference import GenerationSettings, generate_answers
 from ..mm_utils import load_image
@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> dict:
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
     tokenizer, model, processor, _ = load_pretrained_model(args.model_path, device=args.device)
+    try:
+        check_single_grid(model)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from err
     grid, background = model_grid(model), processor_background(processor)
     panels, summary = [], {"panels": []}
     for name in methods:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
 from ..conversation import SeparatorStyle, get_conv_template
-from ..mm_utils import load_image, process_images
+from ..mm_utils import image_inputs, load_image, process_images
 
 logger = logging.getLogger(__name__)
 ROLES = {"human": 0, "gpt": 1}
@@ -200,6 +200,7 @@ class LazySupervisedDataset(Dataset):
         skip_missing_images: bool = False,
         model_config=None,
         check_images: bool = True,
+        image_token_counts=None,
     ):
         check_fraction(data_fraction)
         data_path = Path(data_path)
@@ -261,6 +262,8 @@ class LazySupervisedDataset(Dataset):
         self.conv_mode = conv_mode
         self.model_max_length = model_max_length
         self.model_config = model_config
+        # LLaVA-NeXT: N_i depends on the image size (model.image_token_counts); LLaVA-1.5: a fixed num_image_tokens
+        self.image_token_counts = image_token_counts if getattr(model_config, "model_type", None) == "llava_next" else None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -275,20 +278,28 @@ class LazySupervisedDataset(Dataset):
         has_image = entry.get("image") is not None
         turns = place_image_token(entry["conversations"]) if has_image else entry["conversations"]
         text, spans = build_conversation(turns, self.conv_mode)
-        ids, labels = tokenize_conversation(text, spans, self.tokenizer, self.num_image_tokens, self.image_token_id)
-        if len(ids) > self.model_max_length:
-            ids, labels = ids[: self.model_max_length], labels[: self.model_max_length]
-            if has_image and ids.count(self.image_token_id) != self.num_image_tokens:
-                raise ValueError(
-                    f"sample {sid}: --model_max_length {self.model_max_length} cuts through its "
-                    f"{self.num_image_tokens} image tokens; raise --model_max_length"
-                )
-        item = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "id": sid}
+        image = vision = None
+        num_image_tokens = self.num_image_tokens
         if has_image:
             try:
                 image = load_image(self.image_folder / entry["image"])
             except (FileNotFoundError, ValueError) as err:
                 raise type(err)(f"sample {sid}: {err}") from None
+            if self.image_token_counts is not None:  # anyres: [crops_i, 3, H, W] + image_sizes [2]
+                vision = image_inputs([image], self.image_processor, self.model_config)
+                num_image_tokens = self.image_token_counts(vision["image_sizes"])[0]
+        ids, labels = tokenize_conversation(text, spans, self.tokenizer, num_image_tokens, self.image_token_id)
+        if len(ids) > self.model_max_length:
+            ids, labels = ids[: self.model_max_length], labels[: self.model_max_length]
+            if has_image and ids.count(self.image_token_id) != num_image_tokens:
+                raise ValueError(
+                    f"sample {sid}: --model_max_length {self.model_max_length} cuts through its "
+                    f"{num_image_tokens} image tokens; raise --model_max_length"
+                )
+        item = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "id": sid}
+        if vision is not None:
+            item["pixel_values"], item["image_sizes"] = vision["pixel_values"][0], vision["image_sizes"][0]
+        elif has_image:
             item["pixel_values"] = process_images([image], self.image_processor, self.model_config)[0]
         return item
 
@@ -309,6 +320,11 @@ class DataCollatorForSupervisedDataset:
             input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = item["input_ids"], item["labels"], 1
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
         images = [item["pixel_values"] for item in items if "pixel_values" in item]
-        if images:
+        if images and "image_sizes" in next(item for item in items if "pixel_values" in item):
+            # LLaVA-NeXT: pad the crops to the batch max with zeros, as HF's processor does ([B, max crops, 3, H, W])
+            crops = max(len(x) for x in images)
+            batch["pixel_values"] = torch.stack([torch.cat([x, x.new_zeros(crops - len(x), *x.shape[1:])]) for x in images])
+            batch["image_sizes"] = torch.stack([item["image_sizes"] for item in items if "pixel_values" in item])
+        elif images:
             batch["pixel_values"] = torch.stack(images)
         return batch

@@ -183,6 +183,7 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
         skip_missing_images=data_args.skip_missing_images,
         model_config=vlm.config,
         check_images=data_args.check_images,
+        image_token_counts=vlm.image_token_counts,  # used for LLaVA-NeXT only (N_i per image size)
     )
     skipped = f", {dataset.num_skipped} skipped: image missing or undecodable" if dataset.num_skipped else ""
     logger.warning(
