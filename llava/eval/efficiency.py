@@ -368,68 +368,27 @@ def oracle_prefill(model, sample: Sample, plan, device) -> float:
     return time.perf_counter() - t0
 
 
-class _Timers:
-    """Accumulating wall-clock timers around instance methods (synchronised on GPU)."""
-
-    def __init__(self, device):
-        self.device, self.total, self._undo = device, {}, []
-
-    def wrap(self, obj, attr: str, label: str, module_global: bool = False) -> None:
-        if obj is None or not hasattr(obj, attr):
-            return
-        fn = getattr(obj, attr)
-
-        def timed(*a, **kw):
-            _sync(self.device)
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                _sync(self.device)
-                self.total[label] = self.total.get(label, 0.0) + time.perf_counter() - t
-
-        setattr(obj, attr, timed)
-        self._undo.append((obj, attr, fn, module_global))
-
-    def restore(self) -> None:
-        for obj, attr, fn, module_global in reversed(self._undo):
-            if module_global:
-                setattr(obj, attr, fn)
-            else:
-                with contextlib.suppress(AttributeError):
-                    delattr(obj, attr)  # instance attribute shadowing the class method
-        self._undo = []
-
-
 def overhead_breakdown(model, sample: Sample, max_new_tokens: int, device) -> dict:
-    """One extra prefill with timers around the pruning machinery's parts (seconds)."""
-    import learnpruner_ext.methods.learnpruner as lp_module
+    """One extra prefill timed by the core's own hooks (``learnpruner_ext.timing.StageTimer``; seconds)."""
+    from learnpruner_ext.timing import StageTimer
 
-    mm = model.model
-    pruner = mm.pruner
-    timers = _Timers(device)
-    timers.wrap(mm.vision_tower, "forward", "vision_tower")
-    timers.wrap(pruner, "select_vision", "stage1_total")
-    timers.wrap(getattr(pruner, "lpm", None), "keep_scores", "lpm")
-    timers.wrap(lp_module, "importance_plus_diversity", "topk_diversity", module_global=True)
-    timers.wrap(mm.multi_modal_projector, "forward", "projector")
-    timers.wrap(pruner, "select_decoder", "stage2_scoring")
-    timers.wrap(mm.language_model, "_prune", "stage2_total")
+    timer = StageTimer(device)
+    model.model.set_stage_timer(timer)
     try:
         run_generation(model, sample, 1, device)
     finally:
-        timers.restore()
-    t = timers.total
+        model.model.set_stage_timer(None)
+    t = timer.seconds
     out = {
         "vision_tower_s": t.get("vision_tower", 0.0),
         "lpm_s": t.get("lpm", 0.0),
-        "diversity_s": t.get("topk_diversity", 0.0),
+        "diversity_s": t.get("diversity", 0.0),
         "projector_s": t.get("projector", 0.0),
-        "stage1_total_s": t.get("stage1_total", 0.0),
-        "stage2_scoring_s": t.get("stage2_scoring", 0.0),
-        "slicing_cache_s": max(t.get("stage2_total", 0.0) - t.get("stage2_scoring", 0.0), 0.0),
+        "stage1_total_s": t.get("stage1_select", 0.0),
+        "stage2_scoring_s": t.get("stage2_select", 0.0),
+        "slicing_cache_s": t.get("stage2_cut", 0.0),
     }
-    out["overhead_total_s"] = out["stage1_total_s"] + t.get("stage2_total", 0.0)
+    out["overhead_total_s"] = out["stage1_total_s"] + out["stage2_scoring_s"] + out["slicing_cache_s"]
     return out
 
 

@@ -163,3 +163,6 @@ def test_measured_cli_on_tiny_checkpoint(tiny_hf, capsys):
         assert r["kv_cache_mb_measured"] == pytest.approx(r["kv_cache_mb"])
         if r["method"] != "none":
             assert "breakdown" in r
+        if r["method"] == "learnpruner":  # every section timed by the core's hooks (no wrapper can go stale)
+            parts = ("vision_tower_s", "lpm_s", "diversity_s", "projector_s", "stage2_scoring_s", "slicing_cache_s")
+            assert all(r["breakdown"][k] > 0 for k in parts), r["breakdown"]
