@@ -40,7 +40,7 @@ from transformers.models.llava_next.modeling_llava_next import (
     LlavaNextPreTrainedModel,
 )
 
-from .adapters import ImageGroup, adapter_for
+from .adapters import ImageGroup, adapter_for, strips_cls
 from .config import PruningConfig
 from .cut import SequenceCut, SequenceState, gather_seq, right_pad
 from .llm import PrunableLlamaModel
@@ -120,8 +120,6 @@ class PrunableVLMMixin:
     # -- geometry ------------------------------------------------------------------------------
     @property
     def has_cls_token(self) -> bool:
-        from .adapters import strips_cls
-
         return strips_cls(self.config)
 
     @property
@@ -137,9 +135,7 @@ class PrunableVLMMixin:
 
     def image_token_counts(self, image_sizes=None, num_images: int = 1) -> list[int]:
         """N_i, the ``<image>`` placeholders of each image (``image_sizes`` [B, 2] (H, W); LLaVA-NeXT needs them)."""
-        if self.adapter.family == "llava":
-            return self.adapter.image_token_counts(self.config, image_sizes, num_images)
-        return self.adapter.image_token_counts(self, image_sizes)
+        return self.adapter.image_token_counts(self, image_sizes, num_images)
 
     def vision_features(self, pixel_values: torch.Tensor, image_sizes=None):
         """The features the projector (and the LPM) consume: [B, N, Dv] (LLaVA-NeXT: a list of [M_i, Dv])."""

@@ -17,8 +17,9 @@ class LlavaAdapter:
         """N, the tokens of every image (576 for LLaVA-1.5's 336 px CLIP-L/14)."""
         return patch_grid_tokens(config)
 
-    def image_token_counts(self, config, image_sizes=None, num_images: int = 1) -> list[int]:
-        return [patch_grid_tokens(config)] * (num_images if image_sizes is None else len(image_sizes))
+    def image_token_counts(self, model, image_sizes=None, num_images: int = 1) -> list[int]:
+        """N for every image (``image_sizes`` only gives their number)."""
+        return [patch_grid_tokens(model.config)] * (num_images if image_sizes is None else len(image_sizes))
 
     def vision_features(self, model, pixel_values: torch.Tensor, image_sizes=None) -> torch.Tensor:
         """[B, N, Dv] the projector's input (what the LPM scores and trains on)."""

@@ -43,8 +43,11 @@ class LlavaNextAdapter:
         packed, _ = model.pack_image_features(ids, torch.as_tensor(image_sizes).cpu(), "default", image_newline=newline)
         return [m[:, 0].long() for m in packed]
 
-    def image_token_counts(self, config_or_model, image_sizes) -> list[int]:
-        return [len(m) for m in self.packing_maps(config_or_model, image_sizes)]
+    def image_token_counts(self, model, image_sizes, num_images: int = 1) -> list[int]:
+        """N_i of each image: the length of its packing map (``image_sizes`` [B, 2] (H, W) required)."""
+        if image_sizes is None:
+            raise ValueError("LLaVA-NeXT needs image_sizes to count an image's tokens (the processor returns them)")
+        return [len(m) for m in self.packing_maps(model, image_sizes)]
 
     def _crop_features(self, model, pixel_values, image_sizes):
         crops = self.crops_per_image(model.config, image_sizes)

@@ -43,8 +43,7 @@ from learnpruner_ext import PruningConfig
 from learnpruner_ext.cli import add_pruning_args, pruning_config_from_args, run_main
 from learnpruner_ext.config import budget_notice
 
-from ..conversation import get_conv_template
-from ..inference import GenerationSettings, generate_answers
+from ..inference import GenerationSettings, build_prompt, generate_answers, left_padded
 from ..mm_utils import get_model_name_from_path, load_image, tokenizer_image_token
 from ..model.fingerprint import folder_fingerprint
 from ._io import RUN_KEYS  # the top-level fields of every answer line that name its run (scorers check them too)
@@ -324,27 +323,14 @@ def batches(items: list[Item], size: int) -> Iterable[list[Item]]:
             yield buf
 
 
-def text_only_prompt(question: str, conv_mode: str) -> str:
-    conv = get_conv_template(conv_mode)
-    conv.append_message(conv.roles[0], question)
-    conv.append_message(conv.roles[1], None)
-    return conv.get_prompt()
-
-
 @torch.inference_mode()
 def generate_text_only(model, tokenizer, questions: list[str], conv_mode: str, settings: GenerationSettings) -> list[str]:
     """Answer prompts without an image: the LLM alone (in-LLM pruning stages see no vision tokens and do nothing)."""
     ids = [
-        tokenizer_image_token(text_only_prompt(q, conv_mode), tokenizer, model.config.image_token_id, expected_images=0)
+        tokenizer_image_token(build_prompt(q, conv_mode, with_image=False), tokenizer, model.config.image_token_id, expected_images=0)
         for q in questions
     ]
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, x in enumerate(ids):
-        input_ids[row, width - len(x) :] = torch.tensor(x)
-        attention_mask[row, width - len(x) :] = 1
-    input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
+    input_ids, attention_mask = (t.to(model.device) for t in left_padded(ids, tokenizer.pad_token_id))
     output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **settings.kwargs(tokenizer))
     new_tokens = output[:, input_ids.shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
