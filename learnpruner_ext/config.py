@@ -9,7 +9,7 @@ layer ``k`` keeps ``R1`` tokens in layers ``[0, k)`` and ``R2`` in ``[k, L)`` wi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 POSITION_MODES = ("contiguous", "original")
@@ -89,7 +89,9 @@ class PruningConfig:
 class TokenPlan:
     """How many vision tokens each LLM layer processes, per image.
 
-    ``r1`` tokens enter the LLM; if ``layer`` is set, layers ``[layer, num_layers)`` keep ``r2``.
+    ``r1`` tokens enter the LLM; if ``layer`` is set, layers ``[layer, num_layers)`` keep ``r2``. A method that
+    cuts several times (PyramidDrop) lists every cut in ``stages``: ``((k_1, c_1), (k_2, c_2), ...)``, ascending,
+    layers ``[k_j, k_{j+1})`` keep ``c_j``; then ``layer = k_1`` and ``r2`` is the count after the last cut.
     """
 
     num_vision_tokens: int  # N, tokens the vision encoder produces per image
@@ -99,9 +101,16 @@ class TokenPlan:
     layer: int | None = None
     convention: str = "average"  # how the budget was mapped; recorded in every answers line
     scope: str = "absolute"  # PruningConfig.budget_scope: how T became this image's budget
+    stages: tuple[tuple[int, int], ...] = ()  # (layer, count) of every in-LLM cut; empty: the one cut (layer, r2)
 
     @property
     def tokens_per_layer(self) -> list[int]:
+        if self.stages:
+            bounds = [k for k, _ in self.stages] + [self.num_layers]
+            counts = [self.r1] * bounds[0]
+            for (k, count), end in zip(self.stages, bounds[1:]):
+                counts += [count] * (end - k)
+            return counts
         if self.layer is None:
             return [self.r1] * self.num_layers
         return [self.r1] * self.layer + [self.r2] * (self.num_layers - self.layer)
@@ -120,8 +129,21 @@ def budget_notice(plan: TokenPlan, budget: int | None, method: str) -> str | Non
     if budget is None or math.isclose(plan.average, budget):
         return None
     stage2 = f", R2={plan.r2} from layer {plan.layer}" if plan.layer is not None else ""
+    if plan.stages:
+        stage2 = "".join(f", {count} from layer {k}" for k, count in plan.stages)
     return (f"{method}: requested an average of {budget} vision tokens per layer; the plan achieves "
             f"{plan.average:.2f} (R1={plan.r1}{stage2}, token counts are whole numbers)")
+
+
+def candidate_plan(plan: TokenPlan, candidates: int) -> TokenPlan:
+    """The plan of an image of ``N_i`` vision tokens of which only ``candidates`` (M) can be chosen at the vision
+    stage (LLaVA-NeXT: the ``image_newline`` tokens are vision tokens but never candidates). A plan that prunes
+    there (``R1 < N_i``) keeps at most the M candidates, so ``R1`` (and ``R2``) are capped at M; a plan that keeps
+    all N_i at the vision stage is unchanged (the newlines stay, and in-LLM stages may prune them)."""
+    if plan.r1 >= plan.num_vision_tokens or candidates >= plan.r1:
+        return plan
+    stages = tuple((k, min(count, candidates)) for k, count in plan.stages)
+    return replace(plan, r1=candidates, r2=None if plan.r2 is None else min(plan.r2, candidates), stages=stages)
 
 
 def image_budget(budget: int | None, num_tokens: int, reference_tokens: int, scope: str) -> int | None:

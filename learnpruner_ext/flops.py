@@ -80,6 +80,43 @@ def vision_tower_flops(vision_config, batch: int = 1, layers_run: int | None = N
     return batch * (conv + layers * per_layer), batch * layers * attn
 
 
+def qwen_vision_flops(vision_config, grid_thw: Sequence[int]) -> tuple[float, float]:
+    """(weight FLOPs, attention FLOPs) of a Qwen2.5-VL ViT on one image of ``grid_thw`` patches.
+
+    Patch embedding (a Conv3d over ``temporal_patch_size x patch x patch`` RGB voxels); per block the fused qkv,
+    the output projection and the gated MLP on every patch; attention within the whole image in
+    ``fullatt_block_indexes`` and within each window elsewhere (windows of ``window_size`` px: ``window_size /
+    (patch * merge)`` merged tokens a side, cut at the grid's edge, as ``get_vision_window_index`` builds them);
+    the merger is the projector (:func:`projector_flops_per_token`).
+    """
+    dv, inter, depth = _get(vision_config, "hidden_size"), _get(vision_config, "intermediate_size"), _get(vision_config, "depth")
+    patch, merge = _get(vision_config, "patch_size"), _get(vision_config, "spatial_merge_size")
+    voxel = _get(vision_config, "in_channels", 3) * _get(vision_config, "temporal_patch_size") * patch * patch
+    t, h, w = grid_thw
+    patches = t * h * w
+    conv = 2 * patches * dv * voxel
+    weights = conv + depth * 2 * patches * (4 * dv * dv + 3 * dv * inter)
+    full = len(_get(vision_config, "fullatt_block_indexes"))
+    side = _get(vision_config, "window_size") // merge // patch  # merged tokens per window side
+    rows, cols = h // merge, w // merge
+    windows = [min(side, rows - r) * min(side, cols - c) * merge * merge
+               for r in range(0, rows, side) for c in range(0, cols, side)]  # fmt: skip
+    attn = t * (full * 4 * (h * w) ** 2 * dv + (depth - full) * sum(4 * n * n * dv for n in windows))
+    return weights, attn
+
+
+def projector_flops_per_token(config) -> float:
+    """FLOPs of the projector on one vision token: LLaVA's ``Dv -> D -> D`` MLP; Qwen2.5-VL's merger
+    (``ln_q``, then ``4 Dv -> 4 Dv -> D`` on the 2x2 patches' concatenated features)."""
+    vc, tc = _get(config, "vision_config"), _get(config, "text_config")
+    d = _get(tc, "hidden_size")
+    if _get(config, "model_type") == "qwen2_5_vl":
+        unit = _get(vc, "spatial_merge_size") ** 2 * _get(vc, "hidden_size")
+        return 2 * (unit * unit + unit * _get(vc, "out_hidden_size"))
+    dv = _get(vc, "hidden_size")
+    return 2 * (dv * d + d * d)
+
+
 def llm_layer_flops(text_config, seq: int) -> tuple[float, float]:
     """(linear FLOPs, attention FLOPs) of one Llama decoder layer on ``seq`` positions (prefill)."""
     d, heads, kv_heads, hd, inter, _ = _llm_dims(text_config)
@@ -92,15 +129,17 @@ def learnpruner_overhead_flops(config, plan, text_tokens: int, text_after_image:
     """FLOPs of LearnPruner's machinery beyond the model itself, exactly as the code computes them:
     LPM (Dv -> h -> 2) on all N, projecting all N tokens for diversity instead of R1, the N x N cosine
     similarity, and stage-2 scoring (q_proj on the instruction rows, k_proj on all rows, Q x S logits)."""
-    vc, tc = _get(config, "vision_config"), _get(config, "text_config")
-    d, heads, kv_heads, hd, _, _ = _llm_dims(tc)
-    dv = _get(vc, "hidden_size")
+    from .adapters import feature_dim
+
+    d, heads, kv_heads, hd, _, _ = _llm_dims(_get(config, "text_config"))
+    dv = feature_dim(config)  # the LPM's input width
     n, r1 = plan.num_vision_tokens, plan.r1
     hidden = 512
     total = 0.0
     if r1 < n:
         total += 2 * n * (dv * hidden + hidden * 2)  # LPM
-        total += 2 * (n - r1) * (dv * d + d * d)  # projector on all N instead of R1
+        if _get(config, "model_type") != "qwen2_5_vl":  # Qwen's ViT projects every token anyway (counted there)
+            total += (n - r1) * projector_flops_per_token(config)  # projector on all N instead of R1
         total += 2 * n * n * d  # cosine similarity matrix
     if plan.layer is not None and plan.r2 is not None and plan.r2 < r1:
         s = text_tokens + r1
@@ -119,19 +158,26 @@ def count_flops(
     vision_layers_run: int | None = None,
     overhead: float = 0.0,
     vision_crops: int = 1,
+    vision_grid: Sequence[int] | None = None,
 ) -> FlopBreakdown:
     """Exact prefill FLOPs of LLaVA with ``tokens_per_layer[l]`` vision tokens in LLM layer ``l``.
 
     ``projected_tokens``: tokens the projector maps (default: ``tokens_per_layer[0]``, i.e. R1).
     The LM head runs on the last position only (what generation needs at prefill).
     ``vision_crops``: images the vision tower runs on per sample (LLaVA-NeXT anyres: base + grid crops).
+    ``vision_grid``: Qwen2.5-VL, the image's ``(t, h, w)`` patch grid; the ViT and its merger (the projector) run
+    on every patch and merged token whatever the method keeps.
     """
     vc, tc = _get(config, "vision_config"), _get(config, "text_config")
-    vision, vision_attn = vision_tower_flops(vc, batch * vision_crops, vision_layers_run)
     d, *_rest, vocab = _llm_dims(tc)
-    dv = _get(vc, "hidden_size")
+    if vision_grid is not None:
+        vision, vision_attn = (batch * x for x in qwen_vision_flops(vc, vision_grid))
+    else:
+        vision, vision_attn = vision_tower_flops(vc, batch * vision_crops, vision_layers_run)
     p = tokens_per_layer[0] if projected_tokens is None else projected_tokens
-    projector = batch * 2 * p * (dv * d + d * d)
+    if vision_grid is not None:  # Qwen2.5-VL's merger runs inside the ViT, on every merged token
+        p = vision_grid[0] * vision_grid[1] * vision_grid[2] // _get(vc, "spatial_merge_size") ** 2
+    projector = batch * p * projector_flops_per_token(config)
     llm = llm_attn = 0.0
     for v in tokens_per_layer:
         lin, att = llm_layer_flops(tc, text_tokens + v)
@@ -146,9 +192,10 @@ def estimate_tflops(config, tokens_per_layer: Sequence[int], text_tokens: int) -
     return count_flops(config, tokens_per_layer, text_tokens).tflops
 
 
-def anyres_num_vision_tokens(config, height: int, width: int) -> tuple[int, int]:
-    """(N_i, crops) of LLaVA-NeXT anyres for an ``height x width`` image: the vision tokens the LLM sees and
-    the crops the vision tower runs on (1 base + grid crops).
+def anyres_layout(config, height: int, width: int) -> tuple[int, int, int]:
+    """(N_i, crops, newlines) of LLaVA-NeXT anyres for an ``height x width`` image: the vision tokens the LLM
+    sees, the crops the vision tower runs on (1 base + grid crops), and how many of the N_i are ``image_newline``
+    tokens (the rest, ``N_i - newlines``, are the vision stage's candidates).
 
     Follows transformers ``LlavaNextProcessor._get_number_of_features`` (with the ``default`` feature
     strategy's [CLS] drop): best pinpoint by ``select_best_resolution``; base crop ``(S/p)^2`` tokens; the
@@ -169,7 +216,13 @@ def anyres_num_vision_tokens(config, height: int, width: int) -> tuple[int, int]
     else:
         new_w = int(round(width * (cur_h / height), 7))
         cur_w -= 2 * ((cur_w - new_w) // 2)
-    return side * side + cur_h * cur_w + cur_h, 1 + rows * cols
+    return side * side + cur_h * cur_w + cur_h, 1 + rows * cols, cur_h
+
+
+def anyres_num_vision_tokens(config, height: int, width: int) -> tuple[int, int]:
+    """(N_i, crops) of :func:`anyres_layout`."""
+    n_i, crops, _ = anyres_layout(config, height, width)
+    return n_i, crops
 
 
 def kv_cache_bytes(config, tokens_per_layer: Sequence[int], text_tokens: int, bytes_per_value: int = 2, batch: int = 1) -> int:

@@ -2,7 +2,7 @@
 
 :class:`PrunableDecoderMixin` is transformers' decoder loop plus the stage (a :class:`SequenceCut`); a family's
 text model adds only how it reads positions (``_positions``). :class:`PrunableLlamaModel` serves every
-Llama-family VLM (LLaVA-1.5, LLaVA-NeXT-Vicuna).
+Llama-family VLM (LLaVA-1.5, LLaVA-NeXT-Vicuna), :class:`PrunableQwen2_5_VLTextModel` Qwen2.5-VL (M-RoPE).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaModel
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -180,3 +181,26 @@ class PrunableLlamaModel(PrunableDecoderMixin, LlamaModel):
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
         return position_ids, position_ids
+
+
+class PrunableQwen2_5_VLTextModel(PrunableDecoderMixin, Qwen2_5_VLTextModel):
+    """``Qwen2_5_VLTextModel`` with the same layer loop. Positions are M-RoPE ``[3, B, S]`` (``[4, B, S]`` from
+    ``generate()``: a text row first). The text row is dropped, so the mask builder never gets gapped 1D positions
+    (a pruned sequence's positions have gaps, which transformers would read as packed sequences)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        if self.has_sliding_layers:
+            raise NotImplementedError("pruning supports Qwen2.5-VL text models with full attention in every layer "
+                                      "(use_sliding_window=False, as the released checkpoints are)")  # fmt: skip
+
+    def _positions(self, inputs_embeds, position_ids, past_key_values):
+        batch, seq = inputs_embeds.shape[:2]
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(seq, device=inputs_embeds.device) + past_seen).view(1, 1, -1).expand(3, batch, -1)
+        elif position_ids.dim() == 2:
+            position_ids = position_ids[None].expand(3, -1, -1)
+        elif position_ids.shape[0] == 4:
+            position_ids = position_ids[1:]
+        return position_ids, None

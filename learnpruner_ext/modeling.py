@@ -39,11 +39,18 @@ from transformers.models.llava_next.modeling_llava_next import (
     LlavaNextMultiModalProjector,
     LlavaNextPreTrainedModel,
 )
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VisionTransformerPretrainedModel,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLModel,
+    Qwen2_5_VLPreTrainedModel,
+)
 
 from .adapters import ImageGroup, adapter_for, strips_cls
-from .config import PruningConfig
+from .config import PruningConfig, TokenPlan, candidate_plan
 from .cut import SequenceCut, SequenceState, gather_seq, right_pad
-from .llm import PrunableLlamaModel
+from .llm import PrunableLlamaModel, PrunableQwen2_5_VLTextModel
 from .lpm import shipped_lpm_path
 from .methods import PruningMethod, VisionContext, create_method, get_method_class
 from .timing import StageTimer, section
@@ -91,6 +98,7 @@ class VisionStageOutput(ModelOutput):
     patch_index: torch.Tensor | None = None  # [B_img, R1] slot of each token (-1: padding)
     is_diverse: torch.Tensor | None = None  # [B_img, R1] bool or None
     num_tokens: torch.Tensor | None = None  # [B_img] N_i, placeholders of each image
+    num_candidates: torch.Tensor | None = None  # [B_img] M_i <= N_i, the vision stage's candidates of each image
 
 
 
@@ -144,18 +152,21 @@ class PrunableVLMMixin:
     # -- vision stage ----------------------------------------------------------------------------
     def get_image_features(self, pixel_values: torch.Tensor, image_sizes=None, **kwargs) -> VisionStageOutput:
         """The vision stage; ``generate()`` calls it once before prefill and hands the result to ``forward``."""
-        tokens, index, diverse, counts = self.encode_images(pixel_values, image_sizes)
-        return VisionStageOutput(pooler_output=tokens, patch_index=index, is_diverse=diverse, num_tokens=counts)
+        tokens, index, diverse, counts, candidates = self.encode_images(pixel_values, image_sizes)
+        return VisionStageOutput(pooler_output=tokens, patch_index=index, is_diverse=diverse, num_tokens=counts,
+                                 num_candidates=candidates)  # fmt: skip
 
     def encode_images(self, pixel_values: torch.Tensor, image_sizes=None):
-        """-> (tokens [B_img, R1, D], slot index [B_img, R1] (-1: padding), is_diverse or None, N_i [B_img])."""
+        """-> (tokens [B_img, R1, D], slot index [B_img, R1] (-1: padding), is_diverse or None, N_i [B_img],
+        M_i [B_img] candidates)."""
         results = {}
         with section(self.stage_timer, "vision_tower"):
             groups = self.adapter.image_groups(self, pixel_values, image_sizes)
         for group in groups:
             tokens, index, diverse = self._select_group(group)
             for j, image in enumerate(group.images):
-                results[image] = (tokens[j], index[j], None if diverse is None else diverse[j], group.num_tokens)
+                results[image] = (tokens[j], index[j], None if diverse is None else diverse[j], group.num_tokens,
+                                  group.features.shape[1])  # fmt: skip
         rows = [results[i] for i in range(len(results))]
         tokens = right_pad([r[0] for r in rows], 0.0)
         index = right_pad([r[1] for r in rows], -1)
@@ -163,7 +174,8 @@ class PrunableVLMMixin:
         diverse = right_pad([r[2] if r[2] is not None else torch.zeros_like(r[1], dtype=torch.bool) for r in rows],
                             False) if any_diverse else None  # fmt: skip
         counts = torch.tensor([r[3] for r in rows], device=index.device)
-        return tokens, index, diverse, counts
+        candidates = torch.tensor([r[4] for r in rows], device=index.device)
+        return tokens, index, diverse, counts, candidates
 
     def _select_group(self, group: ImageGroup):
         """The method's choice for one image group -> (tokens [G, R, D], slots [G, R], is_diverse or None)."""
@@ -183,6 +195,8 @@ class PrunableVLMMixin:
         if candidates != n:  # newline slots are not candidates: choose among the M patch slots
             plan = replace(plan, num_vision_tokens=candidates, r1=min(plan.r1, candidates))
         projected = {}  # project all candidates lazily: only methods that read projected features pay for it
+        if group.projected is not None:  # the tower already projected every candidate
+            projected["all"] = group.projected
 
         def project_all():
             if "all" not in projected:
@@ -228,8 +242,8 @@ class PrunableVLMMixin:
         mm_encoder_outputs=None,
         **kwargs,
     ) -> LlavaModelOutputWithPast:
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("You must specify input_ids or inputs_embeds")
         if pixel_values is not None and mm_encoder_outputs:
             raise ValueError("pass either pixel_values or mm_encoder_outputs, not both")
         if inputs_embeds is None:
@@ -253,7 +267,7 @@ class PrunableVLMMixin:
             inputs_embeds = inputs_embeds.masked_scatter(filled[..., None], kept_tokens.to(inputs_embeds.dtype))
             state = SequenceState(prefill_length=input_ids.shape[1], position_mode=self._position_mode())
             image_of = iter(range(len(counts)))
-            state.plans = [self.pruner.plan_for(counts[next(image_of)]) if has and self.pruner is not None else None
+            state.plans = [self._image_plan(next(image_of), vision) if has and self.pruner is not None else None
                            for has in with_image.tolist()]  # fmt: skip
             if past_key_values is not None:
                 self._states[past_key_values] = state
@@ -288,6 +302,13 @@ class PrunableVLMMixin:
             attentions=outputs.attentions,
             image_hidden_states=image_tokens,
         )
+
+    def _image_plan(self, image: int, vision: VisionStageOutput) -> TokenPlan:
+        """The pruner's plan of one image: ``plan_for(N_i)``, capped at its M_i candidates (``candidate_plan``)."""
+        plan = self.pruner.plan_for(int(vision.num_tokens[image]))
+        if vision.num_candidates is None:
+            return plan
+        return candidate_plan(plan, int(vision.num_candidates[image]))
 
     def _position_mode(self) -> str:
         return self.pruner.config.position_mode if self.pruner is not None else "contiguous"
@@ -333,16 +354,26 @@ class PrunableVLMMixin:
             if position_ids is None:
                 position_ids = ((attention_mask.long().cumsum(-1) - 1).clamp(min=0) if valid is not None
                                 else torch.arange(seq, device=image_mask.device).expand(batch, -1))  # fmt: skip
-            offset = torch.zeros(batch, seq, dtype=torch.long, device=image_mask.device)
-            shift = index - torch.arange(index.shape[1], device=index.device)  # patch index - slot: [B_img, R1]
-            offset[filled] = shift[index >= 0]  # row-major order of both: image rows, then slots
-            position_ids = cut.gather(position_ids.expand(batch, -1) + offset)
+            position_ids = cut.gather_positions(self._source_positions(position_ids, image_mask, filled, index))
         else:  # numbered within each row's kept tokens (also without given positions: the cut may have padded)
             position_ids = (new_mask.cumsum(-1) - 1).clamp(min=0)
         if past_key_values is not None:
             state.cuts.append(cut)
         mask = new_mask if attention_mask is not None or not bool(cut.valid.all()) else None  # ragged: new padding
         return cut.gather(inputs_embeds), mask, position_ids, cut.gather(image_mask) & cut.valid
+
+    @staticmethod
+    def _source_positions(position_ids, image_mask, filled, index) -> torch.Tensor:
+        """Unpruned positions ([B, S] or M-RoPE [3, B, S]) with each filled placeholder given the position of the
+        placeholder its token came from: slot j of an image holds the token of slot ``index[j]``."""
+        batch, seq = image_mask.shape
+        source = torch.arange(seq, device=image_mask.device).expand(batch, -1).clone()  # [B, S] column -> source
+        with_image = image_mask.any(-1)
+        columns = right_pad([row.nonzero()[:, 0] for row in image_mask[with_image]], 0)  # [B_img, N_i] slot -> column
+        source[filled] = columns.gather(1, index.clamp(min=0))[index >= 0]  # row-major order of both
+        if position_ids.dim() == 3:
+            return position_ids.expand(-1, batch, -1).gather(2, source[None].expand(position_ids.shape[0], -1, -1))
+        return position_ids.expand(batch, -1).gather(1, source)
 
     @staticmethod
     def _decode_positions(state: SequenceState, position_ids, attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
@@ -430,6 +461,64 @@ class PrunableLlavaNextModel(PrunableVLMMixin, LlavaNextModel):
         self.post_init()
 
 
+class PrunableQwen2_5_VLModel(PrunableVLMMixin, Qwen2_5_VLModel):
+    """``Qwen2_5_VLModel`` with the same two stages. M-RoPE positions are computed by transformers'
+    ``get_rope_index`` on the full prompt (all N_i placeholders) before the vision stage; the boundary-0 cut then
+    gathers all three rows, so every kept token keeps its own (t, h, w) position (``position_mode`` is always
+    ``original`` here), and decoding continues from the unpruned length through ``rope_deltas``."""
+
+    def __init__(self, config: Qwen2_5_VLConfig):
+        Qwen2_5_VLPreTrainedModel.__init__(self, config)
+        self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
+        self.language_model = PrunableQwen2_5_VLTextModel._from_config(config.text_config)
+        self.rope_deltas = None
+        self._init_pruning()
+        self.post_init()
+
+    @property
+    def has_cls_token(self) -> bool:
+        return False
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw=None, **kwargs) -> VisionStageOutput:
+        return PrunableVLMMixin.get_image_features(self, pixel_values, image_grid_thw)
+
+    def _position_mode(self) -> str:
+        return "original"
+
+    @staticmethod
+    def _decode_positions(state, position_ids, attention_mask, q_len):
+        return position_ids  # from rope_deltas and the unpruned-length mask: already the original positions
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                use_cache=None, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None, mm_encoder_outputs=None,
+                pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, **kwargs):  # fmt: skip
+        if pixel_values_videos is not None or video_grid_thw is not None:
+            raise NotImplementedError("Qwen2.5-VL video inputs are not supported by the pruning model yet; pass images")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        vision = (mm_encoder_outputs or {}).get("image")
+        if vision is None and pixel_values is not None:
+            vision = self.get_image_features(pixel_values, image_grid_thw)
+        if position_ids is None:
+            mask = attention_mask
+            state = self._states.get(past_key_values) if past_key_values is not None and vision is None else None
+            if mask is None and state is not None and state.cuts:  # decoding after a cut: the unpruned length
+                mask = state.implicit_mask(past_key_values, *inputs_embeds.shape[:2], inputs_embeds.device)
+            if mm_token_type_ids is None and input_ids is not None and image_grid_thw is not None:
+                mm_token_type_ids = (input_ids == self.config.image_token_id).int()  # 1 = image, as the processor marks
+            position_ids = self.compute_3d_position_ids(
+                input_ids=input_ids, image_grid_thw=image_grid_thw, video_grid_thw=None, inputs_embeds=inputs_embeds,
+                attention_mask=mask, past_key_values=past_key_values, mm_token_type_ids=mm_token_type_ids,
+            )  # fmt: skip
+            if position_ids is not None:  # decoding from a mask: transformers numbers every column; keep the new ones
+                position_ids = position_ids[..., -inputs_embeds.shape[1] :]
+        return PrunableVLMMixin.forward(
+            self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            mm_encoder_outputs=None if vision is None else {"image": vision}, **kwargs,
+        )  # fmt: skip
+
+
 class _PrunableForConditionalGeneration:
     """What both families' generation classes add to transformers' (standard ``generate()`` types): the prunable
     inner model (``_inner_class``) under transformers' own parameter names."""
@@ -479,7 +568,14 @@ class PrunableLlavaNextForConditionalGeneration(_PrunableForConditionalGeneratio
     _pretrained_class, _inner_class = LlavaNextPreTrainedModel, PrunableLlavaNextModel
 
 
-PRUNABLE_MODELS = (PrunableLlavaForConditionalGeneration, PrunableLlavaNextForConditionalGeneration)
+class PrunableQwen2_5_VLForConditionalGeneration(_PrunableForConditionalGeneration, Qwen2_5_VLForConditionalGeneration):
+    """Drop-in ``Qwen2_5_VLForConditionalGeneration``."""
+
+    _pretrained_class, _inner_class = Qwen2_5_VLPreTrainedModel, PrunableQwen2_5_VLModel
+
+
+PRUNABLE_MODELS = (PrunableLlavaForConditionalGeneration, PrunableLlavaNextForConditionalGeneration,
+                   PrunableQwen2_5_VLForConditionalGeneration)  # fmt: skip
 
 
 def apply_pruning(model, config: PruningConfig) -> PruningMethod:
@@ -497,7 +593,7 @@ def apply_pruning(model, config: PruningConfig) -> PruningMethod:
     missing = [need for need in method_class.requires if need not in adapter.provides]
     if missing:
         raise ValueError(f"method {config.method!r} needs {', '.join(missing)}, which {adapter.family} images do not "
-                         "have (LLaVA-NeXT's tiles are not one grid); choose another method")  # fmt: skip
+                         "have (their tokens are not one fixed raster grid); choose another method")  # fmt: skip
     if method_class.uses_lpm and not config.lpm_path:
         shipped = shipped_lpm_path(getattr(model.config, "_name_or_path", None))
         if shipped:
@@ -507,7 +603,7 @@ def apply_pruning(model, config: PruningConfig) -> PruningMethod:
         config,
         num_vision_tokens=model.num_vision_tokens,
         num_layers=model.config.text_config.num_hidden_layers,
-        vision_dim=model.config.vision_config.hidden_size,
+        vision_dim=adapter.feature_dim(model.config),
     )
     method.to(model.device)
     model.model.set_pruner(method)

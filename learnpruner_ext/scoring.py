@@ -126,3 +126,28 @@ def key_states(layer: nn.Module, hidden_in: torch.Tensor, position_embeddings: t
     k = _heads(attn.k_proj(normed), attn.head_dim)
     cos, sin = position_embeddings
     return apply_rope(k, cos.expand(k.shape[0], -1, -1), sin.expand(k.shape[0], -1, -1))
+
+
+def packed_vit_qk(block: nn.Module, hidden_in: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Post-RoPE queries and keys of a packed-sequence ViT block (Qwen2.5-VL: ``norm1``, fused ``attn.qkv``, 2D
+    vision RoPE): hidden_in [P, Dv], cos/sin [P, d] as the block receives them -> q, k [H, P, d] (fp32)."""
+    attn = block.attn
+    qkv = attn.qkv(block.norm1(hidden_in)).view(hidden_in.shape[0], 3, attn.num_heads, -1)
+    q, k, _ = (x.transpose(0, 1).float() for x in qkv.unbind(1))  # [H, P, d]
+    cos, sin = cos[None].float(), sin[None].float()
+    return apply_rope(q[None], cos, sin)[0], apply_rope(k[None], cos, sin)[0]
+
+
+def packed_received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, cu_seqlens: torch.Tensor,
+                              chunk: int = 1024) -> torch.Tensor:  # fmt: skip
+    """Attention each token receives within its own segment (one image: ``cu_seqlens`` boundaries), averaged over
+    the segment's queries and the heads: q, k [H, P, d] -> [P]. Queries are processed in chunks (exact)."""
+    out = torch.empty(q.shape[1], device=q.device)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        keys, total = k[:, start:end], torch.zeros(end - start, device=q.device)
+        for s in range(start, end, chunk):
+            probs = (q[:, s : min(s + chunk, end)] @ keys.transpose(-1, -2) * scale).softmax(-1)  # [H, c, P_i]
+            total += probs.sum(dim=(0, 1))
+        out[start:end] = total / (q.shape[0] * (end - start))
+    return out

@@ -1,6 +1,6 @@
 """Tiny, randomly initialised LLaVA checkpoints for tests and examples (no hub access).
 
-    python -m learnpruner_ext.tiny --out DIR [--family {llava,llava_next}] --format {hf,llava} [--text-layers N] [--image-size S]
+    python -m learnpruner_ext.tiny --out DIR [--family {llava,llava_next,qwen2_5_vl}] --format {hf,llava} [--text-layers N] [--image-size S]
         [--patch-size P] [--seed N] [--weights {safetensors,bin,bin-shards}] [--tower-keys-in-llm]
         [--tower-hub-id ID --hf-cache DIR]
 
@@ -19,6 +19,12 @@ the geometry is LLaVA-1.5's: 576 vision tokens, 32 layers, stage-2 layer 12.
 ``--family llava_next`` writes a ``LlavaNextForConditionalGeneration`` folder (``hf`` format) with its real
 ``LlavaNextProcessor`` (anyres: grid pinpoints ``S x {1,2,3}`` as llava-v1.6's 336 x {1,2,3}, so a 56 px tiny model
 has 5 x 16 = 80 reference tokens and images of different aspect get different crop counts and N_i).
+
+``--family qwen2_5_vl`` writes a ``Qwen2_5_VLForConditionalGeneration`` folder: window-attention ViT with a 2x2
+merger, M-RoPE LLM, Qwen2-VL's real image processor (4-24 merged tokens per image, so N_i follows the image's
+size; budgets refer to 24, the config's ``pruning_reference_tokens``) and the tiny tokenizer with Qwen's vision
+tokens added. (``Qwen2_5_VLProcessor`` itself needs torchvision for its video half; the toolkit tokenizes
+prompts itself, as the processor does.)
 """
 
 from __future__ import annotations
@@ -36,9 +42,11 @@ from PIL import Image
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlamaTokenizer, LlavaConfig
-from transformers import LlavaNextConfig, LlavaNextImageProcessorPil, LlavaNextProcessor
+from transformers import LlavaNextConfig, LlavaNextImageProcessorPil, LlavaNextProcessor, Qwen2_5_VLConfig
+from transformers import Qwen2VLImageProcessorPil
 
 from .modeling import PrunableLlavaForConditionalGeneration, PrunableLlavaNextForConditionalGeneration
+from .modeling import PrunableQwen2_5_VLForConditionalGeneration
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -49,7 +57,10 @@ CLIP_HUB_ID = "openai/clip-vit-large-patch14-336"  # LLaVA-1.5's mm_vision_tower
 SP_VOCAB_SIZE = 511  # + <image> = 512 ids, the size of the older BPE tiny tokenizer
 UPSTREAM_TRANSFORMERS = "4.37.2"  # the version upstream LLaVA (c121f04) pins; written into saved configs
 WEIGHT_LAYOUTS = ("safetensors", "bin", "bin-shards")
-FAMILIES = ("llava", "llava_next")
+FAMILIES = ("llava", "llava_next", "qwen2_5_vl")
+QWEN_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>"]
+QWEN_MERGED_PIXELS = 28 * 28  # pixels per merged token: (patch 14 x merge 2)^2
+QWEN_TOKEN_RANGE = (4, 24)  # tiny Qwen: min/max merged tokens per image (the real model's paper input: 1280)
 GRID_MULTIPLES = [[1, 2], [2, 1], [2, 2], [3, 1], [1, 3]]  # llava-v1.6's pinpoints / 336
 BIN_SHARDS = 2  # like llava-v1.5-7b's pytorch_model-0000{1,2}-of-00002.bin
 
@@ -234,6 +245,45 @@ def build_tiny_next_model(seed: int = 0, **geometry):
     config = tiny_next_config(tokenizer, **geometry)
     model = _random_model(PrunableLlavaNextForConditionalGeneration, config, seed)
     return model, tokenizer, next_processor_for(config, tokenizer)
+
+
+def tiny_qwen_config(tokenizer: LlamaTokenizer, text_layers: int = 4, vision_layers: int = 4,
+                     vision_hidden: int = 32, text_hidden: int = 64, rope_theta: float = 10000.0) -> Qwen2_5_VLConfig:  # fmt: skip
+    """Qwen2.5-VL geometry on a tiny scale: 14 px patches, 2x2 merge, 56 px windows, full attention in ViT
+    blocks 1 and 3 (window attention elsewhere), M-RoPE sections summing to half the head dim."""
+    head_dim = text_hidden // 4
+    third = head_dim // 2 // 3
+    mrope = [head_dim // 2 - 2 * third, third, third]
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in QWEN_TOKENS}
+    return Qwen2_5_VLConfig(
+        vision_config=dict(depth=vision_layers, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                           num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[1, vision_layers - 1], out_hidden_size=text_hidden, in_channels=3),
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
+                         num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         rope_parameters={"rope_type": "default", "mrope_section": mrope, "rope_theta": rope_theta}),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        pruning_reference_tokens=QWEN_TOKEN_RANGE[1], tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def qwen_image_processor(min_tokens: int = QWEN_TOKEN_RANGE[0], max_tokens: int = QWEN_TOKEN_RANGE[1]) -> Qwen2VLImageProcessorPil:
+    """Qwen2-VL's real image processor (smart resize to multiples of 28 px within the pixel range)."""
+    return Qwen2VLImageProcessorPil(
+        min_pixels=min_tokens * QWEN_MERGED_PIXELS, max_pixels=max_tokens * QWEN_MERGED_PIXELS,
+        patch_size=14, merge_size=2, temporal_patch_size=2, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+    )  # fmt: skip
+
+
+def build_tiny_qwen_model(seed: int = 0, **geometry):
+    """A random tiny Qwen2.5-VL in memory -> (model, tokenizer with Qwen's vision tokens, image processor)."""
+    tokenizer = build_sp_tokenizer()
+    tokenizer.add_tokens(QWEN_TOKENS, special_tokens=True)
+    config = tiny_qwen_config(tokenizer, **geometry)
+    return _random_model(PrunableQwen2_5_VLForConditionalGeneration, config, seed), tokenizer, qwen_image_processor()
 
 
 def _random_model(model_class, config, seed: int):
@@ -443,13 +493,22 @@ def save_tiny_checkpoint(
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    if family != "llava" and (format != "hf" or weights != "safetensors" or tower_keys_in_llm or tower_hub_id):
+        raise ValueError(f"--family {family} writes the Hugging Face layout only (format 'hf')")
     if family == "llava_next":
-        if format != "hf" or weights != "safetensors" or tower_keys_in_llm or tower_hub_id:
-            raise ValueError("--family llava_next writes the llava-hf layout only (format 'hf')")
         out = Path(out)
         model, tokenizer, processor = build_tiny_next_model(seed=seed, **geometry)
         model.save_pretrained(out)
         processor.save_pretrained(out)  # the tokenizer files and the image processor
+        return out
+    if family == "qwen2_5_vl":
+        out = Path(out)
+        text_layers = geometry.pop("text_layers", 4)
+        geometry.pop("image_size", None), geometry.pop("patch_size", None)  # Qwen's ViT is 14 px patches, any size
+        model, tokenizer, processor = build_tiny_qwen_model(seed=seed, text_layers=text_layers, **geometry)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        processor.save_pretrained(out)
         return out
     if format not in ("hf", "llava"):
         raise ValueError(f"format must be 'hf' or 'llava', got {format!r}")
@@ -494,8 +553,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--image-size {args.image_size} must be a multiple of --patch-size {args.patch_size}")
     if args.format == "hf" and (args.weights != "safetensors" or args.tower_keys_in_llm or args.tower_hub_id):
         parser.error("--weights, --tower-keys-in-llm and --tower-hub-id apply to --format llava only")
-    if args.family == "llava_next" and args.format != "hf":
-        parser.error("--family llava_next writes the llava-hf layout only: use --format hf")
+    if args.family != "llava" and args.format != "hf":
+        parser.error(f"--family {args.family} writes the Hugging Face layout only: use --format hf")
     if bool(args.tower_hub_id) != bool(args.hf_cache):
         parser.error("--tower-hub-id and --hf-cache go together")
     path = save_tiny_checkpoint(
@@ -504,7 +563,10 @@ def main(argv: list[str] | None = None) -> None:
         text_layers=args.text_layers, image_size=args.image_size, patch_size=args.patch_size,
     )  # fmt: skip
     n = (args.image_size // args.patch_size) ** 2
-    if args.family == "llava_next":
+    if args.family == "qwen2_5_vl":
+        lo, hi = QWEN_TOKEN_RANGE
+        print(f"wrote tiny Qwen2.5-VL to {path} ({lo}-{hi} merged vision tokens per image, {args.text_layers} LLM layers)")
+    elif args.family == "llava_next":
         print(f"wrote tiny LLaVA-NeXT to {path} ({n} tokens per crop, {args.text_layers} LLM layers)")
     else:
         print(f"wrote tiny {args.format}-format LLaVA to {path} ({n} vision tokens, {args.text_layers} LLM layers)")

@@ -15,6 +15,12 @@ Every patch gets one of four looks:
 
 So the centre pixel of a patch tells its final status and ``count_marks`` can recount R1/R2/D from pixels.
 The demo (``llava.serve.gradio_web_server``) uses the same drawing code.
+
+LLaVA-NeXT (anyres) has no single grid: its tokens come from a base crop (the whole image resized, not padded, to
+one tower input, as transformers' ``LlavaNextImageProcessor.get_image_patches`` makes it) plus a grid of
+high-resolution crops. :func:`base_crop_patches` picks the base crop's patches out of an image's packing map
+(``learnpruner_ext.adapters.llava_next``), and ``draw_overlay(..., fit="squash")`` draws them on the resized
+image; the hi-res crops are not drawn, and the legend says that its counts are the base crop's only.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ DIVERSE_COLOR = (0, 220, 255)  # cyan: kept by stage 1 for diversity
 STAGE2_COLOR = (255, 0, 60)  # red: kept by stage 2
 DIM = 0.3  # brightness of pruned patches (so no dimmed pixel can equal a marker colour)
 LEGEND_HEIGHT = 64
+NOTE_HEIGHT = 20  # one extra legend line (draw_overlay's note)
+FITS = ("pad", "squash")  # how the image becomes the square the patch grid refers to
 
 
 @dataclass
@@ -43,14 +51,22 @@ class PatchMarks:
     stage2: list[int] | None  # kept from layer k on (R2), subset of stage1; None = no in-LLM stage
 
     @classmethod
-    def from_trace(cls, trace, grid: int, row: int = 0) -> "PatchMarks":
-        """From ``model.last_pruning_trace()`` (batch row ``row``)."""
-        stage1 = sorted(set(trace.stage1_index[row].tolist())) if trace.stage1_index is not None else list(range(grid * grid))
+    def from_trace(cls, trace, grid: int, row: int = 0, patch_of_slot: dict[int, int] | None = None) -> "PatchMarks":
+        """From ``model.last_pruning_trace()`` (batch row ``row``). The trace holds placeholder slots;
+        ``patch_of_slot`` maps the slots to draw onto grid patches (LLaVA-NeXT: :func:`base_crop_patches`; the
+        other slots are left out); None: slot = patch (LLaVA-1.5). Empty slots (-1) are skipped."""
+        def patches(slots):
+            if patch_of_slot is None:
+                return sorted({s for s in slots if s >= 0})
+            return sorted({patch_of_slot[s] for s in slots if s in patch_of_slot})
+
+        all_slots = range(grid * grid) if patch_of_slot is None else patch_of_slot
+        stage1 = patches(trace.stage1_index[row].tolist() if trace.stage1_index is not None else all_slots)
         diverse = []
         if trace.stage1_diverse is not None:
             idx, flag = trace.stage1_index[row].tolist(), trace.stage1_diverse[row].tolist()
-            diverse = sorted({i for i, f in zip(idx, flag) if f})
-        stage2 = sorted(set(trace.stage2_index[row].tolist())) if trace.stage2_index is not None else None
+            diverse = patches([i for i, f in zip(idx, flag) if f])
+        stage2 = patches(trace.stage2_index[row].tolist()) if trace.stage2_index is not None else None
         return cls(grid=grid, stage1=stage1, diverse=diverse, stage2=stage2)
 
     def counts(self) -> dict:
@@ -88,6 +104,13 @@ def pad_to_square(image: Image.Image, background=(122, 116, 104)) -> tuple[Image
     return square, box
 
 
+def base_crop_patches(packing_map, patches_per_crop: int) -> dict[int, int]:
+    """LLaVA-NeXT: ``{placeholder slot: base-crop patch}`` from one image's packing map (``LlavaNextAdapter.
+    packing_maps``: slot -> crop-major source ``crop * P + patch``, -1 for a newline). The base crop is crop 0,
+    so its patches are the sources ``0 <= source < P``; slots of the hi-res crops and newlines are left out."""
+    return {slot: src for slot, src in enumerate(packing_map.tolist()) if 0 <= src < patches_per_crop}
+
+
 def cell_size(grid: int, display: int = 448) -> int:
     return max(12, math.ceil(display / grid))
 
@@ -99,14 +122,24 @@ def draw_overlay(
     display: int = 448,
     legend: bool = True,
     crop: bool = False,
+    fit: str = "pad",
+    note: str | None = None,
 ) -> Image.Image:
-    """Overlay ``marks`` on the padded-square ``image``; returns an RGB image of ``grid*cell`` square
-    (plus a ``LEGEND_HEIGHT`` legend strip below when ``legend``). ``crop`` cuts the padding back off
-    (the patch-centre geometry then no longer starts at 0,0)."""
+    """Overlay ``marks`` on the square the grid refers to; returns an RGB image of ``grid*cell`` square
+    (plus a ``LEGEND_HEIGHT`` legend strip below when ``legend``). ``fit``: ``"pad"`` the padded square
+    (LLaVA-1.5's ``image_aspect_ratio='pad'``), ``"squash"`` the image resized to a square (LLaVA-NeXT's base
+    crop). ``crop`` cuts the padding back off (the patch-centre geometry then no longer starts at 0,0).
+    ``note``: one more legend line (e.g. which tokens the counts cover)."""
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     g = marks.grid
     cell = cell_size(g, display)
     side = g * cell
-    square, box = pad_to_square(image, background)
+    if fit == "pad":
+        square, box = pad_to_square(image, background)
+    else:
+        square = image.convert("RGB")
+        box = (0, 0, square.width, square.height)
     base = np.asarray(square.resize((side, side), Image.BICUBIC), dtype=np.float32)
     kept = np.zeros((g, g), dtype=bool)
     kept.flat[marks.stage1] = True
@@ -125,17 +158,18 @@ def draw_overlay(
         draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], outline=colour, width=frame)
         cx, cy = x0 + cell // 2, y0 + cell // 2
         draw.rectangle([cx - dot, cy - dot, cx + dot, cy + dot], fill=STAGE2_COLOR if p in stage2 else colour)
-    if crop:
+    if crop and fit == "pad":
         scale = side / square.width
         out = out.crop(tuple(round(v * scale) for v in box))
     if legend:
-        out = _add_legend(out, marks)
+        out = _add_legend(out, marks, note)
     return out
 
 
-def _add_legend(image: Image.Image, marks: PatchMarks) -> Image.Image:
+def _add_legend(image: Image.Image, marks: PatchMarks, note: str | None = None) -> Image.Image:
     counts = marks.counts()
-    canvas = Image.new("RGB", (max(image.width, 300), image.height + LEGEND_HEIGHT), (255, 255, 255))
+    height = LEGEND_HEIGHT + (NOTE_HEIGHT if note else 0)
+    canvas = Image.new("RGB", (max(image.width, 300), image.height + height), (255, 255, 255))
     canvas.paste(image, (0, 0))
     draw = ImageDraw.Draw(canvas)
     font = _font(13)
@@ -150,6 +184,8 @@ def _add_legend(image: Image.Image, marks: PatchMarks) -> Image.Image:
         y = image.height + 6 + (i // 2) * 28
         draw.rectangle([x, y + 2, x + 14, y + 16], fill=colour, outline=(0, 0, 0))
         draw.text((x + 20, y + 1), text, fill=(0, 0, 0), font=font)
+    if note:
+        draw.text((6, image.height + LEGEND_HEIGHT), note, fill=(0, 0, 0), font=font)
     return canvas
 
 
@@ -181,7 +217,8 @@ def check_single_grid(model) -> None:
     if family != "llava":
         raise ValueError(f"kept-patch overlays draw one square grid, but this is a {family!r} checkpoint whose "
                          f"images are packed from several crops; use a LLaVA-1.5 checkpoint for the overlays, or "
-                         f"run_llava --json for the per-image token accounting")
+                         f"run_llava --json for the per-image token accounting (the Gradio demo draws a NeXT "
+                         f"image's base-crop patches only)")
 
 
 def model_grid(model) -> int:

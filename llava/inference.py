@@ -10,7 +10,7 @@ from PIL import Image
 from learnpruner_ext.cut import left_pad
 
 from .constants import DEFAULT_IMAGE_TOKEN
-from .conversation import get_conv_template
+from .conversation import check_conv_mode, get_conv_template
 from .mm_utils import image_inputs, tokenizer_image_token
 
 
@@ -48,11 +48,13 @@ def left_padded(ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, 
 
 def prepare_batch(model, tokenizer, image_processor, images: list[Image.Image], prompts: list[str]) -> dict:
     """Left-padded ``input_ids``/``attention_mask`` with each ``<image>`` expanded to its image's N_i placeholders
-    (``model.image_token_counts``: N for LLaVA-1.5, the anyres count for LLaVA-NeXT), and the vision inputs."""
+    (``model.image_token_counts``: N for LLaVA-1.5, the anyres count for LLaVA-NeXT, t*h*w/4 for Qwen2.5-VL), and
+    the vision inputs."""
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
     vision = image_inputs(images, image_processor, model.config)
-    counts = model.image_token_counts(vision.get("image_sizes"), num_images=len(images))
+    layout = vision.get("image_grid_thw", vision.get("image_sizes"))  # what the family counts N_i from
+    counts = model.image_token_counts(layout, num_images=len(images))
     ids = [
         tokenizer_image_token(p, tokenizer, model.config.image_token_id, num_image_tokens=n, expected_images=1)
         for p, n in zip(prompts, counts)
@@ -61,8 +63,11 @@ def prepare_batch(model, tokenizer, image_processor, images: list[Image.Image], 
     dtype = next(model.parameters()).dtype
     batch = {"input_ids": input_ids.to(model.device), "attention_mask": attention_mask.to(model.device),
              "pixel_values": vision["pixel_values"].to(model.device, dtype)}  # fmt: skip
-    if "image_sizes" in vision:
-        batch["image_sizes"] = vision["image_sizes"].to(model.device)
+    for key in ("image_sizes", "image_grid_thw"):
+        if key in vision:
+            batch[key] = vision[key].to(model.device)
+    if "image_grid_thw" in vision:  # M-RoPE: generate() builds 3D positions from the image tokens' type (1)
+        batch["mm_token_type_ids"] = (batch["input_ids"] == model.config.image_token_id).int()
     return batch
 
 
@@ -104,6 +109,7 @@ def generate_answers(
 ) -> list[str]:  # fmt: skip
     """Answer each (image, question) pair; batched greedy decoding equals one-by-one decoding."""
     settings = settings or GenerationSettings()
+    check_conv_mode(model.family, conv_mode)
     batch = prepare_batch(model, tokenizer, image_processor, images, [build_prompt(q, conv_mode) for q in questions])
     output = model.generate(**batch, **settings.kwargs(tokenizer))
     new_tokens = output[:, batch["input_ids"].shape[1] :]

@@ -56,7 +56,12 @@ def process_images(images: list[Image.Image], image_processor, model_cfg=None) -
 def image_inputs(images: list[Image.Image], image_processor, model_cfg=None) -> dict[str, torch.Tensor]:
     """PIL images -> the model's vision inputs: ``{"pixel_values": [B, 3, H, W]}`` for LLaVA-1.5 (with its 'pad'
     aspect), ``{"pixel_values": [B, max crops, 3, H, W], "image_sizes": [B, 2]}`` for LLaVA-NeXT (anyres, as its
-    processor does it)."""
+    processor does it); ``{"pixel_values": [Σ patches, C*T*p*p], "image_grid_thw": [B, 3]}`` for Qwen2.5-VL."""
+    if getattr(model_cfg, "model_type", "llava") == "qwen2_5_vl":
+        if not hasattr(image_processor, "merge_size"):
+            raise ValueError(f"a Qwen2.5-VL checkpoint needs its Qwen2-VL image processor, got {type(image_processor).__name__}")
+        out = image_processor(images=images, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
     if getattr(model_cfg, "model_type", "llava") == "llava_next":
         if not hasattr(image_processor, "image_grid_pinpoints"):
             raise ValueError(f"a LLaVA-NeXT checkpoint needs its anyres image processor, got {type(image_processor).__name__}")

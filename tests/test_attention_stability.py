@@ -5,7 +5,6 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from learnpruner_ext import PruningConfig
 from learnpruner_ext.analysis.attention_stability import kendall_tau_b, prompt_stability, spearman, top_overlap
 from llava.inference import build_prompt, prepare_batch
 from llava.model.builder import load_pretrained_model

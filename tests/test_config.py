@@ -124,3 +124,15 @@ def test_bad_flags():
         pruning_config_from_args(_pruning_parser().parse_args(["--pruning-method", "nope"]))
     with pytest.raises(SystemExit):  # argparse: invalid choice / not an int
         _pruning_parser().parse_args(["--position-mode", "shuffled"])
+
+
+def test_candidate_plan_caps_only_a_pruning_vision_stage():
+    """N_i = 44 tokens of which M = 40 are candidates (4 newlines): a plan keeping R1 = 42 < 44 can keep only the
+    40 candidates (R2 = 14 unchanged); a full vision stage (R1 = 44, FastV-like) keeps the newlines; R1 = 30 <= M
+    is unchanged."""
+    from learnpruner_ext.config import TokenPlan, candidate_plan
+
+    assert candidate_plan(TokenPlan(44, 4, r1=42, r2=14, layer=1), 40) == TokenPlan(44, 4, r1=40, r2=14, layer=1)
+    assert candidate_plan(TokenPlan(44, 4, r1=42, r2=41, layer=1), 40).r2 == 40
+    assert candidate_plan(TokenPlan(44, 4, r1=44, r2=10, layer=1), 40) == TokenPlan(44, 4, r1=44, r2=10, layer=1)
+    assert candidate_plan(TokenPlan(44, 4, r1=30), 40) == TokenPlan(44, 4, r1=30)

@@ -7,10 +7,10 @@ import types
 
 import pytest
 
-from learnpruner_ext.config import PruningConfig, image_budget
+from learnpruner_ext.config import PruningConfig, candidate_plan, image_budget
 from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
 
-from learnpruner_ext.flops import anyres_num_vision_tokens, count_flops
+from learnpruner_ext.flops import anyres_layout, anyres_num_vision_tokens, count_flops
 from llava.eval import efficiency as eff
 
 # Paper Table 5, LLaVA-NeXT-7b rows: budget -> (TFLOPs, KV cache "MB" = MiB)
@@ -93,3 +93,74 @@ def test_cli_image_size_and_bad_input():
     assert rows[0]["num_vision_tokens"] == 2340
     with pytest.raises(SystemExit, match="HEIGHTxWIDTH"):
         eff.main(["--analytic", "--config-only", "llava-v1.6-vicuna-7b", "--image-size", "640"])
+
+
+# -- measured rows on a tiny NeXT (real processor, anyres crops); no timing assertions ------------------------
+@pytest.fixture(scope="module")
+def next_ckpt(tmp_path_factory):
+    from learnpruner_ext.tiny import save_tiny_checkpoint
+
+    return str(save_tiny_checkpoint(tmp_path_factory.mktemp("next_eff") / "model", family="llava_next", seed=0))
+
+
+def test_measured_cli_on_tiny_next(next_ckpt):
+    """A 48x64 noise image through the NeXT processor: the measured KV cache equals the analytic count of that
+    image's N_i and plan, every row has an oracle, and the header names the image."""
+    rows = eff.main(["--model-path", next_ckpt, "--methods", "none,learnpruner,fastv", "--budgets", "40,20",
+                     "--image-size", "48x64", "--warmup", "0", "--reps", "1", "--max-new-tokens", "2", "--json",
+                     "--pruning-layer", "1"])  # fmt: skip
+    got = {(r["method"], r["budget"]) for r in rows}
+    assert {("none", None), ("learnpruner", 40), ("learnpruner", 20)} <= got
+    n_i = rows[0]["num_vision_tokens"]
+    assert n_i < rows[0]["r1"] + 1 and rows[0]["r1"] == n_i  # vanilla keeps the image's N_i, not the reference N
+    for r in rows:
+        assert r["num_vision_tokens"] == n_i and r["oracle_prefill_s"] is not None
+        assert r["kv_cache_mb_measured"] == pytest.approx(r["kv_cache_mb"]), (r["method"], r["budget"])
+
+
+def test_oracle_keeps_the_methods_counts(next_ckpt):
+    """FixedIndexOracle on NeXT: the wrapped method's per-layer counts of this image (trace = plan, both stages)."""
+    import torch
+
+    from learnpruner_ext import PruningConfig, apply_pruning
+    from learnpruner_ext.methods.oracle import FixedIndexOracle
+    from llava.model.builder import load_pretrained_model
+
+    tokenizer, model, processor, _ = load_pretrained_model(next_ckpt, device="cpu")
+    sample = eff.checkpoint_samples(model, tokenizer, processor, 1, torch.device("cpu"), torch.float32, (48, 64))[0]
+    for method in ("learnpruner", "fastv"):
+        real = apply_pruning(model, PruningConfig(method, 24, layer=1))
+        eff.run_generation(model, sample, 1, torch.device("cpu"))
+        real_trace = model.last_pruning_trace()
+        model.model.set_pruner(FixedIndexOracle(real))
+        eff.run_generation(model, sample, 1, torch.device("cpu"))
+        trace = model.last_pruning_trace()
+        n_i, _, newlines = anyres_layout(model.config, 48, 64)  # R1 capped at the M_i = N_i - newlines candidates
+        plan = candidate_plan(real.plan_for(n_i), n_i - newlines)
+        assert sample.num_image_tokens == n_i and trace.image_plans == [{"r1": plan.r1, "r2": plan.r2}]
+        assert trace.vision_tokens_per_sample == real_trace.vision_tokens_per_sample == [plan.tokens_per_layer]
+
+
+def test_config_only_path_on_a_tiny_next_config():
+    """The ``--config-only llava-v1.6-*`` timing path (random bf16-style construction, synthetic anyres crops) on
+    the tiny NeXT geometry: the synthetic sample has the processor's N_i and crop count for its size, and the
+    measured KV cache equals the analytic one, vanilla and pruned."""
+    import torch
+
+    from learnpruner_ext import PruningConfig, apply_pruning
+    from learnpruner_ext.tiny import build_sp_tokenizer, tiny_next_config
+
+    config = tiny_next_config(build_sp_tokenizer())
+    model = eff.build_random_model(config, torch.device("cpu"), torch.float32)
+    sample = eff.synthetic_samples(config, 1, 30, torch.device("cpu"), torch.float32, image_hw=(48, 64))[0]
+    n_i, crops = anyres_num_vision_tokens(config, 48, 64)
+    assert sample.num_image_tokens == n_i and sample.pixel_values.shape[:2] == (1, crops)
+    assert model.image_token_counts(sample.extra["image_sizes"], 1) == [n_i]
+    for method, budget in (("none", None), ("learnpruner", 24)):
+        if budget is None:
+            model.model.set_pruner(None)
+        else:
+            apply_pruning(model, PruningConfig(method, budget, layer=1))
+        measured = eff.run_generation(model, sample, 2, torch.device("cpu"))["kv_bytes"]
+        row = eff.analytic_row(config, method, budget, 30, bytes_per_value=4, image_hw=(48, 64), layer=1)
+        assert measured == row["kv_cache_bytes"], (method, measured, row["kv_cache_bytes"])

@@ -1,5 +1,3 @@
-import itertools
-
 import torch
 
 from learnpruner_ext.selection import importance_plus_diversity, max_min_diversity, topk_indices

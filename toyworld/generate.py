@@ -260,8 +260,8 @@ def make_question(rng, scene, qtype, image_size=192, want=None):
 def question_type(question: str) -> str:
     """The question type of a question written by :func:`make_question` (first matching template wins).
 
-    The training conversations carry no type field; this recovers it, e.g. to score the base on questions it
-    was trained on (:mod:`toyworld.train_questions`).
+    Recovers the type from the wording (the training conversations also name it in each human turn's
+    ``question_type``), e.g. to score the base on questions it was trained on (:mod:`toyworld.train_questions`).
     """
     q = question.removesuffix(SUFFIX).replace("<image>", "").strip()
     for qtype, pattern in _QUESTION_PATTERNS:
@@ -325,8 +325,8 @@ def _train_item(i, out_dir, seed, image_size, types, weights):
     iid = f"train_{i:06d}"
     _write(os.path.join(out_dir, "images", "train", f"{iid}.png"), draw_scene(scene, image_size))
     conv = []
-    for j, (q, a, _) in enumerate(qs):
-        conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q + SUFFIX},
+    for j, ((q, a, _), qtype) in enumerate(zip(qs, qtypes)):  # the type lets finetune_lpm filter by question type
+        conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q + SUFFIX, "question_type": qtype},
                  {"from": "gpt", "value": a}]
     return ({"id": iid, "image": f"train/{iid}.png", "conversations": conv},
             {"image": f"train/{iid}.png", "image_size": image_size, **scene}, qtypes)

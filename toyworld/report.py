@@ -15,6 +15,9 @@ the scorer's per-type accuracies) and writes into the sweep folder:
   (same questions) with a 95 % paired-bootstrap interval, so a 0.5-point "win" on 1000 questions is not
   mistaken for a real one, and the table gains loyalty columns (``llava.eval.loyalty``): answers identical to
   the unpruned run's after the scorer's normalisation, and the shares turned right → wrong / wrong → right;
+* with ``--answer-key`` and ``--difficulty-reference downsample``: Easy / Hard columns (VTC-Bench's difficulty
+  split, ``llava.eval.difficulty``), each row's accuracy on the questions the reference method at the same
+  budget answers right / wrong, and one line per budget with the part sizes (or why that budget is skipped);
 * ``accuracy_by_type.png``: accuracy against the budget, one panel per question type and overall;
 * ``kept_patches.png`` (with ``--figure-model``): kept patches (stage 1 importance / diversity, stage 2) of
   several methods on a few test images, drawn by :mod:`llava.serve.visualize`.
@@ -122,16 +125,61 @@ def add_loyalty(rows: list[dict], answer_key: str | Path) -> None:
             r["loyalty"] = loyalty(vanilla["answers_file"], r["answers_file"], normalize_prediction, base_correct, correct)
 
 
+DIFFICULTY = ("Easy", "Hard")
+
+
+def add_difficulty(rows: list[dict], answer_key: str | Path, reference: str = "downsample") -> list[str]:
+    """Each ok row at budget T gets ``difficulty`` (``llava.eval.difficulty.difficulty_split``): its accuracy on
+    the questions ``reference`` at T answers right ("easy") and wrong ("hard"), in %.
+
+    Returns one line per budget: the two part sizes, or, where the reference has no answers at that budget
+    (not run, infeasible, no answers file), why the budget is skipped; its rows then get no split.
+    """
+    from llava.eval._io import read_jsonl
+    from llava.eval.difficulty import difficulty_split
+    from llava.eval.eval_toy import correct_by_question
+
+    if not any(r["method"] == reference for r in rows):
+        methods = ", ".join(dict.fromkeys(r["method"] for r in rows))
+        return [f"difficulty split skipped: no {reference!r} rows in the sweep (methods: {methods}); add it to the "
+                "sweep or pick one of these with --difficulty-reference"]  # fmt: skip
+    answers = read_jsonl(answer_key, "answer key", ("question_id", "answer"))
+    scored = {}
+
+    def correct(path: str) -> dict:
+        if path not in scored:
+            scored[path] = correct_by_question(read_jsonl(path), answers)[0]
+        return scored[path]
+
+    lines = []
+    for b in dict.fromkeys(r["budget"] for r in rows if r["budget"] is not None):
+        ref = next((r for r in rows if r["method"] == reference and r["budget"] == b), None)
+        if ref is None or ref["status"] != "ok" or not ref.get("answers_file"):
+            why = ("not run at this budget" if ref is None else f"status {ref['status']}: {ref['note']}"
+                   if ref["status"] != "ok" else "its row has no answers_file")  # fmt: skip
+            lines.append(f"T={b}: difficulty split skipped: {reference} has no answers at this budget ({why})")
+            continue
+        for r in rows:
+            if r["budget"] == b and r["status"] == "ok" and r.get("answers_file"):
+                r["difficulty"] = difficulty_split(correct(r["answers_file"]), correct(ref["answers_file"]))
+        split = ref["difficulty"]
+        lines.append(f"T={b}: Easy = the {split['easy_n']} questions {reference} at T={b} answers right, "
+                     f"Hard = the {split['hard_n']} it answers wrong")  # fmt: skip
+    return lines
+
+
 def markdown(results: dict, rows: list[dict], extra_rows: list[dict]) -> str:
     n = results["num_vision_tokens"]
     budgets = results["budgets"]
     vanilla = next((r for r in rows if r["method"] == "none" and r["status"] == "ok"), None)
     with_loyalty = any("loyalty" in r for r in rows + extra_rows)
-    header = ["Method", "Avg. tokens", *TYPES, "Overall", "RelAcc.", *(LOYALTY if with_loyalty else ())]
+    with_difficulty = any("difficulty" in r for r in rows + extra_rows)
+    header = ["Method", "Avg. tokens", *TYPES, "Overall", "RelAcc.", *(LOYALTY if with_loyalty else ()),
+              *(DIFFICULTY if with_difficulty else ())]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":--"] + ["--:"] * (len(header) - 1)) + "|"]
 
     def row_line(r, label):
-        extra = len(LOYALTY) if with_loyalty else 0
+        extra = (len(LOYALTY) if with_loyalty else 0) + (len(DIFFICULTY) if with_difficulty else 0)
         if r["status"] == "infeasible":
             return "| " + " | ".join([label, "–"] + ["infeasible"] * (len(TYPES) + 2) + ["–"] * extra) + " |"
         cells = [f"{r['by_type'].get(t, float('nan')):.1f}" for t in TYPES]
@@ -139,7 +187,10 @@ def markdown(results: dict, rows: list[dict], extra_rows: list[dict]) -> str:
         avg = "–" if r["avg"] is None else f"{r['avg']:.1f}"
         loyal = r.get("loyalty")
         tail = ([f"{loyal['loyalty']:.1f}", f"{loyal['right_to_wrong']:.1f}", f"{loyal['wrong_to_right']:.1f}"]
-                if loyal else ["–"] * extra)  # fmt: skip
+                if loyal else ["–"] * len(LOYALTY)) if with_loyalty else []  # fmt: skip
+        if with_difficulty:
+            split = r.get("difficulty") or {}
+            tail += ["–" if split.get(part) is None else f"{split[part]:.1f}" for part in ("easy", "hard")]
         return "| " + " | ".join([label, avg, *cells, f"**{r['overall']:.1f}**", rel, *tail]) + " |"
 
     if vanilla:
@@ -241,29 +292,38 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", default="playground/data/toy", help="toy data folder (test questions and images)")
     ap.add_argument("--answer-key", default=None,
                     help="the toy test_answers.jsonl the sweep was scored with: adds paired-bootstrap intervals")
+    ap.add_argument("--difficulty-reference", default=None, metavar="METHOD",
+                    help="with --answer-key: Easy/Hard columns, accuracy on the questions METHOD (e.g. downsample) "
+                    "at the same budget answers right/wrong")
     ap.add_argument("--figure-budget", type=int, default=16)
     ap.add_argument("--figure-images", type=int, default=4)
     ap.add_argument("--figure-methods", default="learnpruner,vispruner,visionzip,divprune,random,cls")
     args = ap.parse_args(argv)
+    if args.difficulty_reference and not args.answer_key:
+        ap.error("--difficulty-reference needs --answer-key (the toy test_answers.jsonl the sweep was scored with)")
     results, rows = load_rows(args.sweep)
     extra = load_rows(args.after_layer, " (after_layer)")[1] if args.after_layer else []
     extra = [r for r in extra if r["method"] != "none (after_layer)"]
     if args.answer_key:
         add_loyalty(rows + extra, args.answer_key)
+    difficulty = []
+    if args.difficulty_reference:
+        difficulty = add_difficulty(rows + extra, args.answer_key, args.difficulty_reference)
     table = markdown(results, rows, extra)
     verdict = verdicts(rows, results["budgets"])
     if args.answer_key:
         verdict += paired_differences(rows, results["budgets"], args.answer_key)
-    Path(args.sweep, "table_toy.md").write_text(table + "\n" + "\n".join(f"- {v}" for v in verdict) + "\n")
+    Path(args.sweep, "table_toy.md").write_text(table + "\n" + "\n".join(f"- {v}" for v in verdict + difficulty) + "\n")
     plot_by_type(results, rows + extra, os.path.join(args.sweep, "accuracy_by_type.png"))
     out = {"table": os.path.join(args.sweep, "table_toy.md"), "plot": os.path.join(args.sweep, "accuracy_vs_budget.png"),
-           "plot_by_type": os.path.join(args.sweep, "accuracy_by_type.png"), "verdict": verdict}
+           "plot_by_type": os.path.join(args.sweep, "accuracy_by_type.png"), "verdict": verdict,
+           "difficulty": difficulty}
     if args.figure_model:
         out["figure"] = kept_patches_figure(args.figure_model, args.data, args.figure_budget, args.figure_images,
                                             args.figure_methods.split(","), os.path.join(args.sweep, "kept_patches.png"))
     print(table)
-    print("\n".join(verdict))
-    print(json.dumps({k: v for k, v in out.items() if k != "verdict"}))
+    print("\n".join(verdict + difficulty))
+    print(json.dumps({k: v for k, v in out.items() if k not in ("verdict", "difficulty")}))
     return out
 
 

@@ -6,7 +6,7 @@ and the layout that maps them to the image's placeholder slots. Methods see only
 :class:`~learnpruner_ext.methods.VisionContext`, never the family.
 
 Adding a family: one module here with an adapter class (``reference_tokens``, ``image_token_counts``,
-``image_groups``), registered in :data:`ADAPTERS` under the transformers ``model_type``, and one model class in
+``feature_dim``, ``image_groups``), registered in :data:`ADAPTERS` under the transformers ``model_type``, and one model class in
 :mod:`learnpruner_ext.modeling` that subclasses the family's transformers model with the pruning mixin.
 """
 
@@ -41,6 +41,9 @@ class ImageGroup:
     project: Callable[[torch.Tensor], torch.Tensor]  # [G, R, Dv] candidate features -> [G, R, D] LLM tokens
     full_tokens: Callable[[], torch.Tensor]  # -> [G, N_i, D] the unpruned tokens, exactly as the family builds them
     grid: tuple[int, int] | None = None  # (rows, cols) when the candidates are one raster grid, row-major
+    # [G, M, D] the projector's output of every candidate when the tower computes it anyway (Qwen2.5-VL's merger
+    # runs inside the ViT); None: projected on demand, only what a method needs
+    projected: torch.Tensor | None = None
 
 
 def clip_signals(layer: nn.Module, layer_input: torch.Tensor, has_cls: bool, to_image=None):
@@ -91,8 +94,9 @@ def strips_cls(config) -> bool:
 
 from .llava import LlavaAdapter  # noqa: E402
 from .llava_next import LlavaNextAdapter  # noqa: E402
+from .qwen2_5_vl import Qwen2_5_VLAdapter  # noqa: E402
 
-ADAPTERS = {"llava": LlavaAdapter, "llava_next": LlavaNextAdapter}
+ADAPTERS = {"llava": LlavaAdapter, "llava_next": LlavaNextAdapter, "qwen2_5_vl": Qwen2_5_VLAdapter}
 
 
 def adapter_for(config):
@@ -102,4 +106,9 @@ def adapter_for(config):
     return ADAPTERS[config.model_type]()
 
 
-__all__ = ["ADAPTERS", "ImageGroup", "LlavaAdapter", "LlavaNextAdapter", "adapter_for"]
+def feature_dim(config) -> int:
+    """Width of the features a method (and the LPM) reads: the projector's input of one candidate."""
+    return adapter_for(config).feature_dim(config)
+
+
+__all__ = ["ADAPTERS", "ImageGroup", "LlavaAdapter", "LlavaNextAdapter", "Qwen2_5_VLAdapter", "adapter_for", "feature_dim"]

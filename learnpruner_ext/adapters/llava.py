@@ -17,6 +17,10 @@ class LlavaAdapter:
         """N, the tokens of every image (576 for LLaVA-1.5's 336 px CLIP-L/14)."""
         return patch_grid_tokens(config)
 
+    def feature_dim(self, config) -> int:
+        """Dv, the CLIP feature width (the projector's input)."""
+        return config.vision_config.hidden_size
+
     def image_token_counts(self, model, image_sizes=None, num_images: int = 1) -> list[int]:
         """N for every image (``image_sizes`` only gives their number)."""
         return [patch_grid_tokens(model.config)] * (num_images if image_sizes is None else len(image_sizes))

@@ -29,6 +29,10 @@ class LlavaNextAdapter:
         crops = max((h // size) * (w // size) for h, w in config.image_grid_pinpoints)
         return (1 + crops) * patch_grid_tokens(config)
 
+    def feature_dim(self, config) -> int:
+        """Dv, the CLIP feature width (the projector's input)."""
+        return config.vision_config.hidden_size
+
     @staticmethod
     def crops_per_image(config, image_sizes) -> list[int]:
         return [image_size_to_num_patches(image_size=[int(v) for v in size], grid_pinpoints=config.image_grid_pinpoints,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..adapters import feature_dim
 from ..lpm import LearnablePruningModule
 from ..modeling import PrunableLlavaForConditionalGeneration, PrunableLlavaNextForConditionalGeneration
 from .losses import next_token_loss, pruning_loss
@@ -39,7 +40,7 @@ class LPMTrainingModel(nn.Module):
             raise TypeError(f"expected a Prunable LLaVA / LLaVA-NeXT model, got {type(vlm).__name__}")
         if vlm.pruner is not None:
             raise ValueError("train the LPM on an unpruned model (no pruning method attached)")
-        vision_dim = vlm.config.vision_config.hidden_size
+        vision_dim = feature_dim(vlm.config)
         if lpm.in_features != vision_dim:
             raise ValueError(f"the LPM takes {lpm.in_features}-d features but the vision tower gives {vision_dim}-d")
         self.check_objective(prune_loss_weight, prune_target_ratio)

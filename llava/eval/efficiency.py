@@ -25,13 +25,13 @@ import statistics
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from learnpruner_ext.cli import add_pruning_args, pruning_config_from_args
-from learnpruner_ext.config import PruningConfig, image_budget
-from learnpruner_ext.flops import anyres_num_vision_tokens, count_flops, kv_cache_bytes, method_for, plan_for
+from learnpruner_ext.config import PruningConfig, candidate_plan, image_budget
+from learnpruner_ext.flops import anyres_layout, anyres_num_vision_tokens, count_flops, kv_cache_bytes, method_for, plan_for
 
 MIB = 2**20
 
@@ -53,6 +53,12 @@ NEXT_DEFAULT_IMAGE_HW = (427, 640)
 NEXT_DEFAULT_TEXT_TOKENS = 99
 NEXT_DEFAULT_BUDGETS = "640,160"
 DEFAULT_BUDGETS = "128,64,32"
+# Qwen2.5-VL-7B (paper Table 4): "1280 vision tokens, a fixed input resolution"; 896x1120 px = 64x80 patches =
+# 1280 merged tokens, the processor's max_pixels capped at 1280 merged tokens (28 x 28 px each); Table 4's budgets.
+QWEN_DEFAULT_IMAGE_HW = (896, 1120)
+QWEN_MAX_PIXELS = 1280 * 28 * 28
+QWEN_MIN_PIXELS = 56 * 56  # Qwen2-VL's processor default
+QWEN_DEFAULT_BUDGETS = "426,284,142"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -71,8 +77,10 @@ def named_config(name: str):
         "llava-v1.5-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
         "llava-v1.6-vicuna-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
     }
+    if name == QWEN_7B:
+        return qwen2_5_vl_7b_config()
     if name not in sizes:
-        raise ValueError(f"unknown --config-only {name!r}; known: {', '.join(sizes)}")
+        raise ValueError(f"unknown --config-only {name!r}; known: {', '.join([*sizes, QWEN_7B])}")
     vision = CLIPVisionConfig(
         hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
         image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
@@ -95,9 +103,49 @@ def named_config(name: str):
     )  # fmt: skip
 
 
+QWEN_7B = "qwen2.5-vl-7b"
+
+
+def qwen2_5_vl_7b_config():
+    """Qwen/Qwen2.5-VL-7B-Instruct's config.json: 32-block ViT (1280 wide, window 112 px, full attention in blocks
+    7/15/23/31), 2x2 merger to 3584, Qwen2 LLM of 28 layers (28 heads, 4 KV heads), vocabulary 152064."""
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3,
+                           out_hidden_size=3584, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                           window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu"),
+        text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
+                         rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
+                                                             "rope_theta": 1000000.0}),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+
+
 def geometry(config) -> tuple[int, int, int]:
+    """(reference N, LLM layers, the width of the features methods read)."""
+    from learnpruner_ext.adapters import adapter_for
+
+    adapter = adapter_for(config)
+    return adapter.reference_tokens(config), config.text_config.num_hidden_layers, adapter.feature_dim(config)
+
+
+def is_qwen(config) -> bool:
+    return config.model_type == "qwen2_5_vl"
+
+
+def qwen_grid(config, image_hw: tuple[int, int] | None = None) -> tuple[int, int, int]:
+    """(t, h, w) patches of one ``image_hw`` image as Qwen2-VL's processor resizes it (smart_resize to multiples of
+    patch x merge px within [QWEN_MIN_PIXELS, QWEN_MAX_PIXELS]; default the 1280-token 896x1120 input)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
     vc = config.vision_config
-    return (vc.image_size // vc.patch_size) ** 2, config.text_config.num_hidden_layers, vc.hidden_size
+    factor = vc.patch_size * vc.spatial_merge_size
+    h, w = smart_resize(*(image_hw or QWEN_DEFAULT_IMAGE_HW), factor=factor, min_pixels=QWEN_MIN_PIXELS,
+                        max_pixels=QWEN_MAX_PIXELS)  # fmt: skip
+    return 1, h // vc.patch_size, w // vc.patch_size
 
 
 def is_anyres(config) -> bool:
@@ -105,19 +153,18 @@ def is_anyres(config) -> bool:
 
 
 def reference_tokens(config) -> int:
-    """Nominal vision tokens of the model (the budget's reference N): 576 for LLaVA-1.5; for anyres,
-    base crop + the largest grid = (1 + 4) x 576 = 2880 for llava-v1.6."""
-    n = geometry(config)[0]
-    if not is_anyres(config):
-        return n
-    crop = config.vision_config.image_size
-    return n * (1 + max((h // crop) * (w // crop) for h, w in config.image_grid_pinpoints))
+    """Nominal vision tokens of the model (the budget's reference N, the family adapter's): 576 for LLaVA-1.5;
+    base crop + the largest grid = (1 + 4) x 576 = 2880 for llava-v1.6; 1280 for Qwen2.5-VL."""
+    return geometry(config)[0]
 
 
 def image_geometry(config, image_hw: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
     """(N_i vision tokens, LLM layers, vision width, tower crops) of one image: LLaVA-1.5 ignores ``image_hw``;
     anyres counts ``image_hw`` (default: the paper-matching 427x640) with ``anyres_num_vision_tokens``."""
     n, layers, dv = geometry(config)
+    if is_qwen(config):
+        t, h, w = qwen_grid(config, image_hw)
+        return t * h * w // config.vision_config.spatial_merge_size**2, layers, dv, 1
     if not is_anyres(config):
         return n, layers, dv, 1
     n_i, crops = anyres_num_vision_tokens(config, *(image_hw or NEXT_DEFAULT_IMAGE_HW))
@@ -161,9 +208,11 @@ def method_budgets(methods: list[str], budgets: list[int], config=None, plan_kw=
             if config is not None:
                 n, layers, dv, _ = image_geometry(config, image_hw)
                 kw = dict(plan_kw or {})
-                b_i = image_budget(b, n, reference_tokens(config), kw.pop("budget_scope", PruningConfig.budget_scope))
-                try:
+                ref = reference_tokens(config)
+                b_i = image_budget(b, n, ref, kw.pop("budget_scope", PruningConfig.budget_scope))
+                try:  # the image's plan, and the reference plan the method is built with
                     plan_for(m, b_i, n, layers, dv, **kw)
+                    plan_for(m, b, ref, layers, dv, **kw)
                 except BudgetError as e:
                     print(f"[efficiency] skipping {m} T={b}: {e}", file=sys.stderr)
                     continue
@@ -183,10 +232,14 @@ def analytic_row(config, method: str, budget: int | None, text_tokens: int, text
     this_budget = image_budget(budget, n, reference_tokens(config), scope)
     pruner = method_for(method, this_budget, n, layers, dv, **plan_kw)
     plan = pruner.plan
+    if is_anyres(config):  # newlines are never vision-stage candidates (learnpruner_ext.config.candidate_plan)
+        n_i, _, newlines = anyres_layout(config, *(image_hw or NEXT_DEFAULT_IMAGE_HW))
+        plan = candidate_plan(plan, n_i - newlines)
     tpl = plan.tokens_per_layer
     after = text_tokens - PREFIX_TOKENS if text_after_image is None else text_after_image
     overhead = pruner.overhead_flops(config, text_tokens, after)
-    fl = count_flops(config, tpl, text_tokens, overhead=overhead, vision_crops=crops)
+    grid = qwen_grid(config, image_hw) if is_qwen(config) else None
+    fl = count_flops(config, tpl, text_tokens, overhead=overhead, vision_crops=crops, vision_grid=grid)
     kv = kv_cache_bytes(config, tpl, text_tokens, bytes_per_value)
     return {
         "method": method,
@@ -262,46 +315,78 @@ def cache_nbytes(cache) -> int:
 class Sample:
     prefix: torch.Tensor  # [1, P] ids before the image
     suffix: torch.Tensor  # [1, Q] ids after the image
-    pixel_values: torch.Tensor  # [1, 3, H, W]
+    pixel_values: torch.Tensor  # [1, 3, H, W] (LLaVA-NeXT: [1, crops, 3, H, W]; Qwen2.5-VL: [patches, C*T*p*p])
+    num_image_tokens: int  # N_i: the image's placeholders (model.image_token_counts)
+    image_hw: tuple[int, int] | None = None  # (H, W) the counts follow (LLaVA-NeXT, Qwen2.5-VL)
+    extra: dict = field(default_factory=dict)  # the family's other vision inputs (image_sizes, image_grid_thw)
 
-    def input_ids(self, num_image_tokens: int, image_token_id: int) -> torch.Tensor:
-        image = torch.full((1, num_image_tokens), image_token_id, dtype=torch.long, device=self.prefix.device)
+    def input_ids(self, image_token_id: int) -> torch.Tensor:
+        image = torch.full((1, self.num_image_tokens), image_token_id, dtype=torch.long, device=self.prefix.device)
         return torch.cat([self.prefix, image, self.suffix], dim=1)
 
+    def vision_inputs(self) -> dict:
+        return {"pixel_values": self.pixel_values, **self.extra}
 
-def synthetic_samples(config, num: int, text_tokens: int, device, dtype, seed: int = 0) -> list[Sample]:
-    """Random ids (same split as a POPE prompt: PREFIX_TOKENS before the image) and random pixels."""
+
+def synthetic_samples(config, num: int, text_tokens: int, device, dtype, seed: int = 0, image_hw=None) -> list[Sample]:
+    """Random ids (same split as a POPE prompt: PREFIX_TOKENS before the image) and random pixels; anyres: one
+    ``image_hw`` image (default 427x640) as its crops, ``N_i`` placeholders (``anyres_num_vision_tokens``);
+    Qwen2.5-VL: the patches of one ``image_hw`` image (default the 1280-token 896x1120), wrapped in
+    ``<|vision_start|>``/``<|vision_end|>`` (counted in the text tokens)."""
     g = torch.Generator().manual_seed(seed)
     vocab = config.text_config.vocab_size
-    image_size = config.vision_config.image_size
     prefix_len = min(PREFIX_TOKENS, text_tokens - 1)
+    n_i, _, _, crops = image_geometry(config, image_hw)
+    special = {config.image_token_id, getattr(config, "video_token_id", None)}
     out = []
     for _ in range(num):
         ids = torch.randint(5, vocab, (1, text_tokens), generator=g)
-        ids[ids == config.image_token_id] = 5
+        ids[torch.isin(ids, torch.tensor([t for t in special if t is not None]))] = 5
         ids[0, 0] = config.text_config.bos_token_id or 1
-        pix = torch.randn(1, 3, image_size, image_size, generator=g)
-        out.append(Sample(ids[:, :prefix_len].to(device), ids[:, prefix_len:].to(device), pix.to(device, dtype)))
+        extra, hw = {}, None
+        if is_qwen(config):
+            vc, hw = config.vision_config, image_hw or QWEN_DEFAULT_IMAGE_HW
+            grid = qwen_grid(config, hw)
+            ids[0, prefix_len - 1], ids[0, prefix_len] = config.vision_start_token_id, config.vision_end_token_id
+            pix = torch.randn(grid[0] * grid[1] * grid[2], vc.in_channels * vc.temporal_patch_size * vc.patch_size**2, generator=g)
+            extra["image_grid_thw"] = torch.tensor([grid], device=device)
+        elif is_anyres(config):
+            size, hw = config.vision_config.image_size, image_hw or NEXT_DEFAULT_IMAGE_HW
+            pix = torch.randn(1, crops, 3, size, size, generator=g)
+            extra["image_sizes"] = torch.tensor([hw], device=device)
+        else:
+            size = config.vision_config.image_size
+            pix = torch.randn(1, 3, size, size, generator=g)
+        out.append(Sample(ids[:, :prefix_len].to(device), ids[:, prefix_len:].to(device), pix.to(device, dtype), n_i, hw,
+                          extra))  # fmt: skip
     return out
 
 
-def checkpoint_samples(model, tokenizer, image_processor, num: int, device, dtype) -> list[Sample]:
-    """POPE-style prompts through the real template and tokenizer, with random-noise images."""
+def checkpoint_samples(model, tokenizer, image_processor, num: int, device, dtype, image_hw=None) -> list[Sample]:
+    """POPE-style prompts through the real template and tokenizer, with random-noise images (336x336, or
+    ``image_hw``) preprocessed as the model's processor does it (anyres for LLaVA-NeXT)."""
     from PIL import Image
 
     from llava.inference import build_prompt
-    from llava.mm_utils import process_images, tokenizer_image_token
+    from llava.mm_utils import image_inputs, tokenizer_image_token
 
+    h, w = image_hw or (336, 336)
+    conv = "qwen2_5_vl" if is_qwen(model.config) else "vicuna_v1"
     out = []
     for i in range(num):
-        prompt = build_prompt(POPE_QUESTIONS[i % len(POPE_QUESTIONS)])
+        prompt = build_prompt(POPE_QUESTIONS[i % len(POPE_QUESTIONS)], conv)
         ids = tokenizer_image_token(prompt, tokenizer, model.config.image_token_id, num_image_tokens=1, expected_images=1)
         ids = torch.tensor(ids)[None]
         pos = int((ids[0] == model.config.image_token_id).nonzero()[0])
         g = torch.Generator().manual_seed(i)
-        pixels = (torch.rand(336, 336, 3, generator=g) * 255).to(torch.uint8).numpy()
-        pv = process_images([Image.fromarray(pixels)], image_processor, model.config)
-        out.append(Sample(ids[:, :pos].to(device), ids[:, pos + 1 :].to(device), pv.to(device, dtype)))
+        pixels = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+        vision = image_inputs([Image.fromarray(pixels)], image_processor, model.config)
+        pixel_values = vision.pop("pixel_values")
+        layout = vision.get("image_grid_thw", vision.get("image_sizes"))
+        n_i = model.image_token_counts(layout, 1)[0]
+        extra = {k: v.to(device) for k, v in vision.items()}
+        out.append(Sample(ids[:, :pos].to(device), ids[:, pos + 1 :].to(device), pixel_values.to(device, dtype), n_i,
+                          None if layout is None else (h, w), extra))  # fmt: skip
     return out
 
 
@@ -313,13 +398,13 @@ def run_generation(model, sample: Sample, max_new_tokens: int, device) -> dict:
     """Prefill (time to first token) then ``max_new_tokens - 1`` greedy decode steps with the KV cache."""
     from transformers import DynamicCache
 
-    ids = sample.input_ids(model.num_image_tokens, model.config.image_token_id)
+    ids = sample.input_ids(model.config.image_token_id)
     mask = torch.ones_like(ids)
     cache = DynamicCache(config=model.config.text_config)
     _sync(device)
     t0 = time.perf_counter()
-    out = model(input_ids=ids, pixel_values=sample.pixel_values, attention_mask=mask, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)  # fmt: skip
+    out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                **sample.vision_inputs())  # fmt: skip
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     t1 = time.perf_counter()
@@ -333,39 +418,18 @@ def run_generation(model, sample: Sample, max_new_tokens: int, device) -> dict:
     return {"prefill_s": t1 - t0, "total_s": t2 - t0, "decode_s": t2 - t1, "kv_bytes": kv}
 
 
-@torch.inference_mode()
-def oracle_prefill(model, sample: Sample, plan, device) -> float:
-    """The model on sequences already cut to the plan's token counts: the first R1 patch tokens enter
-    the LLM and layers [k, L) get a plain fixed-index slice of R2 of them. No scoring, no gather."""
-    from transformers import DynamicCache
-    from transformers.masking_utils import create_causal_mask
+def oracle_prefill(model, sample: Sample, device) -> float:
+    """Prefill time of the attached method's token counts with fixed indices and no scoring
+    (:class:`learnpruner_ext.methods.oracle.FixedIndexOracle`), through the same model, cuts and cache; vanilla
+    (no method) is its own oracle."""
+    from learnpruner_ext.methods.oracle import FixedIndexOracle
 
-    mm, lm = model.model, model.model.language_model
-    tc = model.config.text_config
-    r1, r2, k = plan.r1, plan.r2, plan.layer
-    _sync(device)
-    t0 = time.perf_counter()
-    tower = mm.vision_tower(sample.pixel_values, output_hidden_states=True, return_dict=True)
-    feats = tower.hidden_states[model.config.vision_feature_layer]
-    feats = feats[:, 1 : 1 + r1] if mm.has_cls_token else feats[:, :r1]
-    image = mm.multi_modal_projector(feats)
-    h = torch.cat([lm.embed_tokens(sample.prefix), image.to(lm.embed_tokens.weight.dtype), lm.embed_tokens(sample.suffix)], 1)
-    cache = DynamicCache(config=tc)
-    pos = torch.arange(h.shape[1], device=h.device)[None]
-    mask = create_causal_mask(config=tc, inputs_embeds=h, attention_mask=None, past_key_values=cache, position_ids=pos)
-    cos, sin = lm.rotary_emb(h, position_ids=pos)
-    p = sample.prefix.shape[1]
-    for idx, layer in enumerate(lm.layers[: tc.num_hidden_layers]):
-        if k is not None and idx == k and r2 is not None and r2 < r1:
-            cut = lambda x: torch.cat([x[:, : p + r2], x[:, p + r1 :]], 1)  # noqa: E731
-            h, pos, cos, sin = cut(h), cut(pos), cut(cos), cut(sin)
-            mask = create_causal_mask(tc, h, None, cache, position_ids=None, layer_idx=idx)
-        h = layer(h, attention_mask=mask, position_embeddings=(cos, sin), position_ids=pos,
-                  past_key_values=cache, use_cache=True)  # fmt: skip
-    logits = model.lm_head(lm.norm(h[:, -1:]))
-    logits.argmax(-1)
-    _sync(device)
-    return time.perf_counter() - t0
+    method = model.pruner
+    model.model.set_pruner(None if method is None else FixedIndexOracle(method))
+    try:
+        return run_generation(model, sample, 1, device)["prefill_s"]
+    finally:
+        model.model.set_pruner(method)
 
 
 def overhead_breakdown(model, sample: Sample, max_new_tokens: int, device) -> dict:
@@ -406,24 +470,25 @@ def measure(model, samples, method, budget, args, device, base_plan_kw) -> dict:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*UNTRAINED.*")
             apply_pruning(model, PruningConfig(method, budget, **base_plan_kw))
-    plan = model.pruner.plan if model.pruner is not None else plan_for("none", None, n, layers, dv)
+    n_i = samples[0].num_image_tokens
+    plan = model.pruner.plan_for(n_i) if model.pruner is not None else plan_for("none", None, n_i, layers, dv)
     runs, oracle, kv, peaks = [], [], set(), []
     for rep in range(args.warmup + args.reps):
         for sample in samples:
             o = None
             if not args.no_oracle and rep % 2:  # alternate the order (ABBA) against drifting machine load
-                o = oracle_prefill(model, sample, plan, device)
+                o = oracle_prefill(model, sample, device)
             with PeakMemory(device) as pm:
                 r = run_generation(model, sample, args.max_new_tokens, device)
+            trace = model.last_pruning_trace()  # the method's own run, not the oracle's
             if not args.no_oracle and not rep % 2:
-                o = oracle_prefill(model, sample, plan, device)
+                o = oracle_prefill(model, sample, device)
             if rep >= args.warmup:
                 runs.append(r)
                 peaks.append(pm.peak)
                 if o is not None:
                     oracle.append(o)
             kv.add(r["kv_bytes"])
-    trace = model.last_pruning_trace()
     row = {
         "method": method,
         "budget": budget,
@@ -497,17 +562,18 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Efficiency of visual-token pruning (Table 5).")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model-path", help="checkpoint folder (HF or original LLaVA format)")
-    src.add_argument("--config-only", metavar="NAME", help="architecture only, random weights: llava-v1.5-7b | llava-v1.5-13b | llava-v1.6-vicuna-7b (--analytic only)")
+    src.add_argument("--config-only", metavar="NAME", help="architecture only, random weights: llava-v1.5-7b | llava-v1.5-13b | "
+                     f"llava-v1.6-vicuna-7b | {QWEN_7B}")
     p.add_argument("--model-base", default=None)
     p.add_argument("--methods", default="none,learnpruner", help="comma-separated registered methods")
     p.add_argument("--budgets", default=None,
                    help=f"comma-separated budgets T (ignored for 'none'); default {DEFAULT_BUDGETS}, {NEXT_DEFAULT_BUDGETS} for llava-v1.6")
     p.add_argument("--analytic", action="store_true", help="count FLOPs/KV per layer; no weights, no timing")
     p.add_argument("--text-tokens", type=int, default=None,
-                   help=f"text tokens per prompt for --config-only / --analytic (default 60; {NEXT_DEFAULT_TEXT_TOKENS} for llava-v1.6 --analytic)")
+                   help=f"text tokens per prompt for --config-only / --analytic (default 60; {NEXT_DEFAULT_TEXT_TOKENS} for llava-v1.6)")
     p.add_argument("--image-size", default=None, metavar="HxW",
-                   help="image height x width for LLaVA-NeXT --analytic rows (anyres token count); default "
-                        f"{NEXT_DEFAULT_IMAGE_HW[0]}x{NEXT_DEFAULT_IMAGE_HW[1]}")
+                   help="image height x width for LLaVA-NeXT (anyres token count and, measured, the image's crops); default "
+                        f"{NEXT_DEFAULT_IMAGE_HW[0]}x{NEXT_DEFAULT_IMAGE_HW[1]}, 336x336 for a checkpoint's noise images")
     p.add_argument("--num-prompts", type=int, default=1, help="image+prompt pairs")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)
@@ -536,12 +602,13 @@ def parse_image_size(text: str | None) -> tuple[int, int] | None:
 
 
 def _apply_model_defaults(parser, args):
-    """Defaults that depend on the model: LLaVA-NeXT --analytic reproduces the paper's NeXT rows."""
-    next_analytic = args.analytic and (args.config_only or "").startswith("llava-v1.6")
-    if args.budgets is None:
-        args.budgets = NEXT_DEFAULT_BUDGETS if next_analytic else DEFAULT_BUDGETS
+    """Defaults that depend on the model: ``--config-only llava-v1.6-*`` reproduces the paper's NeXT rows (a NeXT
+    ``--model-path`` gets NeXT budgets once its config is read, in :func:`main`)."""
+    next_named = (args.config_only or "").startswith("llava-v1.6")
+    if args.budgets is None and args.config_only:
+        args.budgets = NEXT_DEFAULT_BUDGETS if next_named else QWEN_DEFAULT_BUDGETS if args.config_only == QWEN_7B else DEFAULT_BUDGETS
     if args.text_tokens is None:
-        args.text_tokens = NEXT_DEFAULT_TEXT_TOKENS if next_analytic else 60
+        args.text_tokens = NEXT_DEFAULT_TEXT_TOKENS if next_named else 60
     args.image_size = parse_image_size(args.image_size)
     return args
 
@@ -549,7 +616,6 @@ def _apply_model_defaults(parser, args):
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
     from learnpruner_ext.methods import available_methods
 
     unknown = [m for m in methods if m not in available_methods()]
@@ -561,6 +627,11 @@ def main(argv=None) -> list[dict]:
     plan_kw = {k: v for k, v in asdict(pruning_config_from_args(args)).items() if k not in ("method", "budget")}
     if args.threads:
         torch.set_num_threads(args.threads)
+
+    def budgets_for(config) -> list[int]:
+        text = args.budgets or (NEXT_DEFAULT_BUDGETS if is_anyres(config) else QWEN_DEFAULT_BUDGETS if is_qwen(config)
+                                else DEFAULT_BUDGETS)  # fmt: skip
+        return [int(b) for b in text.split(",") if b.strip()]
 
     if args.analytic:
         if args.config_only:
@@ -574,7 +645,7 @@ def main(argv=None) -> list[dict]:
                 raise SystemExit("--analytic with an original-LLaVA-format checkpoint: use --config-only NAME")
             config, text_tokens, after = AutoConfig.from_pretrained(args.model_path), args.text_tokens, None
         hw = args.image_size
-        todo = method_budgets(methods, budgets, config, plan_kw, hw)
+        todo = method_budgets(methods, budgets_for(config), config, plan_kw, hw)
         rows = [analytic_row(config, m, b, text_tokens, after, image_hw=hw, **plan_kw) for m, b in todo]
         if "none" not in methods:
             base = analytic_row(config, "none", None, text_tokens, image_hw=hw, budget_scope=plan_kw["budget_scope"])
@@ -584,6 +655,10 @@ def main(argv=None) -> list[dict]:
             n, _, _, crops = image_geometry(config, hw)
             h, w = hw or NEXT_DEFAULT_IMAGE_HW
             header += f", {h}x{w} image: N_i={n} vision tokens, {crops} crops, budget scope {plan_kw['budget_scope']}"
+        elif is_qwen(config):
+            n, grid = image_geometry(config, hw)[0], qwen_grid(config, hw)
+            h, w = hw or QWEN_DEFAULT_IMAGE_HW
+            header += f", {h}x{w} image: {grid[1]}x{grid[2]} patches, N_i={n} merged vision tokens"
         _emit(rows, args, header=header)
         return rows
 
@@ -593,31 +668,30 @@ def main(argv=None) -> list[dict]:
     t0 = time.perf_counter()
     if args.config_only:
         config = named_config(args.config_only)
-        if is_anyres(config):
-            raise SystemExit(f"--config-only {args.config_only}: only --analytic rows are supported for LLaVA-NeXT so far; add --analytic")
         dtype = torch.bfloat16 if args.dtype == "auto" else resolve_dtype(args.dtype, device)
         model = build_random_model(config, device, dtype)
-        samples = synthetic_samples(config, args.num_prompts, args.text_tokens, device, dtype)
+        samples = synthetic_samples(config, args.num_prompts, args.text_tokens, device, dtype, image_hw=args.image_size)
     else:
         from llava.model.builder import load_pretrained_model
 
         tokenizer, model, image_processor, _ = load_pretrained_model(args.model_path, args.model_base, device=str(device), dtype=args.dtype)
         config, dtype = model.config, next(model.parameters()).dtype
-        samples = checkpoint_samples(model, tokenizer, image_processor, args.num_prompts, device, dtype)
+        samples = checkpoint_samples(model, tokenizer, image_processor, args.num_prompts, device, dtype, args.image_size)
     build_s = time.perf_counter() - t0
     text_tokens = samples[0].prefix.shape[1] + samples[0].suffix.shape[1]
     after = samples[0].suffix.shape[1]
+    hw = samples[0].image_hw
     print(f"[efficiency] model ready in {build_s:.1f}s on {device} ({dtype}); {text_tokens} text tokens; "
           f"threads={torch.get_num_threads()}", file=sys.stderr)  # fmt: skip
 
-    todo = method_budgets(methods, budgets, config, plan_kw)
+    todo = method_budgets(methods, budgets_for(config), config, plan_kw, hw)
     if "none" not in methods:
         todo = [("none", None)] + todo
     rows = []
     for m, b in todo:
         t = time.perf_counter()
         row = measure(model, samples, m, b, args, device, plan_kw)
-        row.update({k: v for k, v in analytic_row(config, m, b, text_tokens, after, dtype.itemsize, **plan_kw).items() if k not in row})
+        row.update({k: v for k, v in analytic_row(config, m, b, text_tokens, after, dtype.itemsize, hw, **plan_kw).items() if k not in row})
         rows.append(row)
         print(f"[efficiency] {m} T={b}: prefill {row['prefill_s']:.3f}s oracle {_fmt(row['oracle_prefill_s'], '.3f')}s "
               f"({time.perf_counter() - t:.0f}s)", file=sys.stderr)  # fmt: skip
@@ -626,7 +700,8 @@ def main(argv=None) -> list[dict]:
         print(f"[efficiency] process peak RSS since last reset: {peak / 2**30:.2f} GiB; see docs/efficiency.md", file=sys.stderr)
     if args.config_only and "learnpruner" in methods and not args.lpm_path:
         print("[efficiency] note: LearnPruner ran with an untrained LPM (timing only; selections are arbitrary)", file=sys.stderr)
-    _emit(rows, args, header=f"{device}, {dtype}, {text_tokens} text tokens, {args.num_prompts} prompt(s), "
+    image = "" if hw is None else f", {hw[0]}x{hw[1]} image: N_i={samples[0].num_image_tokens}, scope {plan_kw['budget_scope']}"
+    _emit(rows, args, header=f"{device}, {dtype}, {text_tokens} text tokens{image}, {args.num_prompts} prompt(s), "
           f"warmup {args.warmup}, reps {args.reps}, median; N={args.max_new_tokens} tokens")  # fmt: skip
     return rows
 

@@ -5,6 +5,10 @@
 Unlike upstream LLaVA's controller/worker/web-server trio, the model lives in this process. Requests go
 through Gradio's queue (several users at once); model calls are serialised by a lock because the model
 keeps per-call trace state (``model.last_pruning_trace()``). See docs/demo.md.
+
+LLaVA-1.5 and LLaVA-NeXT (anyres) checkpoints both work. On NeXT each image has its own N_i vision tokens
+(``model.image_token_counts``), its own plan (``trace.image_plans``) and a budget mapped by the budget scope;
+the stats, chart and details report that image, and the overlay draws the kept patches of its base crop only.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import tempfile
 import threading
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import gradio as gr
@@ -28,14 +32,16 @@ from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from learnpruner_ext import BudgetError, PruningConfig, apply_pruning, available_methods  # noqa: E402
-from learnpruner_ext.config import budget_notice  # noqa: E402
-from learnpruner_ext.flops import estimate_tflops  # noqa: E402
+from learnpruner_ext.adapters import patch_grid_tokens  # noqa: E402
+from learnpruner_ext.config import BUDGET_SCOPES, budget_notice, check_budget, image_budget  # noqa: E402
+from learnpruner_ext.flops import count_flops  # noqa: E402
 from learnpruner_ext.lpm import shipped_lpm_path  # noqa: E402
 from learnpruner_ext.methods import get_method_class, plan_method  # noqa: E402
-from learnpruner_ext.visualize import PatchMarks, draw_overlay, model_grid, processor_background  # noqa: E402
+from learnpruner_ext.visualize import PatchMarks, base_crop_patches, draw_overlay, model_grid  # noqa: E402
+from learnpruner_ext.visualize import processor_background  # noqa: E402
 
 from ..inference import GenerationSettings, build_prompt, generate_answers  # noqa: E402
-from ..mm_utils import MAX_IMAGE_PIXELS, load_image, tokenizer_image_token  # noqa: E402
+from ..mm_utils import MAX_IMAGE_PIXELS, image_inputs, load_image, tokenizer_image_token  # noqa: E402
 from ..model.builder import load_pretrained_model  # noqa: E402
 from .examples import make_examples  # noqa: E402
 
@@ -95,7 +101,9 @@ def open_request_image(path) -> tuple[Image.Image, str | None]:
 
 
 def method_default_layer(name: str, num_vision_tokens: int, num_layers: int) -> int | None:
-    """The stage-2 / in-LLM layer a method uses when none is given (None: it does not prune in the LLM)."""
+    """The stage-2 / in-LLM layer a method uses when none is given (None: it does not prune in the LLM).
+
+    The layer depends on L only, so the model's reference N gives every image's (LLaVA-NeXT's N_i included)."""
     if "decoder" not in get_method_class(name).acts_at:
         return None
     config = PruningConfig(method=name, budget=num_vision_tokens)  # the plan's layer does not depend on the budget
@@ -103,6 +111,7 @@ def method_default_layer(name: str, num_vision_tokens: int, num_layers: int) -> 
 
 
 def tokens_chart(tokens: list[int], unpruned: list[int], method: str) -> Figure:
+    """Bars of the vision tokens each LLM layer saw (the trace) against the unpruned count of the image."""
     fig = Figure(figsize=(5, 2.6), dpi=100)
     ax = fig.add_subplot(111)
     layers = np.arange(len(tokens))
@@ -126,9 +135,13 @@ class DemoBackend:
         self.lpm_path = lpm_path or shipped_lpm_path(getattr(self.model.config, "_name_or_path", None))
         self.max_new_tokens = max_new_tokens
         self.lock = threading.Lock()
-        self.num_vision_tokens = self.model.num_vision_tokens
+        self.num_vision_tokens = self.model.num_vision_tokens  # N: the reference count budgets refer to
         self.num_layers = self.model.config.text_config.num_hidden_layers
-        self.grid = model_grid(self.model)
+        self.family = self.model.family
+        self.anyres = self.family == "llava_next"
+        self.patches_per_crop = patch_grid_tokens(self.model.config)
+        # the overlay's grid: the image's (LLaVA-1.5), or one tower input's, i.e. the base crop's (LLaVA-NeXT)
+        self.grid = model_grid(self.model) if not self.anyres else int(round(self.patches_per_crop**0.5))
         self.background = processor_background(self.processor)
         self.methods = available_methods()
         self._methods_cache: dict = {}
@@ -156,8 +169,36 @@ class DemoBackend:
                                   settings=GenerationSettings(max_new_tokens=self.max_new_tokens))[0]  # fmt: skip
         return answer, time.perf_counter() - start, self.model.last_pruning_trace()
 
-    def answer(self, image_path, question, method, budget, layer, also_unpruned):
-        """-> (answer, unpruned answer, overlay, chart, stats text, status, info dict); raises InputProblem."""
+    def image_layout(self, image: Image.Image) -> tuple[int, int, dict[int, int] | None]:
+        """(N_i vision tokens, vision-tower crops, base-crop ``{slot: patch}`` map or None) of one image, as
+        ``llava.inference.prepare_batch`` tokenises it (LLaVA-1.5: (N, 1, None))."""
+        if not self.anyres:
+            return self.num_vision_tokens, 1, None
+        inner = self.model.model
+        sizes = image_inputs([image], self.processor, self.model.config)["image_sizes"]
+        packing = inner.adapter.packing_maps(inner, sizes)[0]
+        crops = inner.adapter.crops_per_image(self.model.config, sizes)[0]
+        return len(packing), crops, base_crop_patches(packing, self.patches_per_crop)
+
+    def _check_image_plan(self, config: PruningConfig, num_tokens: int) -> None:
+        """The image's own plan (its N_i, the budget scope) must be feasible: one clear InputProblem naming N_i."""
+        if config.budget is None or num_tokens == self.num_vision_tokens:
+            return  # LLaVA-1.5 (N_i = N): apply_pruning checks the plan
+        cls = get_method_class(config.method)
+        try:
+            cls.image_plan(cls.resolve(config), num_tokens, self.num_vision_tokens, self.num_layers)
+        except BudgetError as err:
+            raise InputProblem(
+                f"Infeasible budget for {config.method} on this image (N_i = {num_tokens} vision tokens; budgets refer "
+                f"to N = {self.num_vision_tokens}, budget scope {config.budget_scope!r}): {err}"
+            ) from err
+        except ValueError as err:
+            raise InputProblem(f"Invalid settings for {config.method}: {err}") from err
+
+    def answer(self, image_path, question, method, budget, layer, also_unpruned, budget_scope="absolute"):
+        """-> (answer, unpruned answer, overlay, chart, stats text, status, info dict); raises InputProblem.
+
+        ``budget_scope`` (LLaVA-NeXT; :class:`PruningConfig`): how T becomes this image's budget."""
         notices = []
         image, notice = open_request_image(image_path)
         if notice:
@@ -175,49 +216,74 @@ class DemoBackend:
             budget = int(budget)
         except (TypeError, ValueError) as err:
             raise InputProblem(f"Budget must be a whole number of vision tokens, got {budget!r}") from err
+        if budget_scope not in BUDGET_SCOPES:
+            raise InputProblem(f"Unknown budget scope {budget_scope!r}; choose one of {', '.join(BUDGET_SCOPES)}")
         uses_layer = "decoder" in get_method_class(method).acts_at
         k = None
         if uses_layer and layer not in (None, ""):
             k = int(layer)
-        config = PruningConfig(method=method, budget=None if method == "none" else budget, layer=k,
-                               lpm_path=self.lpm_path if get_method_class(method).uses_lpm else None)  # fmt: skip
+        try:
+            config = PruningConfig(method=method, budget=None if method == "none" else budget, layer=k,
+                                   lpm_path=self.lpm_path if get_method_class(method).uses_lpm else None,
+                                   budget_scope=budget_scope)  # fmt: skip
+            check_budget(config.budget, self.num_vision_tokens)  # T refers to the model's N (LLaVA-NeXT: not N_i)
+        except BudgetError as err:
+            raise InputProblem(f"Bad budget for {method}: {err}") from err
+        num_tokens, crops, patch_of_slot = self.image_layout(image)
+        self._check_image_plan(config, num_tokens)
         with self.lock:
             try:
                 _, notes = self._method(config)
             except BudgetError as err:
-                raise InputProblem(f"Infeasible budget for {method}: {err}") from err
+                where = f" (at the reference N = {self.num_vision_tokens}; image N_i = {num_tokens})" if self.anyres else ""
+                raise InputProblem(f"Infeasible budget for {method}{where}: {err}") from err
             except ValueError as err:
                 raise InputProblem(f"Invalid settings for {method}: {err}") from err
             notices.extend(notes)
-            notice = budget_notice(self.model.pruner.plan, config.budget, method) if self.model.pruner is not None else None
-            notices.extend([notice] if notice else [])
+            pruner = self.model.pruner  # before the unpruned run detaches it
             answer, latency, trace = self._generate(image, question)
             unpruned_answer, unpruned_latency = "", None
             if also_unpruned:
                 self.model.model.set_pruner(None)
                 unpruned_answer, unpruned_latency, _ = self._generate(image, question)
 
-        marks = PatchMarks.from_trace(trace, self.grid)
-        overlay = draw_overlay(image, marks, self.background)
+        n_i, image_plan = trace.image_tokens[0], trace.image_plans[0]  # this image's N_i and plan
+        if pruner is not None:  # the plan the image really got (its N_i, the budget scope, at most its candidates)
+            plan = replace(pruner.plan_for(n_i), r1=image_plan["r1"], r2=image_plan["r2"])  # stages kept
+            notice = budget_notice(plan, plan_budget(config, n_i, self.num_vision_tokens), method)
+            notices.extend([notice] if notice else [])
+        marks = PatchMarks.from_trace(trace, self.grid, patch_of_slot=patch_of_slot)
+        note = None
+        if self.anyres:
+            note = f"base crop only: {len(marks.stage1)} of the {image_plan['r1']} kept tokens drawn"
+        overlay = draw_overlay(image, marks, self.background, fit="squash" if self.anyres else "pad", note=note)
         tokens = list(trace.vision_tokens_per_layer)
-        full = [self.num_vision_tokens] * self.num_layers
+        full = [n_i] * self.num_layers
         text_tokens = self.text_tokens(question)
-        tflops = estimate_tflops(self.model.config, tokens, text_tokens)
-        tflops_full = estimate_tflops(self.model.config, full, text_tokens)
+        tflops = count_flops(self.model.config, tokens, text_tokens, vision_crops=crops).tflops
+        tflops_full = count_flops(self.model.config, full, text_tokens, vision_crops=crops).tflops
         counts = marks.counts()
         info = {
-            "method": method, "budget": config.budget, "r1": trace.r1, "r2": trace.r2, "layer": trace.layer,
-            "num_vision_tokens": self.num_vision_tokens, "grid": self.grid,
+            "method": method, "budget": config.budget, "r1": image_plan["r1"], "r2": image_plan["r2"],
+            "layer": trace.layer, "family": self.family, "num_vision_tokens": self.num_vision_tokens,
+            "image_tokens": n_i, "budget_scope": trace.budget_scope,
+            "image_budget": plan_budget(config, n_i, self.num_vision_tokens), "grid": self.grid,
             "marked": counts, "vision_tokens_per_layer": tokens,
             "average_vision_tokens": trace.average_vision_tokens,
             "latency_s": latency, "unpruned_latency_s": unpruned_latency,
             "est_tflops": tflops, "est_tflops_unpruned": tflops_full,
             "image_size": list(image.size), "notices": notices,
         }  # fmt: skip
+        image_line = ""
+        if self.anyres:
+            image_line = (f"this image: N_i = {n_i} vision tokens ({crops} crops; budgets refer to N = "
+                          f"{self.num_vision_tokens}), budget scope {trace.budget_scope}: "
+                          f"T_i = {info['image_budget'] if config.budget is not None else '-'}\n")  # fmt: skip
+        r2 = image_plan["r2"]
         stats = (
-            f"R1 = {trace.r1}, R2 = {trace.r2 if trace.r2 is not None else '-'}"
+            image_line + f"R1 = {image_plan['r1']}, R2 = {r2 if r2 is not None else '-'}"
             f"{f' (from layer {trace.layer})' if trace.layer is not None else ''}; "
-            f"avg {trace.average_vision_tokens:.1f} of {self.num_vision_tokens} vision tokens per layer\n"
+            f"avg {trace.average_vision_tokens:.1f} of {n_i} vision tokens per layer\n"
             f"latency {latency * 1000:.0f} ms"
             + (f" vs {unpruned_latency * 1000:.0f} ms unpruned" if unpruned_latency is not None else "")
             + f"\nest. prefill {tflops:.4g} TFLOPs vs {tflops_full:.4g} unpruned ({tflops / tflops_full:.0%}; analytic estimate)"
@@ -225,6 +291,11 @@ class DemoBackend:
         status = "OK" + ("" if not notices else " - " + " ".join(notices))
         chart = tokens_chart(tokens, full, method)
         return answer, unpruned_answer, overlay, chart, stats, status, info
+
+
+def plan_budget(config: PruningConfig, num_tokens: int, reference_tokens: int) -> int | None:
+    """The budget T_i an image of ``num_tokens`` gets under ``config.budget_scope`` (T itself when N_i = N)."""
+    return image_budget(config.budget, num_tokens, reference_tokens, config.budget_scope)
 
 
 def build_demo(model_path=None, lpm_path=None, device="auto", max_new_tokens=64, concurrency_limit=4,
@@ -237,9 +308,9 @@ def build_demo(model_path=None, lpm_path=None, device="auto", max_new_tokens=64,
     example_dir = Path(tempfile.mkdtemp(prefix="llava_demo_examples_"))
     examples = make_examples(example_dir)
 
-    def run(image_path, question, method, budget, layer, also_unpruned):
+    def run(image_path, question, method, budget, layer, also_unpruned, budget_scope="absolute"):
         try:
-            return backend.answer(image_path, question, method, budget, layer, also_unpruned)
+            return backend.answer(image_path, question, method, budget, layer, also_unpruned, budget_scope)
         except InputProblem as err:
             gr.Warning(str(err))
             return "", "", None, None, "", f"Error: {err}", {"error": str(err)}
@@ -251,8 +322,11 @@ def build_demo(model_path=None, lpm_path=None, device="auto", max_new_tokens=64,
     title = "LearnPruner for LLaVA: visual-token pruning demo"
     with gr.Blocks(title=title) as demo:
         gr.Markdown(
-            f"## {title}\nModel: `{model_path or 'built-in default'}` - {n} vision tokens "
-            f"({backend.grid}x{backend.grid} patches), {backend.num_layers} LLM layers."
+            f"## {title}\nModel: `{model_path or 'built-in default'}` - "
+            + (f"{n} vision tokens ({backend.grid}x{backend.grid} patches)" if not backend.anyres else
+               f"LLaVA-NeXT (anyres): budgets refer to N = {n} vision tokens, each image has its own N_i "
+               f"(base crop {backend.grid}x{backend.grid} patches + hi-res crops)")
+            + f", {backend.num_layers} LLM layers."
             + ("" if backend.lpm_path or "learnpruner" not in backend.methods else
                "  \n*No `--lpm-path`: LearnPruner's stage 1 uses an untrained (random) LPM.*")  # fmt: skip
         )
@@ -265,21 +339,27 @@ def build_demo(model_path=None, lpm_path=None, device="auto", max_new_tokens=64,
                 budget = gr.Slider(1, n, value=default_budget, step=1, label="Budget (avg vision tokens per LLM layer)",
                                    elem_id="budget")  # fmt: skip
                 layer = gr.Number(value=backend.default_layers.get(default_method), precision=0,
-                                  label="Stage-2 layer k (in-LLM methods: learnpruner, fastv, dart)", elem_id="layer")  # fmt: skip
+                                  label=f"Stage-2 layer k (in-LLM methods: {', '.join(m for m, k in backend.default_layers.items() if k is not None)})",
+                                  elem_id="layer")  # fmt: skip
                 unpruned = gr.Checkbox(value=False, label="Also run unpruned", elem_id="also_unpruned")
+                scope = None
+                if backend.anyres:  # how T becomes the image's budget: min(T, N_i) or round(T * N_i / N)
+                    scope = gr.Radio(list(BUDGET_SCOPES), value="absolute", label="Budget scope (per image)",
+                                     elem_id="budget_scope")  # fmt: skip
                 submit = gr.Button("Ask", variant="primary", elem_id="ask")
             with gr.Column(scale=1):
                 status = gr.Textbox(label="Status", interactive=False, elem_id="status")
                 answer = gr.Textbox(label="Answer (pruned)", interactive=False, elem_id="answer")
                 unpruned_answer = gr.Textbox(label="Answer (unpruned)", interactive=False, elem_id="unpruned_answer")
-                overlay = gr.Image(type="pil", label="Kept patches (on the padded square image)", format="png",
-                                   elem_id="overlay")  # fmt: skip
+                overlay_label = ("Kept patches (on the padded square image)" if not backend.anyres else
+                                 "Kept base-crop patches (the image resized to one crop; hi-res crops not drawn)")
+                overlay = gr.Image(type="pil", label=overlay_label, format="png", elem_id="overlay")
                 stats = gr.Textbox(label="Tokens, latency, estimated TFLOPs", lines=3, interactive=False, elem_id="stats")
                 chart = gr.Plot(label="Vision tokens per LLM layer", elem_id="chart")
                 info = gr.JSON(label="Details", elem_id="info")
         gr.Examples([list(e) for e in examples], inputs=[image, question])
         method.change(on_method, inputs=method, outputs=layer)
-        inputs = [image, question, method, budget, layer, unpruned]
+        inputs = [image, question, method, budget, layer, unpruned] + ([scope] if scope is not None else [])
         outputs = [answer, unpruned_answer, overlay, chart, stats, status, info]
         submit.click(run, inputs=inputs, outputs=outputs, api_name="ask")
         question.submit(run, inputs=inputs, outputs=outputs)

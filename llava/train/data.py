@@ -5,6 +5,11 @@ is relative to ``image_folder`` and absent for text-only samples. The JSON list 
 and image decoding happen per item in ``__getitem__``. Structure and image files of the selected subset
 are checked up front (every image decoded in full, as ``__getitem__`` would), so a bad sample stops the run
 before training starts, naming the sample; all bad images are reported in one error.
+
+A :class:`RecordFilter` selects what is trained on (issue #21, LPM cross-task generalisation): QA turns by
+question type (the ``question_type`` field of a human turn: the toy world's generator writes it; other data can
+add it) and whole conversations by source dataset (the first folder of ``image``: ``coco``, ``gqa``, ... in
+LLaVA-665K).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import logging
 import os
 import random
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +76,121 @@ def check_entry(entry, index: int) -> None:
         raise ValueError(f"sample {sid}: text-only sample (no 'image') contains {DEFAULT_IMAGE_TOKEN}")
     if image is not None and (not isinstance(image, str) or count > 1):
         raise ValueError(f"sample {sid}: expected one image path and at most one {DEFAULT_IMAGE_TOKEN}")
+
+
+TEXT_ONLY = "text-only"  # the source of a conversation without an image
+
+
+def entry_source(entry: dict) -> str:
+    """The source dataset of a sample: the first folder of its ``image`` path (LLaVA-665K: ``coco``, ``gqa``,
+    ``ocr_vqa``, ``textvqa``, ``vg``; the toy world: ``train``), or ``text-only``."""
+    image = entry.get("image")
+    return TEXT_ONLY if image is None else Path(image).parts[0]
+
+
+def _names(value) -> tuple[str, ...]:
+    """``"a,b"`` or ``["a", "b"]`` -> ``("a", "b")``; None or "" -> ()."""
+    if not value:
+        return ()
+    parts = value.split(",") if isinstance(value, str) else value
+    return tuple(dict.fromkeys(p.strip() for p in parts if p.strip()))
+
+
+QUESTION_TYPE = "question_type"  # the optional field of a human turn that names its question type
+
+
+@dataclass(frozen=True)
+class RecordFilter:
+    """Which training records to keep.
+
+    * ``question_types`` / ``exclude_question_types``: keep only the QA turns whose human turn's
+      ``question_type`` field is (is not) listed; a conversation left without turns is dropped, ``<image>`` moves
+      to its first kept turn. A type the data does not have, or a turn without the field, is an error.
+    * ``sources``: keep only the conversations whose :func:`entry_source` is listed.
+
+    Arguments are comma-separated strings or sequences; :meth:`metadata` is what the LPM checkpoint records.
+    """
+
+    question_types: tuple[str, ...] = ()
+    exclude_question_types: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for name in ("question_types", "exclude_question_types", "sources"):
+            object.__setattr__(self, name, _names(getattr(self, name)))
+        both = sorted(set(self.question_types) & set(self.exclude_question_types))
+        if both:
+            raise ValueError(f"question type(s) {both} are in both --question_types and --exclude_question_types; "
+                             "name each type in one of them")  # fmt: skip
+
+    def active(self) -> bool:
+        return bool(self.question_types or self.exclude_question_types or self.sources)
+
+    def metadata(self) -> dict | None:
+        """The filter as the LPM's ``lpm_config.json`` records it (None when everything is kept)."""
+        if not self.active():
+            return None
+        return {"question_types": list(self.question_types), "exclude_question_types": list(self.exclude_question_types),
+                "sources": list(self.sources)}  # fmt: skip
+
+    def describe(self) -> str:
+        """The filter as command-line flags, e.g. ``--question_types count,position``."""
+        flags = {"--question_types": self.question_types, "--exclude_question_types": self.exclude_question_types,
+                 "--data_sources": self.sources}  # fmt: skip
+        return " ".join(f"{flag} {','.join(names)}" for flag, names in flags.items() if names)
+
+    def _keep_type(self, qtype: str) -> bool:
+        return (not self.question_types or qtype in self.question_types) and qtype not in self.exclude_question_types
+
+    def _types_of(self, entries: list, where: str) -> Counter:
+        """QA turns by question type in ``entries``; raises on a turn without the field or a type not in the data."""
+        by_type = Counter()
+        for index, entry in enumerate(entries):
+            for i in range(0, len(entry["conversations"]) - 1, 2):
+                qtype = entry["conversations"][i].get(QUESTION_TYPE)
+                if not isinstance(qtype, str):
+                    raise ValueError(
+                        f"sample {_sample_id(entry, index)}: turn {i} has no {QUESTION_TYPE!r} field, so its question "
+                        "type is unknown; --question_types / --exclude_question_types need data whose human turns "
+                        "name their type (the toy world's generator writes it); filter other data with --data_sources"
+                    )  # fmt: skip
+                by_type[qtype] += 1
+        for flag, names in (("--question_types", self.question_types), ("--exclude_question_types", self.exclude_question_types)):
+            unknown = [t for t in names if t not in by_type]
+            if unknown:
+                found = ", ".join(f"{t} {n}" for t, n in by_type.items())
+                raise ValueError(f"unknown question type(s) {unknown} in {flag}; {where} has these (QA turns): {found}")
+        return by_type
+
+    def apply(self, entries: list, where: str = "the data") -> dict[int, dict]:
+        """``{index: filtered entry}`` of the entries that keep at least one QA turn (every entry is checked
+        with :func:`check_entry` first); raises ``ValueError`` when a source or type is unknown or nothing matches."""
+        for index, entry in enumerate(entries):
+            check_entry(entry, index)
+        present = Counter(entry_source(e) for e in entries)
+        unknown = [s for s in self.sources if s not in present]
+        if unknown:
+            raise ValueError(f"unknown source(s) {unknown} in --data_sources; the sources in {where} are: "
+                             f"{', '.join(f'{s} ({n})' for s, n in sorted(present.items()))}")  # fmt: skip
+        typed = bool(self.question_types or self.exclude_question_types)
+        chosen = [(i, e) for i, e in enumerate(entries) if not self.sources or entry_source(e) in self.sources]
+        if typed:
+            self._types_of([e for _, e in chosen], where)
+        kept = {}
+        for index, entry in chosen:
+            if not typed:
+                kept[index] = entry
+                continue
+            turns = []
+            for i in range(0, len(entry["conversations"]) - 1, 2):
+                human, gpt = entry["conversations"][i : i + 2]
+                if self._keep_type(human[QUESTION_TYPE]):
+                    turns += [dict(human), dict(gpt)]
+            if turns:
+                kept[index] = {**entry, "conversations": place_image_token(turns) if entry.get("image") else turns}
+        if not kept:
+            raise ValueError(f"no sample in {where} matches {self.describe()}")
+        return kept
 
 
 MISSING = "missing"
@@ -201,6 +322,7 @@ class LazySupervisedDataset(Dataset):
         model_config=None,
         check_images: bool = True,
         image_token_counts=None,
+        record_filter: RecordFilter | None = None,
     ):
         check_fraction(data_fraction)
         data_path = Path(data_path)
@@ -218,7 +340,13 @@ class LazySupervisedDataset(Dataset):
         if not entries:
             raise ValueError(f"--data_path {data_path} holds no samples")
         self.total_entries = len(entries)
-        selected = select_subset(len(entries), data_fraction, data_seed)
+        pool = list(range(len(entries)))
+        if record_filter is not None and record_filter.active():  # filter first: the fraction is of the matches
+            kept = record_filter.apply(entries, f"--data_path {data_path}")
+            entries = [kept.get(i, entry) for i, entry in enumerate(entries)]
+            pool = sorted(kept)
+        self.num_matching = len(pool)
+        selected = [pool[j] for j in select_subset(len(pool), data_fraction, data_seed)]
         self.image_folder = Path(image_folder) if image_folder is not None else None
         with_image = []
         for index in selected:

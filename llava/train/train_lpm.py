@@ -8,6 +8,8 @@
 (also ``torchrun llava/train/train_lpm.py ...`` or ``python -m llava.train.train_lpm ...``; see
 ``scripts/v1_5/finetune_lpm.sh`` and ``docs/training.md``). Only the LPM trains; checkpoints and the
 final output hold only the LPM, loadable with ``python -m llava.eval.run_llava --lpm-path OUTPUT_DIR``.
+``--question_types`` / ``--exclude_question_types`` / ``--data_sources`` train on a subset
+(:class:`llava.train.data.RecordFilter`; recorded as ``data_filter`` in ``lpm_config.json``).
 A run restarted with the same ``--output_dir`` resumes from its last checkpoint; it is refused when the
 arguments in :data:`RESUME_ARGS` or the samples differ from the checkpoint's ``run_args.json``, unless
 ``--allow_changed_args True``.
@@ -28,10 +30,11 @@ import torch
 import transformers
 from transformers.trainer_utils import get_last_checkpoint
 
+from learnpruner_ext.adapters import feature_dim
 from learnpruner_ext.lpm import KEEP, LPM_CONFIG, LearnablePruningModule
 from learnpruner_ext.training import LPMTrainingModel
 from llava.model.builder import load_pretrained_model
-from llava.train.data import DataCollatorForSupervisedDataset, LazySupervisedDataset, check_fraction
+from llava.train.data import DataCollatorForSupervisedDataset, LazySupervisedDataset, RecordFilter, check_fraction
 from llava.train.lpm_trainer import RUN_ARGS, LPMTrainer
 
 logger = logging.getLogger("llava.train.train_lpm")
@@ -55,6 +58,13 @@ class DataArguments:
                                       "or cannot be decoded (counted in the log) instead of stopping"})  # fmt: skip
     check_images: bool = field(default=True, metadata={"help": "decode every image once before training and report "
                                "all bad ones together; False only checks that the files exist"})  # fmt: skip
+    question_types: str | None = field(default=None, metadata={"help": "comma-separated toy-world question types "
+                                       "(e.g. count,position): train only on these QA turns; applied before "
+                                       "--data_fraction; recorded in lpm_config.json"})  # fmt: skip
+    exclude_question_types: str | None = field(default=None, metadata={"help": "comma-separated question types "
+                                               "whose QA turns are left out (e.g. to hold them out for evaluation)"})  # fmt: skip
+    data_sources: str | None = field(default=None, metadata={"help": "comma-separated source datasets (first folder "
+                                     "of 'image', e.g. coco,gqa; 'text-only' for samples without image) to train on"})  # fmt: skip
 
 
 @dataclass
@@ -80,6 +90,7 @@ RESUME_ARGS = (
     "model_max_length", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
     "per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "effective_batch_size",
     "lpm_hidden", "prune_loss_weight", "prune_target_ratio",
+    "question_types", "exclude_question_types", "data_sources",
 )  # fmt: skip
 
 
@@ -156,6 +167,10 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
     if data_args.data_path is None:
         raise ValueError("--data_path is required")
     LPMTrainingModel.check_objective(args.prune_loss_weight, args.prune_target_ratio)  # before loading 7B weights
+    record_filter = RecordFilter(data_args.question_types, data_args.exclude_question_types, data_args.data_sources)
+    if record_filter.active():  # a filter that matches nothing stops here, before the weights load
+        with open(data_args.data_path) as f:
+            record_filter.apply(json.load(f), f"--data_path {data_args.data_path}")
     base_model = str(Path(model_args.model_name_or_path).resolve())
     device = str(args.device)  # also sets up torch.distributed, which world_size needs
     resume = resolve_resume(args)
@@ -184,16 +199,18 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
         model_config=vlm.config,
         check_images=data_args.check_images,
         image_token_counts=vlm.image_token_counts,  # used for LLaVA-NeXT only (N_i per image size)
+        record_filter=record_filter,
     )
     skipped = f", {dataset.num_skipped} skipped: image missing or undecodable" if dataset.num_skipped else ""
+    matching = f", {dataset.num_matching} match {record_filter.describe()}" if record_filter.active() else ""
     logger.warning(
-        "training the LPM on %d of %d samples (fraction %s, seed %d%s)", len(dataset), dataset.total_entries,
-        data_args.data_fraction, data_seed, skipped,
+        "training the LPM on %d of %d samples (fraction %s, seed %d%s%s)", len(dataset), dataset.total_entries,
+        data_args.data_fraction, data_seed, matching, skipped,
     )  # fmt: skip
     samples = {"num_samples": len(dataset), "samples_sha256": dataset.fingerprint()}
     if resume is not None:  # the data as read now, after skips: a changed file or skip set changes the order
         check_changed_args(resume, samples, args.allow_changed_args)
-    lpm = LearnablePruningModule(vlm.config.vision_config.hidden_size, args.lpm_hidden)
+    lpm = LearnablePruningModule(feature_dim(vlm.config), args.lpm_hidden)
     if args.lpm_init_keep_bias is not None:
         with torch.no_grad():
             lpm.fc2.bias.zero_()[KEEP] = args.lpm_init_keep_bias
@@ -207,6 +224,7 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
         "data_path": str(Path(data_args.data_path).resolve()),
         "data_fraction": data_args.data_fraction,
         "data_seed": data_seed,
+        "data_filter": record_filter.metadata(),  # None: all samples; else the types / sources trained on
     }
     trainer = LPMTrainer(
         model=model,

@@ -16,6 +16,9 @@
 #   CHECK_IMAGES    [True]    decode every image before training; all bad ones are reported in one error
 #   SKIP_MISSING_IMAGES [False]  True: train without the samples whose image is missing or undecodable
 #   ALLOW_CHANGED_ARGS  [False]  True: resume although data, lr, batch sizes, GPUs, ... differ from the checkpoint's
+#   QUESTION_TYPES / EXCLUDE_QUESTION_TYPES  [all]  toy-world question types to train on / leave out, e.g. count,position
+#   DATA_SOURCES    [all]     source datasets (first folder of 'image', e.g. coco,gqa; text-only) to train on
+#                   the filter is applied before DATA_FRACTION and recorded in lpm_config.json ("data_filter")
 #   DS_CONFIG       [./scripts/zero2.json]     NUM_GPUS [all visible GPUs]
 #   LAUNCHER        deepspeed | torchrun [deepspeed]      MASTER_PORT [29500]
 #   PYTHON / DEEPSPEED / TORCHRUN  interpreter and launchers [.venv/bin/... if present]
@@ -84,6 +87,10 @@ for path in "$BASE/config.json" "$DATA"; do
     if [ ! -e "$path" ]; then echo "error: $path not found (see docs/training.md, 'Data and base model')" >&2; exit 1; fi
 done
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
+FILTER=()
+[ -n "${QUESTION_TYPES:-}" ] && FILTER+=(--question_types "$QUESTION_TYPES")
+[ -n "${EXCLUDE_QUESTION_TYPES:-}" ] && FILTER+=(--exclude_question_types "$EXCLUDE_QUESTION_TYPES")
+[ -n "${DATA_SOURCES:-}" ] && FILTER+=(--data_sources "$DATA_SOURCES")
 
 echo "[finetune_lpm] $BASE -> $OUTPUT_DIR: ${NUM_GPUS} GPU(s) x ${PER_DEVICE_BATCH} x ${GRAD_ACC} accumulation = ${GLOBAL_BATCH}, lr ${LR}" >&2
 case "$LAUNCHER" in
@@ -123,4 +130,5 @@ esac
     --dataloader_num_workers 4 \
     --lazy_preprocess True \
     --report_to none \
+    ${FILTER[@]+"${FILTER[@]}"} \
     ${EXTRA[@]+"${EXTRA[@]}"}

@@ -86,7 +86,7 @@ def tiny():
 
 
 def _prefill(model, sample):
-    ids = sample.input_ids(model.num_image_tokens, model.config.image_token_id)
+    ids = sample.input_ids(model.config.image_token_id)
     cache = DynamicCache(config=model.config.text_config)
     with torch.inference_mode():
         model(input_ids=ids, pixel_values=sample.pixel_values, attention_mask=torch.ones_like(ids),
@@ -166,3 +166,28 @@ def test_measured_cli_on_tiny_checkpoint(tiny_hf, capsys):
         if r["method"] == "learnpruner":  # every section timed by the core's hooks (no wrapper can go stale)
             parts = ("vision_tower_s", "lpm_s", "diversity_s", "projector_s", "stage2_scoring_s", "slicing_cache_s")
             assert all(r["breakdown"][k] > 0 for k in parts), r["breakdown"]
+
+
+@pytest.mark.parametrize("method,budget", [("learnpruner", 8), ("fastv", 8), ("visionzip", 4)])
+def test_oracle_fixed_indices_same_counts(tiny, method, budget):
+    """The efficiency oracle keeps the method's counts in every layer with the first indices: slots 0..R1-1 enter
+    the LLM and the first R2 of them stay from layer k on (so pruned - oracle = scoring and selection only)."""
+    from learnpruner_ext.methods.oracle import FixedIndexOracle
+
+    model, sample = tiny
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        real = apply_pruning(model, PruningConfig(method, budget))
+    eff.run_generation(model, sample, 1, torch.device("cpu"))
+    real_trace = model.last_pruning_trace()
+    model.model.set_pruner(FixedIndexOracle(real))
+    try:
+        eff.run_generation(model, sample, 1, torch.device("cpu"))
+        trace = model.last_pruning_trace()
+    finally:
+        model.model.set_pruner(None)
+    plan = real.plan
+    assert trace.vision_tokens_per_sample == real_trace.vision_tokens_per_sample == [plan.tokens_per_layer]
+    assert trace.stage1_index[0].tolist() == list(range(plan.r1))
+    if plan.layer is not None:
+        assert trace.stage2_index[0].tolist() == list(range(plan.r2))

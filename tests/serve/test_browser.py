@@ -1,7 +1,6 @@
 """A real browser (Debian chromium driven by playwright) uses the demo: upload, ask, read the answer, screenshot."""
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -16,7 +16,7 @@ import pytest
 from toyworld.report import TYPES
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = ["none", "learnpruner", "vispruner", "fastv", "visionzip", "divprune", "dart", "random", "cls", "downsample"]
+METHODS = ["none", "learnpruner", "vispruner", "fastv", "visionzip", "divprune", "dart", "random", "cls", "downsample", "pyramiddrop"]
 BUDGETS = [32, 16, 8]
 
 

@@ -1,8 +1,6 @@
 """Paired-bootstrap differences of the toy report, checked against hand-computed answers."""
 import json
 
-import pytest
-
 from toyworld.report import paired_differences
 
 
