@@ -48,7 +48,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 
 from .adapters import ImageGroup, adapter_for, strips_cls
-from .config import PruningConfig, TokenPlan, candidate_plan
+from .config import POSITION_MODES, PruningConfig, TokenPlan, candidate_plan
 from .cut import SequenceCut, SequenceState, gather_seq, right_pad
 from .llm import PrunableLlamaModel, PrunableQwen2_5_VLTextModel
 from .lpm import shipped_lpm_path
@@ -464,8 +464,8 @@ class PrunableLlavaNextModel(PrunableVLMMixin, LlavaNextModel):
 class PrunableQwen2_5_VLModel(PrunableVLMMixin, Qwen2_5_VLModel):
     """``Qwen2_5_VLModel`` with the same two stages. M-RoPE positions are computed by transformers'
     ``get_rope_index`` on the full prompt (all N_i placeholders) before the vision stage; the boundary-0 cut then
-    gathers all three rows, so every kept token keeps its own (t, h, w) position (``position_mode`` is always
-    ``original`` here), and decoding continues from the unpruned length through ``rope_deltas``."""
+    gathers all three rows, so every kept token keeps its own (t, h, w) position (the adapter allows only
+    ``position_mode="original"``), and decoding continues from the unpruned length through ``rope_deltas``."""
 
     def __init__(self, config: Qwen2_5_VLConfig):
         Qwen2_5_VLPreTrainedModel.__init__(self, config)
@@ -594,6 +594,10 @@ def apply_pruning(model, config: PruningConfig) -> PruningMethod:
     if missing:
         raise ValueError(f"method {config.method!r} needs {', '.join(missing)}, which {adapter.family} images do not "
                          "have (their tokens are not one fixed raster grid); choose another method")  # fmt: skip
+    modes = getattr(adapter, "position_modes", POSITION_MODES)
+    if config.position_mode not in modes and method_class.acts_at != "nowhere":
+        raise ValueError(f"position_mode {config.position_mode!r} is not defined for {adapter.family} (its M-RoPE "
+                         f"positions stay with their tokens); pass --position-mode {' or '.join(modes)}")  # fmt: skip
     if method_class.uses_lpm and not config.lpm_path:
         shipped = shipped_lpm_path(getattr(model.config, "_name_or_path", None))
         if shipped:

@@ -70,11 +70,11 @@ def test_pruned_flops_and_kv_equal_measured(tiny, method, budget):
     R1 tokens through the merger, counted exactly (scoring methods add matmuls the counter sees and the Table-5
     convention leaves out, as on LLaVA)."""
     model, sample = tiny
-    apply_pruning(model, PruningConfig(method, budget, layer=1 if method == "fastv" else None))
+    apply_pruning(model, PruningConfig(method, budget, layer=1 if method == "fastv" else None, position_mode="original"))
     text = sample.prefix.shape[1] + sample.suffix.shape[1]
     hw = sample.image_hw
     row = eff.analytic_row(model.config, method, budget, text, sample.suffix.shape[1], 4, hw,
-                           layer=1 if method == "fastv" else None)  # fmt: skip
+                           layer=1 if method == "fastv" else None, position_mode="original")  # fmt: skip
     if method == "random":
         assert _counted(model, sample) == round(row["tflops"] * 1e12)
     measured = eff.run_generation(model, sample, 2, torch.device("cpu"))["kv_bytes"]
@@ -97,7 +97,8 @@ def test_qwen_7b_rows():
 
 def test_measured_cli_on_tiny_qwen(qwen_ckpt):
     rows = eff.main(["--model-path", qwen_ckpt, "--methods", "none,learnpruner,vispruner", "--budgets", "12,6",
-                     "--image-size", "84x140", "--warmup", "0", "--reps", "1", "--max-new-tokens", "2", "--json"])  # fmt: skip
+                     "--image-size", "84x140", "--warmup", "0", "--reps", "1", "--max-new-tokens", "2", "--json",
+                     "--position-mode", "original"])  # fmt: skip
     assert {(r["method"], r["budget"]) for r in rows} >= {("none", None), ("learnpruner", 12), ("vispruner", 6)}
     for r in rows:
         assert r["num_vision_tokens"] == 15 and r["oracle_prefill_s"] is not None

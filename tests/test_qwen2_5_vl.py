@@ -63,6 +63,7 @@ def batch_for(loaded, images, questions):
 
 def use(model, method, budget=None, **kw):
     kw.setdefault("budget_scope", "scaled")
+    kw.setdefault("position_mode", "original")  # the only mode Qwen2.5-VL has (test_contiguous_positions_are_refused)
     if get_method_class(method).acts_at in ("decoder", "vision+decoder"):
         kw.setdefault("layer", LAYER)
     if method == "learnpruner":
@@ -219,4 +220,12 @@ def test_methods_that_need_one_grid_are_refused(loaded):
     """`downsample` pools one fixed raster grid; Qwen2.5-VL images are grids of any size: one clear error."""
     _, model, _, _ = loaded
     with pytest.raises(ValueError, match="method 'downsample' needs single_grid, which qwen2_5_vl images do not have"):
-        apply_pruning(model, PruningConfig("downsample", 8))
+        apply_pruning(model, PruningConfig("downsample", 8, position_mode="original"))
+
+
+def test_contiguous_positions_are_refused(loaded):
+    """Renumbering kept tokens (LLaVA's default ``contiguous``) has no meaning for M-RoPE: one clear error, so a
+    run never records a position mode it did not use."""
+    _, model, _, _ = loaded
+    with pytest.raises(ValueError, match="position_mode 'contiguous' is not defined for qwen2_5_vl.*--position-mode original"):
+        apply_pruning(model, PruningConfig("vispruner", 8))

@@ -30,6 +30,7 @@ QWEN_REFERENCE_TOKENS = 1280
 class Qwen2_5_VLAdapter:
     family = "qwen2_5_vl"
     provides = ()  # each image is its own grid of merged tokens; methods that need one fixed grid are refused
+    position_modes = ("original",)  # kept tokens keep their M-RoPE (t, h, w) positions; "contiguous" has no meaning
 
     def reference_tokens(self, config) -> int:
         return int(getattr(config, "pruning_reference_tokens", QWEN_REFERENCE_TOKENS))

@@ -20,7 +20,8 @@ loaded model: the sweep), its CLI :func:`run`:
   size 1), text-only prompts are batched separately and run without ``pixel_values``;
 * writing: one JSON line per answer, flushed and fsync'ed after every batch, with upstream's fields
   ``question_id, prompt, text, answer_id, model_id, metadata`` plus ``model_fingerprint`` and the token accounting
-  ``method, budget, r1, r2, layer, convention, vision_tokens_per_layer``;
+  ``method, budget, r1, r2, layer, convention, image_tokens, vision_tokens_per_layer`` (per prompt: its image's
+  N_i and plan);
 * a tqdm progress bar with ETA.
 """
 
@@ -344,16 +345,21 @@ def _open_image(item: Item):
         raise InputError(f"{item.where}: {err}") from None
 
 
-def _accounting(model, has_image: bool) -> dict:
+def _accounting(model, has_image: bool, batch_size: int) -> list[dict]:
+    """Each prompt's own accounting: its image's N_i, that image's plan (R1, R2) and the vision tokens each layer
+    saw for it (a batch may mix image sizes: LLaVA-NeXT, Qwen2.5-VL)."""
     if has_image:
-        s = model.last_pruning_trace().summary()
-    else:  # no image: no vision tokens in any layer; R1/R2 are what an image would have got
-        plan = model.pruner.plan if model.pruner is not None else None
-        n = model.num_vision_tokens
-        s = {"r1": plan.r1 if plan else n, "r2": plan.r2 if plan else None, "layer": plan.layer if plan else None,
-             "convention": plan.convention if plan else "average",
-             "vision_tokens_per_layer": [0] * model.config.text_config.num_hidden_layers}  # fmt: skip
-    return {k: s.get(k) for k in ("r1", "r2", "layer", "convention", "vision_tokens_per_layer")}
+        trace = model.last_pruning_trace()
+        return [{"r1": plan["r1"], "r2": plan["r2"], "layer": trace.layer, "convention": trace.convention,
+                 "image_tokens": n_i, "vision_tokens_per_layer": seen}
+                for plan, n_i, seen in zip(trace.image_plans, trace.image_tokens, trace.vision_tokens_per_sample)]  # fmt: skip
+    # no image: no vision tokens in any layer; R1/R2 are what an image of the reference N would have got
+    plan = model.pruner.plan if model.pruner is not None else None
+    n = model.num_vision_tokens
+    row = {"r1": plan.r1 if plan else n, "r2": plan.r2 if plan else None, "layer": plan.layer if plan else None,
+           "convention": plan.convention if plan else "average", "image_tokens": 0,
+           "vision_tokens_per_layer": [0] * model.config.text_config.num_hidden_layers}  # fmt: skip
+    return [row] * batch_size
 
 
 @dataclass
@@ -425,8 +431,8 @@ def answer(
                 texts = generate_answers(model, tokenizer, processor, images, questions, conv_mode, generation)
             else:
                 texts = generate_text_only(model, tokenizer, questions, conv_mode, generation)
-            accounting = _accounting(model, batch[0].has_image)
-            for item, text in zip(batch, texts):
+            accounting = _accounting(model, batch[0].has_image, len(batch))
+            for item, text, counts in zip(batch, texts, accounting, strict=True):
                 line = {
                     **item.record,
                     "text": text,
@@ -436,7 +442,7 @@ def answer(
                     "metadata": {"settings": identity["settings"], **({} if item.has_image else {"text_only": True})},
                     "method": identity["method"],
                     "budget": identity["budget"],
-                    **accounting,
+                    **counts,
                 }
                 out.write(json.dumps(line, ensure_ascii=False) + "\n")
             out.flush()
