@@ -108,13 +108,13 @@ def qwen_vision_flops(vision_config, grid_thw: Sequence[int]) -> tuple[float, fl
 def projector_flops_per_token(config) -> float:
     """FLOPs of the projector on one vision token: LLaVA's ``Dv -> D -> D`` MLP; Qwen2.5-VL's merger
     (``ln_q``, then ``4 Dv -> 4 Dv -> D`` on the 2x2 patches' concatenated features)."""
+    from .adapters import feature_dim
+
     vc, tc = _get(config, "vision_config"), _get(config, "text_config")
-    d = _get(tc, "hidden_size")
-    if _get(config, "model_type") == "qwen2_5_vl":
-        unit = _get(vc, "spatial_merge_size") ** 2 * _get(vc, "hidden_size")
-        return 2 * (unit * unit + unit * _get(vc, "out_hidden_size"))
-    dv = _get(vc, "hidden_size")
-    return 2 * (dv * d + d * d)
+    d, width = _get(tc, "hidden_size"), feature_dim(config)
+    if _get(config, "model_type") == "qwen2_5_vl":  # ln_q, then width -> width -> out_hidden_size
+        return 2 * (width * width + width * _get(vc, "out_hidden_size"))
+    return 2 * (width * d + d * d)
 
 
 def llm_layer_flops(text_config, seq: int) -> tuple[float, float]:

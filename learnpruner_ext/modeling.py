@@ -482,13 +482,6 @@ class PrunableQwen2_5_VLModel(PrunableVLMMixin, Qwen2_5_VLModel):
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw=None, **kwargs) -> VisionStageOutput:
         return PrunableVLMMixin.get_image_features(self, pixel_values, image_grid_thw)
 
-    def _position_mode(self) -> str:
-        return "original"
-
-    @staticmethod
-    def _decode_positions(state, position_ids, attention_mask, q_len):
-        return position_ids  # from rope_deltas and the unpruned-length mask: already the original positions
-
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
                 use_cache=None, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None, mm_encoder_outputs=None,
                 pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, **kwargs):  # fmt: skip

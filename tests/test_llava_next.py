@@ -12,6 +12,7 @@ from transformers import LlavaNextForConditionalGeneration
 from learnpruner_ext import PruningConfig, apply_pruning, available_methods
 from learnpruner_ext.methods import get_method_class
 from learnpruner_ext.adapters.llava_next import NEWLINE
+from family_checks import assert_batch_equals_singles
 from learnpruner_ext.tiny import random_image, save_tiny_checkpoint
 from llava.inference import build_prompt, prepare_batch
 from llava.model.builder import load_pretrained_model
@@ -126,19 +127,8 @@ def test_batch_of_sizes_equals_single_runs(loaded, images, method):
     """Tokens and kept slots of a mixed-size batch equal each image run alone."""
     tokenizer, model, _, _ = loaded
     use(model, method, _budget(method))
-    kw = dict(GEN, pad_token_id=tokenizer.pad_token_id)
-    batch = batch_for(loaded, images, QUESTIONS)
-    batched = model.generate(**batch, **kw)[:, batch["input_ids"].shape[1] :]
-    trace = model.last_pruning_trace()
-    for i in range(3):
-        single_batch = batch_for(loaded, images[i : i + 1], QUESTIONS[i : i + 1])
-        single = model.generate(**single_batch, **kw)[0, single_batch["input_ids"].shape[1] :]
-        one = model.last_pruning_trace()
-        assert single.tolist() == batched[i].tolist(), f"image {i}"
-        kept = trace.stage1_index[i][trace.stage1_index[i] >= 0]
-        assert kept.tolist() == one.stage1_index[0].tolist()
-        if trace.stage2_index is not None:
-            assert trace.stage2_index[i][trace.stage2_index[i] >= 0].tolist() == one.stage2_index[0].tolist()
+    make = lambda ims, qs: batch_for(loaded, ims, qs)  # noqa: E731
+    assert_batch_equals_singles(model, make, images, QUESTIONS, dict(GEN, pad_token_id=tokenizer.pad_token_id))
 
 
 def _reduced_logits(model, batch, trace, sample, ids):

@@ -602,11 +602,9 @@ def parse_image_size(text: str | None) -> tuple[int, int] | None:
 
 
 def _apply_model_defaults(parser, args):
-    """Defaults that depend on the model: ``--config-only llava-v1.6-*`` reproduces the paper's NeXT rows (a NeXT
-    ``--model-path`` gets NeXT budgets once its config is read, in :func:`main`)."""
+    """Defaults that depend on the model: ``--config-only llava-v1.6-*`` reproduces the paper's NeXT rows (the
+    budgets follow the config once it is known: ``budgets_for`` in :func:`main`)."""
     next_named = (args.config_only or "").startswith("llava-v1.6")
-    if args.budgets is None and args.config_only:
-        args.budgets = NEXT_DEFAULT_BUDGETS if next_named else QWEN_DEFAULT_BUDGETS if args.config_only == QWEN_7B else DEFAULT_BUDGETS
     if args.text_tokens is None:
         args.text_tokens = NEXT_DEFAULT_TEXT_TOKENS if next_named else 60
     args.image_size = parse_image_size(args.image_size)

@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-from transformers import LlavaForConditionalGeneration
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from learnpruner_ext import BudgetError, PruningConfig, apply_pruning
@@ -19,7 +18,6 @@ from learnpruner_ext.methods.oracle import FixedIndexOracle
 from learnpruner_ext.methods.pyramiddrop import default_layers, resolve_stages, stage_counts
 from llava.eval.efficiency import named_config
 from llava.inference import build_prompt, prepare_batch
-from llava.model.builder import load_pretrained_model
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 QUESTIONS = ["What color is the circle?", "How many shapes are there in this picture?", "Is there a red square?"]
@@ -27,17 +25,6 @@ QUESTIONS = ["What color is the circle?", "How many shapes are there in this pic
 
 def plan(budget, n=576, depth=32, **options):
     return plan_method(PruningConfig("pyramiddrop", budget, options=options), num_vision_tokens=n, num_layers=depth)
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_hf):
-    tokenizer, model, processor, _ = load_pretrained_model(str(tiny_hf), None, None, device="cpu", dtype="float32")
-    return tokenizer, model, processor
-
-
-@pytest.fixture(scope="module")
-def eager(tiny_hf):
-    return LlavaForConditionalGeneration.from_pretrained(tiny_hf, dtype=torch.float32, attn_implementation="eager").eval()
 
 
 def _batch(loaded, images, questions=QUESTIONS):

@@ -5,13 +5,11 @@ import math
 
 import pytest
 import torch
-from transformers import LlavaForConditionalGeneration
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from learnpruner_ext import BudgetError, PruningConfig, apply_pruning, available_methods, create_method
 from learnpruner_ext.cli import add_pruning_args, pruning_config_from_args
 from llava.inference import build_prompt, prepare_batch
-from llava.model.builder import load_pretrained_model
 
 from test_zoo_selection import dart_reference, visionzip_reference
 
@@ -26,17 +24,6 @@ QUESTIONS = ["What color is the circle?", "How many shapes are there in this pic
 ZOO = ["vispruner", "fastv", "visionzip", "divprune", "dart", "random", "cls"]
 IN_LLM = {"fastv", "dart"}
 METHODS = ZOO + ["learnpruner", "pyramiddrop"]
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_hf):
-    tokenizer, model, processor, _ = load_pretrained_model(str(tiny_hf), None, None, device="cpu", dtype="float32")
-    return tokenizer, model, processor
-
-
-@pytest.fixture(scope="module")
-def eager(tiny_hf):
-    return LlavaForConditionalGeneration.from_pretrained(tiny_hf, dtype=torch.float32, attn_implementation="eager").eval()
 
 
 def use(model, name, budget=None, **kw):

@@ -56,6 +56,15 @@ def _make_dataset_fixture():
     return make_dataset
 
 
+@pytest.fixture(scope="module")
+def parts(tiny_model):
+    """(tokenizer, image processor, <image> id) of the tiny checkpoint, as the training data module takes them."""
+    from transformers import AutoTokenizer, CLIPImageProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    return tokenizer, CLIPImageProcessor.from_pretrained(tiny_model), tokenizer.convert_tokens_to_ids("<image>")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """Tiny models run far faster on one thread than on two cores shared with other jobs."""

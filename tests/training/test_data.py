@@ -8,7 +8,6 @@ import logging
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, CLIPImageProcessor
 
 from llava.constants import IGNORE_INDEX
 from llava.inference import build_prompt
@@ -23,12 +22,6 @@ from llava.train.data import (
 )
 
 N = 16
-
-
-@pytest.fixture(scope="module")
-def parts(tiny_model):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    return tokenizer, CLIPImageProcessor.from_pretrained(tiny_model), tokenizer.convert_tokens_to_ids("<image>")
 
 
 def _dataset(parts, data_path, image_folder, **kwargs):

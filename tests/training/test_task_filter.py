@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from transformers import AutoTokenizer, CLIPImageProcessor
 
 from llava.train.data import LazySupervisedDataset, RecordFilter
 from llava.train.train_lpm import check_changed_args, train
@@ -50,12 +49,6 @@ def _toy_data(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory) -> Path:
     return _toy_data(tmp_path_factory.mktemp("toy"))
-
-
-@pytest.fixture(scope="module")
-def parts(tiny_model):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    return tokenizer, CLIPImageProcessor.from_pretrained(tiny_model), tokenizer.convert_tokens_to_ids("<image>")
 
 
 def _dataset(parts, data, record_filter, **kwargs):
