@@ -24,7 +24,13 @@ EXTRAS = {
     "eval": ["openpyxl==3.1.5"],  # MMBench submission .xlsx
     "test": ["pytest==9.2.0", "playwright==1.65.2"],
     "gpu": ["flash-attn>=2.6"],  # GPU machines only; never installed by setup_env.sh on CPU
+    # lmms-eval's runtime dependencies (checked for LMMS_EVAL below); lmms-eval itself is installed --no-deps by
+    # scripts/setup_env.sh, because its own requirements pull a CUDA torch and torchvision
+    "lmms": ["accelerate==1.15.0", "datasets==5.2.0", "evaluate==0.4.6", "loguru==0.7.3", "pytablewriter==1.2.1",
+             "sacrebleu==2.6.0", "jsonlines==4.0.0", "tenacity==9.2.1", "numexpr==2.14.2", "pyyaml==6.0.4", "jinja2==3.1.6",
+             "filelock==3.32.7"],  # lmms-eval 0.7.3 patches filelock._api (gone in 4.x)
 }
+LMMS_EVAL = "lmms-eval==0.7.3"  # read by scripts/setup_env.sh (EXTRAS=...,lmms)
 
 setup(
     name="learnpruner-llava",
@@ -34,4 +40,6 @@ setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
+    # lmms-eval >= 0.7 finds plugin models through this group (MODEL_REGISTRY_V2.load_entrypoint_manifests)
+    entry_points={"lmms_eval.models": ["learnpruner_llava = llava.eval.lmms:manifest"]},
 )

@@ -402,12 +402,12 @@ def run_generation(model, sample: Sample, max_new_tokens: int, device) -> dict:
     mask = torch.ones_like(ids)
     cache = DynamicCache(config=model.config.text_config)
     _sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1,
                 **sample.vision_inputs())  # fmt: skip
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     kv = cache_nbytes(cache)
     for _ in range(max_new_tokens - 1):
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
@@ -415,19 +415,29 @@ def run_generation(model, sample: Sample, max_new_tokens: int, device) -> dict:
         token = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     t2 = time.perf_counter()
-    return {"prefill_s": t1 - t0, "total_s": t2 - t0, "decode_s": t2 - t1, "kv_bytes": kv}
+    return {"prefill_s": t1 - t0, "total_s": t2 - t0, "decode_s": t2 - t1, "kv_bytes": kv,
+            "prefill_cpu_share": cpu_share(c1 - c0, t1 - t0, device)}
 
 
-def oracle_prefill(model, sample: Sample, device) -> float:
-    """Prefill time of the attached method's token counts with fixed indices and no scoring
+def cpu_share(cpu_s: float, wall_s: float, device) -> float | None:
+    """CPU time this process got during a timed region / (wall time x torch threads); None on GPU. Well below 1
+    means other processes took the cores: the Linux scheduler's autogroups share CPU between sessions equally
+    whatever their ``nice`` value, so a niced job in another shell still halves a timing run's speed."""
+    if device.type != "cpu" or wall_s <= 0:
+        return None
+    return cpu_s / (wall_s * torch.get_num_threads())
+
+
+def oracle_prefill(model, sample: Sample, device) -> dict:
+    """Prefill (``run_generation``'s dict, one token) of the attached method's token counts with fixed indices and no scoring
     (:class:`learnpruner_ext.methods.oracle.FixedIndexOracle`), through the same model, cuts and cache; vanilla
-    (no method) is its own oracle."""
+    (no method) is its own oracle and is not run twice (:func:`measure`)."""
     from learnpruner_ext.methods.oracle import FixedIndexOracle
 
     method = model.pruner
     model.model.set_pruner(None if method is None else FixedIndexOracle(method))
     try:
-        return run_generation(model, sample, 1, device)["prefill_s"]
+        return run_generation(model, sample, 1, device)
     finally:
         model.model.set_pruner(method)
 
@@ -456,6 +466,14 @@ def overhead_breakdown(model, sample: Sample, max_new_tokens: int, device) -> di
     return out
 
 
+CPU_SHARE_WARN = 0.8  # a timed run below this share of its threads' CPU time was slowed by other processes
+
+
+def _min_share(runs: list[dict]) -> float | None:
+    shares = [r["prefill_cpu_share"] for r in runs if r.get("prefill_cpu_share") is not None]
+    return min(shares) if shares else None
+
+
 def _median(values):
     return statistics.median(values) if values else None
 
@@ -476,13 +494,16 @@ def measure(model, samples, method, budget, args, device, base_plan_kw) -> dict:
     for rep in range(args.warmup + args.reps):
         for sample in samples:
             o = None
-            if not args.no_oracle and rep % 2:  # alternate the order (ABBA) against drifting machine load
+            timed_oracle = not args.no_oracle and method != "none"  # vanilla is its own oracle: no second run
+            if timed_oracle and rep % 2:  # alternate the order (ABBA) against drifting machine load
                 o = oracle_prefill(model, sample, device)
             with PeakMemory(device) as pm:
                 r = run_generation(model, sample, args.max_new_tokens, device)
             trace = model.last_pruning_trace()  # the method's own run, not the oracle's
-            if not args.no_oracle and not rep % 2:
+            if timed_oracle and not rep % 2:
                 o = oracle_prefill(model, sample, device)
+            if not args.no_oracle and method == "none":
+                o = r
             if rep >= args.warmup:
                 runs.append(r)
                 peaks.append(pm.peak)
@@ -497,12 +518,13 @@ def measure(model, samples, method, budget, args, device, base_plan_kw) -> dict:
         "layer": plan.layer,
         "avg_vision_tokens": trace.average_vision_tokens if trace else plan.average,
         "prefill_s": _median([r["prefill_s"] for r in runs]),
-        "oracle_prefill_s": _median(oracle),
+        "oracle_prefill_s": _median([o["prefill_s"] for o in oracle]),
         "total_s": _median([r["total_s"] for r in runs]),
         "decode_ms_per_token": 1e3 * _median([r["decode_s"] for r in runs]) / max(args.max_new_tokens - 1, 1),
         "max_new_tokens": args.max_new_tokens,
         "prefill_runs_s": [r["prefill_s"] for r in runs],
-        "oracle_runs_s": oracle,
+        "oracle_runs_s": [o["prefill_s"] for o in oracle],
+        "min_cpu_share": _min_share(runs + oracle),
         "kv_cache_mb_measured": max(kv) / MIB,
         "kv_cache_bytes_measured": max(kv),
         "peak_mem_mb": _median(peaks) / MIB,
@@ -528,6 +550,9 @@ def markdown(rows: list[dict]) -> str:
     head = ["Method", "T", "R1/R2@k", "avg tok", "TFLOPs", "ratio", "KV MiB", "ratio"]
     if measured:
         head += ["Prefill s", "speedup", "Oracle s", "oracle speedup", "pruned/oracle", "Total s", "Decode ms/tok", "Peak MiB"]
+    shares = measured and any(r.get("min_cpu_share") is not None for r in rows)
+    if shares:
+        head += ["min CPU share"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         plan = f"{r['r1']}" + (f"/{r['r2']}@{r['layer']}" if r.get("layer") is not None else "")
@@ -544,6 +569,8 @@ def markdown(rows: list[dict]) -> str:
                 _fmt(r["prefill_s"] / o if o else None, ".3f"), _fmt(r["total_s"], ".3f"),
                 _fmt(r["decode_ms_per_token"], ".1f"), _fmt(r["peak_mem_mb"], ".0f"),
             ]  # fmt: skip
+            if shares:
+                cells.append(_fmt(r.get("min_cpu_share"), ".2f"))
         lines.append("| " + " | ".join(cells) + " |")
     breakdowns = [r for r in rows if r.get("breakdown")]
     if breakdowns:
@@ -693,6 +720,12 @@ def main(argv=None) -> list[dict]:
         rows.append(row)
         print(f"[efficiency] {m} T={b}: prefill {row['prefill_s']:.3f}s oracle {_fmt(row['oracle_prefill_s'], '.3f')}s "
               f"({time.perf_counter() - t:.0f}s)", file=sys.stderr)  # fmt: skip
+    starved = [f"{r['method']} T={r['budget']}: {r['min_cpu_share']:.2f}" for r in rows
+               if r.get("min_cpu_share") is not None and r["min_cpu_share"] < CPU_SHARE_WARN]  # fmt: skip
+    if starved:
+        print(f"[efficiency] WARNING: other processes took the CPU during timed runs (lowest CPU share {'; '.join(starved)}, "
+              f"below {CPU_SHARE_WARN}); these times are not comparable: rerun on a quiet machine (see cpu_share)",
+              file=sys.stderr)  # fmt: skip
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_bytes("VmHWM")
     if device.type != "cuda":
         print(f"[efficiency] process peak RSS since last reset: {peak / 2**30:.2f} GiB; see docs/efficiency.md", file=sys.stderr)

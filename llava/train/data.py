@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
 from ..conversation import SeparatorStyle, get_conv_template
-from ..mm_utils import image_inputs, load_image, process_images
+from ..mm_utils import image_inputs, load_image
 
 logger = logging.getLogger(__name__)
 ROLES = {"human": 0, "gpt": 1}
@@ -194,6 +194,7 @@ class RecordFilter:
 
 
 MISSING = "missing"
+MAX_LISTED = 10  # bad images named in the error; the counts cover all of them
 
 
 class BadImagesError(FileNotFoundError, ValueError):
@@ -259,12 +260,21 @@ def place_image_token(turns: list[dict]) -> list[dict]:
 def build_conversation(turns: list[dict], conv_mode: str) -> tuple[str, list[tuple[int, int]]]:
     """The prompt string of the template and the character spans the model is trained to produce.
 
-    Each assistant span runs from right after ``"ASSISTANT:"`` to the end of its ``</s>``, as in upstream
-    LLaVA's ``preprocess_v1`` (the answer and its end-of-turn token are supervised, nothing else).
+    * ``vicuna_v1`` (``SeparatorStyle.TWO``): each assistant span runs from right after ``"ASSISTANT:"`` to the end
+      of its ``</s>``, as in upstream LLaVA's ``preprocess_v1`` (the answer and its end-of-turn token are
+      supervised, nothing else).
+    * ``qwen2_5_vl`` (ChatML, ``SeparatorStyle.CHATML``): each assistant span is the answer and its ``<|im_end|>``,
+      after ``<|im_start|>assistant\n``; the role header, the ``\n`` after ``<|im_end|>``, the system and user turns
+      are not supervised. ``<|im_end|>`` is the Instruct models' end of turn, so the answer and its stop are learnt,
+      as with ``</s>`` above. The text is the template's own ``get_prompt()``, so the image sits in
+      ``<|vision_start|><image><|vision_end|>`` exactly as at inference.
     """
     conv = get_conv_template(conv_mode)
+    if conv.sep_style is SeparatorStyle.CHATML:
+        return _build_chatml(conv, turns)
     if conv.sep_style is not SeparatorStyle.TWO:
-        raise ValueError(f"conversation template {conv_mode!r} is not a chat template; use 'v1' (vicuna_v1)")
+        raise ValueError(f"conversation template {conv_mode!r} is not a chat template; use 'v1' (vicuna_v1) or "
+                         "'qwen2_5_vl'")  # fmt: skip
     seps = (conv.sep, conv.sep2)
     text, spans = conv.system + seps[0], []
     for i, turn in enumerate(turns):
@@ -276,6 +286,23 @@ def build_conversation(turns: list[dict], conv_mode: str) -> tuple[str, list[tup
             spans.append((start, start + len(body)))
         text += head + body
     assert text == conv.get_prompt(), "build_conversation is out of sync with Conversation.get_prompt"
+    return text, spans
+
+
+def _build_chatml(conv, turns: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """ChatML: the prompt grows one ``<|im_start|>role\nmsg<|im_end|>\n`` turn at a time (the template renders
+    each turn); an assistant turn's span is ``msg<|im_end|>``."""
+    text, spans = conv.get_prompt(), []
+    for turn in turns:
+        role = conv.roles[ROLES[turn["from"]]]
+        conv.append_message(role, turn["value"])
+        grown = conv.get_prompt()
+        head, tail = f"<|im_start|>{role}\n", f"{conv.sep2}\n"
+        if not (grown.startswith(text) and grown[len(text) :].startswith(head) and grown.endswith(tail)):
+            raise AssertionError("build_conversation is out of sync with the ChatML Conversation.get_prompt")
+        if ROLES[turn["from"]] == 1:
+            spans.append((len(text) + len(head), len(grown) - 1))  # the answer and <|im_end|>, not the "\n"
+        text = grown
     return text, spans
 
 
@@ -366,8 +393,12 @@ class LazySupervisedDataset(Dataset):
         self.num_missing = sum(reason == MISSING for reason in bad.values())
         self.num_unreadable = self.num_skipped - self.num_missing
         if bad and not skip_missing_images:
+            items = list(bad.items())
             listed = "; ".join(f"sample {_sample_id(entries[i], i)}: entry {i}, {paths[i]}: {reason}"
-                               for i, reason in bad.items())  # fmt: skip
+                               for i, reason in items[:MAX_LISTED])  # fmt: skip
+            if len(items) > MAX_LISTED:
+                listed += f"; ... and {len(items) - MAX_LISTED} more (all {len(items)} missing: is --image_folder right?)" \
+                    if self.num_missing == len(items) else f"; ... and {len(items) - MAX_LISTED} more"
             raise BadImagesError(
                 f"{len(bad)} of {len(selected)} selected samples have an image under --image_folder "
                 f"{self.image_folder} that is missing ({self.num_missing}) or cannot be decoded "
@@ -390,8 +421,9 @@ class LazySupervisedDataset(Dataset):
         self.conv_mode = conv_mode
         self.model_max_length = model_max_length
         self.model_config = model_config
-        # LLaVA-NeXT: N_i depends on the image size (model.image_token_counts); LLaVA-1.5: a fixed num_image_tokens
-        self.image_token_counts = image_token_counts if getattr(model_config, "model_type", None) == "llava_next" else None
+        # N_i from the image's layout (model.image_token_counts) where the family has one (LLaVA-NeXT's image_sizes,
+        # Qwen2.5-VL's image_grid_thw); LLaVA-1.5: the fixed num_image_tokens
+        self.image_token_counts = image_token_counts
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -413,9 +445,10 @@ class LazySupervisedDataset(Dataset):
                 image = load_image(self.image_folder / entry["image"])
             except (FileNotFoundError, ValueError) as err:
                 raise type(err)(f"sample {sid}: {err}") from None
-            if self.image_token_counts is not None:  # anyres: [crops_i, 3, H, W] + image_sizes [2]
-                vision = image_inputs([image], self.image_processor, self.model_config)
-                num_image_tokens = self.image_token_counts(vision["image_sizes"])[0]
+            vision = image_inputs([image], self.image_processor, self.model_config)
+            layout = next((k for k in LAYOUT_KEYS if k in vision), None)
+            if layout is not None and self.image_token_counts is not None:
+                num_image_tokens = self.image_token_counts(vision[layout])[0]
         ids, labels = tokenize_conversation(text, spans, self.tokenizer, num_image_tokens, self.image_token_id)
         if len(ids) > self.model_max_length:
             ids, labels = ids[: self.model_max_length], labels[: self.model_max_length]
@@ -426,15 +459,22 @@ class LazySupervisedDataset(Dataset):
                 )
         item = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "id": sid}
         if vision is not None:
-            item["pixel_values"], item["image_sizes"] = vision["pixel_values"][0], vision["image_sizes"][0]
-        elif has_image:
-            item["pixel_values"] = process_images([image], self.image_processor, self.model_config)[0]
+            packed = PACKED_LAYOUT in vision  # Qwen2.5-VL: the image's patches [P_i, C*T*p*p], not a batch of one
+            item["pixel_values"] = vision["pixel_values"] if packed else vision["pixel_values"][0]
+            item.update({k: vision[k][0] for k in LAYOUT_KEYS if k in vision})  # image_sizes [2] / image_grid_thw [3]
         return item
+
+
+PACKED_LAYOUT = "image_grid_thw"  # Qwen2.5-VL: the images' patches are concatenated, their grids say where each ends
+LAYOUT_KEYS = ("image_sizes", PACKED_LAYOUT)  # what a family counts N_i from, batched beside pixel_values
 
 
 @dataclass
 class DataCollatorForSupervisedDataset:
-    """Right-pads ``input_ids``/``labels``; stacks the images of the samples that have one, in batch order."""
+    """Right-pads ``input_ids``/``labels``; batches the images of the samples that have one, in batch order:
+    stacked ``[B_img, 3, H, W]`` (LLaVA-1.5), crops padded to ``[B_img, max crops, 3, H, W]`` + ``image_sizes``
+    (LLaVA-NeXT), patches concatenated to ``[Σ P_i, C*T*p*p]`` + ``image_grid_thw`` ``[B_img, 3]`` (Qwen2.5-VL, as its
+    processor batches them)."""
 
     pad_token_id: int
 
@@ -448,7 +488,10 @@ class DataCollatorForSupervisedDataset:
             input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = item["input_ids"], item["labels"], 1
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
         images = [item["pixel_values"] for item in items if "pixel_values" in item]
-        if images and "image_sizes" in next(item for item in items if "pixel_values" in item):
+        if images and PACKED_LAYOUT in next(item for item in items if "pixel_values" in item):
+            batch["pixel_values"] = torch.cat(images)
+            batch[PACKED_LAYOUT] = torch.stack([item[PACKED_LAYOUT] for item in items if "pixel_values" in item])
+        elif images and "image_sizes" in next(item for item in items if "pixel_values" in item):
             # LLaVA-NeXT: pad the crops to the batch max with zeros, as HF's processor does ([B, max crops, 3, H, W])
             crops = max(len(x) for x in images)
             batch["pixel_values"] = torch.stack([torch.cat([x, x.new_zeros(crops - len(x), *x.shape[1:])]) for x in images])

@@ -1,4 +1,4 @@
-"""Train LearnPruner's Learnable Pruning Module on a frozen LLaVA (paper §3, Appendix A.1).
+"""Train LearnPruner's Learnable Pruning Module on a frozen LLaVA, LLaVA-NeXT or Qwen2.5-VL (paper §3, Appendix A.1).
 
     deepspeed llava/train/train_lpm.py --deepspeed scripts/zero2.json \\
         --model_name_or_path ./checkpoints/llava-v1.5-7b --version v1 \\
@@ -6,7 +6,8 @@
         --data_fraction 0.1 --output_dir ./checkpoints/llava-v1.5-7b-lpm --bf16 True ...
 
 (also ``torchrun llava/train/train_lpm.py ...`` or ``python -m llava.train.train_lpm ...``; see
-``scripts/v1_5/finetune_lpm.sh`` and ``docs/training.md``). Only the LPM trains; checkpoints and the
+``scripts/v1_5/finetune_lpm.sh`` and ``docs/training.md``; a Qwen2.5-VL base takes ``--version qwen2_5_vl``, which
+the script picks from its config). Only the LPM trains; checkpoints and the
 final output hold only the LPM, loadable with ``python -m llava.eval.run_llava --lpm-path OUTPUT_DIR``.
 ``--question_types`` / ``--exclude_question_types`` / ``--data_sources`` train on a subset
 (:class:`llava.train.data.RecordFilter`; recorded as ``data_filter`` in ``lpm_config.json``).
@@ -33,6 +34,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from learnpruner_ext.adapters import feature_dim
 from learnpruner_ext.lpm import KEEP, LPM_CONFIG, LearnablePruningModule
 from learnpruner_ext.training import LPMTrainingModel
+from llava.conversation import check_conv_mode, get_conv_template
 from llava.model.builder import load_pretrained_model
 from llava.train.data import DataCollatorForSupervisedDataset, LazySupervisedDataset, RecordFilter, check_fraction
 from llava.train.lpm_trainer import RUN_ARGS, LPMTrainer
@@ -44,7 +46,8 @@ logger = logging.getLogger("llava.train.train_lpm")
 class ModelArguments:
     model_name_or_path: str = field(default="./checkpoints/llava-v1.5-7b", metadata={"help": "frozen base LLaVA"})
     model_base: str | None = field(default=None, metadata={"help": "base LLM for projector-only checkpoints"})
-    version: str = field(default="v1", metadata={"help": "conversation template (v1 = vicuna_v1)"})
+    version: str = field(default="v1", metadata={"help": "conversation template (v1 = vicuna_v1; qwen2_5_vl for a "
+                         "Qwen2.5-VL base, its ChatML template)"})  # fmt: skip
 
 
 @dataclass
@@ -157,6 +160,16 @@ def check_changed_args(checkpoint: str, current: dict, allow: bool) -> None:
     )
 
 
+def _check_version(version: str, family: str | None = None) -> None:
+    """The template exists (and is the family's own, for families that need theirs); errors name ``--version``."""
+    try:
+        get_conv_template(version)
+        if family is not None:
+            check_conv_mode(family, version)
+    except ValueError as err:
+        raise ValueError(str(err).replace("--conv-mode", "--version")) from None
+
+
 def _dtype(args: TrainingArguments) -> str:
     return "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
 
@@ -167,6 +180,7 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
     if data_args.data_path is None:
         raise ValueError("--data_path is required")
     LPMTrainingModel.check_objective(args.prune_loss_weight, args.prune_target_ratio)  # before loading 7B weights
+    _check_version(model_args.version)  # an unknown template fails here, before the weights load
     record_filter = RecordFilter(data_args.question_types, data_args.exclude_question_types, data_args.data_sources)
     if record_filter.active():  # a filter that matches nothing stops here, before the weights load
         with open(data_args.data_path) as f:
@@ -182,6 +196,7 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
     tokenizer, vlm, image_processor, _ = load_pretrained_model(
         model_args.model_name_or_path, model_args.model_base, device=device, dtype=_dtype(args)
     )
+    _check_version(model_args.version, vlm.family)  # e.g. a Qwen2.5-VL base needs --version qwen2_5_vl
     tokenizer.model_max_length = args.model_max_length
     data_seed = args.data_seed if args.data_seed is not None else args.seed
     dataset = LazySupervisedDataset(
@@ -198,7 +213,7 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
         skip_missing_images=data_args.skip_missing_images,
         model_config=vlm.config,
         check_images=data_args.check_images,
-        image_token_counts=vlm.image_token_counts,  # used for LLaVA-NeXT only (N_i per image size)
+        image_token_counts=vlm.image_token_counts,  # N_i from the image's layout (LLaVA-NeXT, Qwen2.5-VL)
         record_filter=record_filter,
     )
     skipped = f", {dataset.num_skipped} skipped: image missing or undecodable" if dataset.num_skipped else ""

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Train LearnPruner's Learnable Pruning Module on a frozen LLaVA-1.5-7B (paper Appendix A.1):
+# Train LearnPruner's Learnable Pruning Module on a frozen LLaVA-1.5-7B (paper Appendix A.1), or on a
+# LLaVA-NeXT / Qwen2.5-VL base given as BASE (docs/training.md):
 # 10% of LLaVA-665K, 1 epoch, bf16, DeepSpeed ZeRO-2, L = L_ntp + 1.0 * (kept ratio - 0)^2.
 #
 #   bash scripts/v1_5/finetune_lpm.sh [BASE] [OUTPUT_DIR]
@@ -10,6 +11,7 @@
 #   OUTPUT_DIR      where the LPM is written           (default ./checkpoints/llava-v1.5-7b-lpm)
 # Other environment variables (defaults in brackets):
 #   DATA            [./playground/data/llava_v1_5_mix665k.json]   IMAGES [./playground/data]
+#   CONV_VERSION    conversation template (--version) [qwen2_5_vl for a Qwen2.5-VL base (its config's model_type), else v1]
 #   DATA_FRACTION   [0.1]     DATA_SEED [42]     EPOCHS [1]
 #   LR              [1e-3]    GLOBAL_BATCH [128] PER_DEVICE_BATCH [16]
 #   PRUNE_LOSS_WEIGHT [1.0]   PRUNE_TARGET_RATIO [0.0]   LPM_HIDDEN [512]
@@ -86,6 +88,9 @@ GRAD_ACC=$((GLOBAL_BATCH / (PER_DEVICE_BATCH * NUM_GPUS)))
 for path in "$BASE/config.json" "$DATA"; do
     if [ ! -e "$path" ]; then echo "error: $path not found (see docs/training.md, 'Data and base model')" >&2; exit 1; fi
 done
+if [ -z "${CONV_VERSION:-}" ]; then  # the family's chat template: Qwen2.5-VL's ChatML, else vicuna_v1
+    if grep -Eq '"model_type": *"qwen2_5_vl"' "$BASE/config.json"; then CONV_VERSION=qwen2_5_vl; else CONV_VERSION=v1; fi
+fi
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 FILTER=()
 [ -n "${QUESTION_TYPES:-}" ] && FILTER+=(--question_types "$QUESTION_TYPES")
@@ -101,7 +106,7 @@ esac
 "${LAUNCH[@]}" "$ROOT/llava/train/train_lpm.py" \
     --deepspeed "$DS_CONFIG" \
     --model_name_or_path "$BASE" \
-    --version v1 \
+    --version "$CONV_VERSION" \
     --data_path "$DATA" \
     --image_folder "$IMAGES" \
     --check_images "$CHECK_IMAGES" \

@@ -161,6 +161,9 @@ def test_measured_cli_on_tiny_checkpoint(tiny_hf, capsys):
         for key in ("tflops", "kv_cache_mb", "prefill_s", "oracle_prefill_s", "total_s", "decode_ms_per_token", "peak_mem_mb"):
             assert r[key] is not None and r[key] >= 0, key
         assert r["kv_cache_mb_measured"] == pytest.approx(r["kv_cache_mb"])
+        assert 0 < r["min_cpu_share"] <= 1.5, r["min_cpu_share"]  # process CPU time / (wall x threads), on CPU
+        if r["method"] == "none":  # vanilla is its own oracle: one run, not two
+            assert r["oracle_runs_s"] == r["prefill_runs_s"]
         if r["method"] != "none":
             assert "breakdown" in r
         if r["method"] == "learnpruner":  # every section timed by the core's hooks (no wrapper can go stale)
@@ -191,3 +194,14 @@ def test_oracle_fixed_indices_same_counts(tiny, method, budget):
     assert trace.stage1_index[0].tolist() == list(range(plan.r1))
     if plan.layer is not None:
         assert trace.stage2_index[0].tolist() == list(range(plan.r2))
+
+
+def test_cpu_share_and_starved_warning(capsys):
+    """cpu_share = CPU seconds / (wall seconds x torch threads): 3 CPU-s in 2 s on 2 threads = 0.75 (a quarter of the
+    cores went to other processes); None on GPU; a row's min_cpu_share is its lowest timed run's."""
+    import torch
+
+    threads = torch.get_num_threads()
+    assert eff.cpu_share(1.5 * threads, 2.0, torch.device("cpu")) == pytest.approx(0.75)
+    assert eff.cpu_share(1.0, 1.0, torch.device("cuda")) is None
+    assert eff._min_share([{"prefill_cpu_share": 0.9}, {"prefill_cpu_share": 0.6}, {}]) == 0.6

@@ -204,6 +204,20 @@ def test_bad_images_reported_together_or_skipped(parts, tmp_path, make_dataset, 
     assert ds.fingerprint() != unchecked.fingerprint()
 
 
+def test_many_bad_images_are_counted_not_all_listed(parts, tmp_path, make_dataset):
+    """A wrong --image_folder makes every image missing: the error names the first MAX_LISTED (10) samples, counts
+    the rest (24 samples, every 6th text-only: 20 with images, so "and 10 more") and asks about the folder."""
+    from llava.train.data import MAX_LISTED
+
+    data = make_dataset(tmp_path, num_samples=24)
+    with pytest.raises(BadImagesError) as err:
+        _dataset(parts, data, tmp_path / "wrong_folder")
+    message = str(err.value)
+    assert MAX_LISTED == 10 and message.startswith("20 of 24 selected samples have an image under --image_folder")
+    assert message.count(": missing") == 10 and "; ... and 10 more (all 20 missing: is --image_folder right?)" in message
+    assert "sample img-10:" in message and "sample img-12:" not in message  # img-0..img-11 minus text-5, text-11
+
+
 def test_shared_image_is_decoded_once_and_reported_for_each_sample(parts, tmp_path, make_dataset, monkeypatch):
     data = make_dataset(tmp_path, num_samples=4, text_only_every=0)
     entries = json.loads(data.read_text())
