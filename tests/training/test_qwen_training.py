@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from script_env import free_port, script_env
 import torch
 
 import learnpruner_ext.training.masked_attention as MA
@@ -299,22 +299,13 @@ def test_masked_forward_differs_from_contiguous_positions(tiny_qwen):
 
 
 # -- the training script end to end ------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra):
-    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **extra}  # fmt: skip
 
 
 def _finetune(base, data, out, max_steps, log: Path) -> str:
     """scripts/v1_5/finetune_lpm.sh with a Qwen base (its template picked from config.json), shrunk to a CPU run."""
-    env = _env(
+    env = script_env(
         NUM_GPUS="1", GLOBAL_BATCH="4", PER_DEVICE_BATCH="4", DATA=str(data), IMAGES=str(data.parent / "images"),
-        DATA_FRACTION="1.0", LR="1e-2", LAUNCHER="torchrun", MASTER_PORT=str(_free_port()),
+        DATA_FRACTION="1.0", LR="1e-2", LAUNCHER="torchrun", MASTER_PORT=str(free_port()),
         EXTRA_ARGS=f"--use_cpu True --max_steps {max_steps} --save_steps 2 --lpm_hidden 32 --dataloader_num_workers 0",
     )  # fmt: skip
     proc = subprocess.run(["bash", "scripts/v1_5/finetune_lpm.sh", str(base), str(out)], cwd=REPO, env=env,
@@ -348,7 +339,7 @@ def test_finetune_script_resumes_and_run_llava_uses_the_lpm(tiny_qwen_dir, qwen_
            "--query", "What color is the object?", "--conv-mode", "qwen2_5_vl", "--position-mode", "original",
            "--pruning-method", "learnpruner", "--visual-token-budget", "2", "--lpm-path", str(out),
            "--max_new_tokens", "3", "--json"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["method"] == "learnpruner" and isinstance(result["answer"], str) and "UNTRAINED" not in proc.stderr

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from script_env import free_port, script_env
 import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
@@ -33,19 +32,10 @@ def _losses(trainer):
     return [h for h in trainer.state.log_history if "loss" in h]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra):
-    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONPATH": str(REPO), **extra}  # fmt: skip
 
 
 def _run(cmd, log: Path, env=None, timeout=420):
-    proc = subprocess.run(cmd, cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env=env or script_env(), capture_output=True, text=True, timeout=timeout)
     log.write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, f"{cmd[0]} failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
     return proc.stdout + proc.stderr
@@ -53,9 +43,9 @@ def _run(cmd, log: Path, env=None, timeout=420):
 
 def _finetune_script(tiny_model, dataset, out, max_steps, launcher, log):
     """scripts/v1_5/finetune_lpm.sh as documented (ZeRO-2, bf16, checkpointing), shrunk to a tiny CPU run."""
-    env = _env(
+    env = script_env(
         NUM_GPUS="1", GLOBAL_BATCH="4", PER_DEVICE_BATCH="4", DATA=str(dataset), IMAGES=str(dataset.parent / "images"),
-        DATA_FRACTION="1.0", LR="1e-2", LAUNCHER=launcher, MASTER_PORT=str(_free_port()),
+        DATA_FRACTION="1.0", LR="1e-2", LAUNCHER=launcher, MASTER_PORT=str(free_port()),
         EXTRA_ARGS=f"--use_cpu True --max_steps {max_steps} --save_steps 2 --lpm_hidden 64 --dataloader_num_workers 0 "
         "--lpm_init_keep_bias 1.0",
     )  # fmt: skip
@@ -92,7 +82,7 @@ def test_deepspeed_zero2_script_resume_and_run_llava(tiny_model, dataset, tmp_pa
     cmd = [sys.executable, "-m", "llava.eval.run_llava", "--model-path", str(tiny_model), "--image-file", str(image),
            "--query", "What color is the object?", "--pruning-method", "learnpruner", "--visual-token-budget", "4",
            "--lpm-path", str(out), "--max_new_tokens", "3", "--json"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["method"] == "learnpruner" and result["r1"] < 16 and result["average_vision_tokens"] == 4.0
