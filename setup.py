@@ -22,6 +22,7 @@ EXTRAS = {
     "train": ["deepspeed==0.19.8", "accelerate==1.15.0"],
     "demo": ["gradio==6.31.0", "gradio_client==2.7.2"],
     "eval": ["openpyxl==3.1.5"],  # MMBench submission .xlsx
+    "video": ["av==18.1.0"],  # PyAV: video decoding (llava.video), Video-LLaVA inputs and the toy video clips
     "test": ["pytest==9.2.0", "playwright==1.65.2"],
     "gpu": ["flash-attn>=2.6"],  # GPU machines only; never installed by setup_env.sh on CPU
     # lmms-eval's runtime dependencies (checked for LMMS_EVAL below); lmms-eval itself is installed --no-deps by

@@ -17,6 +17,8 @@ POSITION_MODES = ("contiguous", "original")
 # "absolute" keeps T per image (the default: what LearnPruner's Table 5 NeXT rows imply, docs/efficiency.md);
 # "scaled" keeps the same share, T * N_i / N (the tables' nominal "reduction ratio" 1 - T/N read per image).
 BUDGET_SCOPES = ("absolute", "scaled")
+# the vision stage on a video: rank all frames' candidates together, or each frame as an image with its own plan
+VIDEO_STAGE1_MODES = ("joint", "per_frame")
 
 
 class BudgetError(ValueError):
@@ -39,6 +41,8 @@ class PruningConfig:
             models whose images all have ``N`` tokens (LLaVA-1.5).
         position_mode: ``"contiguous"`` (kept tokens get consecutive positions, as upstream LLaVA builds
             sequences) or ``"original"`` (every token keeps its unpruned position).
+        video_stage1: the vision stage on videos (Video-LLaVA): ``"joint"`` (default; top-R1 over all frames'
+            candidates) or ``"per_frame"`` (each frame an image with R1/F of the plan). Images ignore it.
         lpm_path: trained LPM (folder with ``lpm.safetensors`` + ``lpm_config.json``), LearnPruner only.
         seed: seed for stochastic methods (``random``).
         options: method hyper-parameters, e.g. ``{"important_ratio": 0.5}`` for VisPruner.
@@ -57,6 +61,8 @@ class PruningConfig:
     diversity: float = field(default=0.1, metadata={"flag": "--diversity-ratio", "help": "LearnPruner's lambda"})
     position_mode: str = field(default="contiguous", metadata={
         "flag": "--position-mode", "choices": POSITION_MODES, "help": "positions of the kept vision tokens"})
+    video_stage1: str = field(default="joint", metadata={
+        "flag": "--video-stage1", "choices": VIDEO_STAGE1_MODES, "help": "vision stage on videos: all frames together or per frame"})
     lpm_path: str | None = field(default=None, metadata={"flag": "--lpm-path", "help": "trained LPM folder (LearnPruner)"})
     seed: int = field(default=0, metadata={"flag": "--pruning-seed", "help": "seed of stochastic methods (random)"})
     options: dict[str, Any] = field(default_factory=dict, metadata={
@@ -81,6 +87,8 @@ class PruningConfig:
                              "pass e.g. --diversity-ratio 0.1")
         if self.budget_scope not in BUDGET_SCOPES:
             raise ValueError(f"budget_scope must be one of {BUDGET_SCOPES}, got {self.budget_scope!r}")
+        if self.video_stage1 not in VIDEO_STAGE1_MODES:
+            raise ValueError(f"video_stage1 must be one of {VIDEO_STAGE1_MODES}, got {self.video_stage1!r}")
         if self.position_mode not in POSITION_MODES:
             raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {self.position_mode!r}")
 

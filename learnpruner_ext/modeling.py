@@ -39,6 +39,14 @@ from transformers.models.llava_next.modeling_llava_next import (
     LlavaNextMultiModalProjector,
     LlavaNextPreTrainedModel,
 )
+from transformers.models.video_llava.modeling_video_llava import (
+    VideoLlavaConfig,
+    VideoLlavaForConditionalGeneration,
+    VideoLlavaModel,
+    VideoLlavaModelOutputWithPast,
+    VideoLlavaMultiModalProjector,
+    VideoLlavaPreTrainedModel,
+)
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
     Qwen2_5_VLConfig,
@@ -159,9 +167,13 @@ class PrunableVLMMixin:
     def encode_images(self, pixel_values: torch.Tensor, image_sizes=None):
         """-> (tokens [B_img, R1, D], slot index [B_img, R1] (-1: padding), is_diverse or None, N_i [B_img],
         M_i [B_img] candidates)."""
-        results = {}
         with section(self.stage_timer, "vision_tower"):
             groups = self.adapter.image_groups(self, pixel_values, image_sizes)
+        return self._encode_groups(groups)
+
+    def _encode_groups(self, groups: list[ImageGroup]):
+        """The vision stage over the adapter's groups -> the rows of :meth:`encode_images`, in image order."""
+        results = {}
         for group in groups:
             tokens, index, diverse = self._select_group(group)
             for j, image in enumerate(group.images):
@@ -177,23 +189,27 @@ class PrunableVLMMixin:
         candidates = torch.tensor([r[4] for r in rows], device=index.device)
         return tokens, index, diverse, counts, candidates
 
-    def _select_group(self, group: ImageGroup):
-        """The method's choice for one image group -> (tokens [G, R, D], slots [G, R], is_diverse or None)."""
+    def _select_group(self, group: ImageGroup, plan: TokenPlan | None = None):
+        """The method's choice for one image group -> (tokens [G, R, D], slots [G, R], is_diverse or None);
+        ``plan`` overrides the pruner's ``plan_for(N_i)`` (the frames of a per-frame video stage)."""
         batch, n = group.features.shape[0], group.num_tokens
-        all_slots = torch.arange(n, device=group.features.device).expand(batch, -1)
         pruner, timer = self.pruner, self.stage_timer
 
         def project(features):
             with section(timer, "projector"):
                 return group.project(features)
 
-        if pruner is None or "vision" not in pruner.acts_at or pruner.plan_for(n).r1 >= n:
+        if pruner is None or "vision" not in pruner.acts_at or (plan or pruner.plan_for(n)).r1 >= n:
             with section(timer, "projector"):
-                return group.full_tokens(), all_slots, None
-        plan = pruner.plan_for(n)
+                full = group.full_tokens()
+            slots = group.slots if plan is not None else torch.arange(n, device=full.device).expand(batch, -1)
+            return full, slots, None
+        plan = plan or pruner.plan_for(n)
         candidates = group.features.shape[1]
-        if candidates != n:  # newline slots are not candidates: choose among the M patch slots
+        if candidates != n:  # newline / [CLS] slots are not candidates: choose among the M patch slots
             plan = replace(plan, num_vision_tokens=candidates, r1=min(plan.r1, candidates))
+        if group.frames > 1 and pruner.config.video_stage1 == "per_frame":
+            return self._select_frames(group, plan)
         projected = {}  # project all candidates lazily: only methods that read projected features pay for it
         if group.projected is not None:  # the tower already projected every candidate
             projected["all"] = group.projected
@@ -221,6 +237,46 @@ class PrunableVLMMixin:
         else:
             tokens = project(gather_seq(group.features, index))
         return tokens, torch.where(selection.index >= 0, group.slots.gather(1, index), -1), selection.is_diverse
+
+    def _select_frames(self, group: ImageGroup, plan: TokenPlan):
+        """The per-frame vision stage of a video group: each frame is an image with its share of ``plan.r1``
+        (``r1 // F``, the first ``r1 % F`` frames one more) -> the rows of :meth:`_select_group`, frame by frame."""
+        videos, frames = group.features.shape[0], group.frames
+        p = group.features.shape[1] // frames
+
+        def per_frame(x, rows):  # [G, F*P, ...] -> [len(rows), P, ...] for rows = video * F + frame
+            return x.reshape(videos * frames, p, *x.shape[2:])[rows]
+
+        shares = [plan.r1 // frames + (f < plan.r1 % frames) for f in range(frames)]
+        picked = {}  # (video, frame) -> (tokens [r, D], slots [r], is_diverse [r] or None)
+        for share in sorted(set(shares)):
+            chosen = [f for f in range(frames) if shares[f] == share]
+            rows = (torch.arange(videos)[:, None] * frames + torch.tensor(chosen)).flatten().to(group.features.device)
+            cache = {}
+
+            def signal(name, rows=rows, cache=cache):
+                if name not in cache:
+                    cache[name] = per_frame(getattr(group, name)(), rows)
+                return cache[name]
+
+            sub = replace(
+                group, images=rows.tolist(), num_tokens=p, features=per_frame(group.features, rows),
+                slots=per_frame(group.slots[..., None], rows)[..., 0], cls_token=group.frame_cls.flatten(0, 1)[rows],
+                importance=lambda signal=signal: signal("importance"), key_states=lambda signal=signal: signal("key_states"),
+                full_tokens=lambda rows=rows: group.project(per_frame(group.features, rows)), frames=1, frame_cls=None,
+                projected=None if group.projected is None else per_frame(group.projected, rows),
+            )  # fmt: skip
+            tokens, slots, diverse = self._select_group(sub, replace(plan, num_vision_tokens=p, r1=share))
+            for j, row in enumerate(rows.tolist()):
+                picked[divmod(row, frames)] = (tokens[j], slots[j], torch.zeros_like(slots[j], dtype=torch.bool)
+                                               if diverse is None else diverse[j])  # fmt: skip
+        rows = []
+        for v in range(videos):  # each video's kept tokens, frame by frame, empty slots (-1) left out
+            parts = [picked[v, f] for f in range(frames)]
+            valid = [part[1] >= 0 for part in parts]
+            rows.append([torch.cat([part[k][ok] for part, ok in zip(parts, valid)]) for k in range(3)])
+        diverse = right_pad([r[2] for r in rows], False)
+        return right_pad([r[0] for r in rows], 0.0), right_pad([r[1] for r in rows], -1), diverse if diverse.any() else None
 
     # -- forward ---------------------------------------------------------------------------------
     def set_pruner(self, pruner: PruningMethod | None) -> None:
@@ -258,7 +314,7 @@ class PrunableVLMMixin:
         if vision is not None:
             if input_ids is None:
                 raise ValueError("pass input_ids with pixel_values: image placeholders are found by token id")
-            image_mask = input_ids == self.config.image_token_id
+            image_mask = self._placeholder_mask(input_ids)
             image_tokens, index, diverse = vision.pooler_output, vision.patch_index, vision.is_diverse
             counts = vision.num_tokens.tolist()
             with_image = self._check_placeholders(image_mask, counts)
@@ -302,6 +358,10 @@ class PrunableVLMMixin:
             attentions=outputs.attentions,
             image_hidden_states=image_tokens,
         )
+
+    def _placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, S] bool, the vision placeholders (``<image>``; Video-LLaVA: ``<image>`` or ``<video>``)."""
+        return input_ids == self.config.image_token_id
 
     def _image_plan(self, image: int, vision: VisionStageOutput) -> TokenPlan:
         """The pruner's plan of one image: ``plan_for(N_i)``, capped at its M_i candidates (``candidate_plan``)."""
@@ -512,6 +572,86 @@ class PrunableQwen2_5_VLModel(PrunableVLMMixin, Qwen2_5_VLModel):
         )  # fmt: skip
 
 
+class PrunableVideoLlavaModel(PrunableVLMMixin, VideoLlavaModel):
+    """``VideoLlavaModel`` with the same two stages over images (``image_tower``) and videos (``video_tower``,
+    F x 257 tokens each, :mod:`learnpruner_ext.adapters.video_llava`). A prompt holds one image or one video; a
+    batch may mix both, and the decoder stage sees both placeholder kinds as vision tokens."""
+
+    def __init__(self, config: VideoLlavaConfig):
+        VideoLlavaPreTrainedModel.__init__(self, config)
+        self._check_llm(config)
+        self.video_tower = AutoModel.from_config(config.vision_config)
+        self.image_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = VideoLlavaMultiModalProjector(config)
+        self.vocab_size = config.text_config.vocab_size
+        self.language_model = PrunableLlamaModel(config.text_config)
+        self._init_pruning()
+        self.post_init()
+
+    def video_token_counts(self, num_frames: list[int]) -> list[int]:
+        """N_i, the ``<video>`` placeholders of each video of ``num_frames[i]`` frames."""
+        return self.adapter.video_token_counts(self, num_frames)
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor, **kwargs) -> VisionStageOutput:
+        """The vision stage on videos [B, F, 3, H, W]; ``generate()`` calls it before prefill, as for images."""
+        with section(self.stage_timer, "vision_tower"):
+            groups = self.adapter.video_groups(self, pixel_values_videos)
+        tokens, index, diverse, counts, candidates = self._encode_groups(groups)
+        return VisionStageOutput(pooler_output=tokens, patch_index=index, is_diverse=diverse, num_tokens=counts,
+                                 num_candidates=candidates)  # fmt: skip
+
+    def _placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
+
+    def forward(self, input_ids=None, pixel_values=None, pixel_values_videos=None, mm_encoder_outputs=None, **kwargs):
+        outputs = dict(mm_encoder_outputs or {})
+        if pixel_values is not None and outputs.get("image") is None:
+            outputs["image"] = self.get_image_features(pixel_values)
+        if pixel_values_videos is not None and outputs.get("video") is None:
+            outputs["video"] = self.get_video_features(pixel_values_videos)
+        vision = None
+        if outputs.get("image") is not None or outputs.get("video") is not None:
+            if input_ids is None:
+                raise ValueError("pass input_ids with pixel_values/pixel_values_videos: placeholders are found by token id")
+            vision = _in_prompt_order(outputs.get("image"), outputs.get("video"),
+                                      (input_ids == self.config.video_token_id).any(-1)[self._placeholder_mask(input_ids).any(-1)])  # fmt: skip
+        out = PrunableVLMMixin.forward(self, input_ids=input_ids, mm_encoder_outputs=None if vision is None else {"image": vision},
+                                       **kwargs)  # fmt: skip
+        return VideoLlavaModelOutputWithPast(**out, video_hidden_states=None)  # the pruned tokens are in image_hidden_states
+
+
+def _in_prompt_order(images: VisionStageOutput | None, videos: VisionStageOutput | None,
+                     is_video: torch.Tensor) -> VisionStageOutput:  # fmt: skip
+    """The rows of the image and the video vision outputs interleaved as the prompts hold them (``is_video``
+    [B_vis] bool, one entry per prompt with a placeholder)."""
+    sources = {False: images, True: videos}
+    taken = {False: 0, True: 0}
+    rows = []
+    for kind in is_video.tolist():
+        if sources[kind] is None:
+            raise ValueError(f"a prompt holds <{'video' if kind else 'image'}> placeholders but no "
+                             f"{'pixel_values_videos' if kind else 'pixel_values'} were given")  # fmt: skip
+        rows.append((sources[kind], taken[kind]))
+        taken[kind] += 1
+    for kind, source in sources.items():
+        if source is not None and taken[kind] != len(source.num_tokens):
+            raise ValueError(f"{len(source.num_tokens)} {'videos' if kind else 'images'} for {taken[kind]} prompts "
+                             f"holding <{'video' if kind else 'image'}>; give one per prompt")  # fmt: skip
+    if all(kind == is_video[0].item() for kind in is_video.tolist()):  # one kind: the rows as they are
+        return sources[bool(is_video[0])]
+    device = rows[0][0].patch_index.device
+    diverse = [s.is_diverse[i] if s.is_diverse is not None else torch.zeros_like(s.patch_index[i], dtype=torch.bool)
+               for s, i in rows]  # fmt: skip
+    any_diverse = any(s.is_diverse is not None for s in sources.values() if s is not None)
+    return VisionStageOutput(
+        pooler_output=right_pad([s.pooler_output[i] for s, i in rows], 0.0),
+        patch_index=right_pad([s.patch_index[i] for s, i in rows], -1),
+        is_diverse=right_pad(diverse, False) if any_diverse else None,
+        num_tokens=torch.stack([s.num_tokens[i] for s, i in rows]).to(device),
+        num_candidates=torch.stack([s.num_candidates[i] for s, i in rows]).to(device),
+    )
+
+
 class _PrunableForConditionalGeneration:
     """What both families' generation classes add to transformers' (standard ``generate()`` types): the prunable
     inner model (``_inner_class``) under transformers' own parameter names."""
@@ -567,8 +707,17 @@ class PrunableQwen2_5_VLForConditionalGeneration(_PrunableForConditionalGenerati
     _pretrained_class, _inner_class = Qwen2_5_VLPreTrainedModel, PrunableQwen2_5_VLModel
 
 
+class PrunableVideoLlavaForConditionalGeneration(_PrunableForConditionalGeneration, VideoLlavaForConditionalGeneration):
+    """Drop-in ``VideoLlavaForConditionalGeneration``."""
+
+    _pretrained_class, _inner_class = VideoLlavaPreTrainedModel, PrunableVideoLlavaModel
+
+    def video_token_counts(self, num_frames: list[int]) -> list[int]:
+        return self.model.video_token_counts(num_frames)
+
+
 PRUNABLE_MODELS = (PrunableLlavaForConditionalGeneration, PrunableLlavaNextForConditionalGeneration,
-                   PrunableQwen2_5_VLForConditionalGeneration)  # fmt: skip
+                   PrunableQwen2_5_VLForConditionalGeneration, PrunableVideoLlavaForConditionalGeneration)  # fmt: skip
 
 
 def apply_pruning(model, config: PruningConfig) -> PruningMethod:

@@ -1,6 +1,6 @@
 """Tiny, randomly initialised LLaVA checkpoints for tests and examples (no hub access).
 
-    python -m learnpruner_ext.tiny --out DIR [--family {llava,llava_next,qwen2_5_vl}] --format {hf,llava} [--text-layers N] [--image-size S]
+    python -m learnpruner_ext.tiny --out DIR [--family {llava,llava_next,qwen2_5_vl,video_llava}] --format {hf,llava} [--text-layers N] [--image-size S]
         [--patch-size P] [--seed N] [--weights {safetensors,bin,bin-shards}] [--tower-keys-in-llm]
         [--tower-hub-id ID --hf-cache DIR]
 
@@ -25,6 +25,11 @@ merger, M-RoPE LLM, Qwen2-VL's real image processor (4-24 merged tokens per imag
 size; budgets refer to 24, the config's ``pruning_reference_tokens``) and the tiny tokenizer with Qwen's vision
 tokens added. (``Qwen2_5_VLProcessor`` itself needs torchvision for its video half; the toolkit tokenizes
 prompts itself, as the processor does.)
+
+``--family video_llava`` writes a ``VideoLlavaForConditionalGeneration`` folder: two tiny CLIP towers
+(``image_tower``, ``video_tower``), ``<image>`` and ``<video>`` tokens, 8-frame videos of 8 x (P + 1) tokens
+(8 x 17 = 136 at 56 px; budgets refer to the 8 x 16 = 128 patches), and ``VideoLlavaImageProcessor``, which
+also preprocesses each video frame (transformers' video processor needs torchvision).
 """
 
 from __future__ import annotations
@@ -43,10 +48,10 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlamaTokenizer, LlavaConfig
 from transformers import LlavaNextConfig, LlavaNextImageProcessorPil, LlavaNextProcessor, Qwen2_5_VLConfig
-from transformers import Qwen2VLImageProcessorPil
+from transformers import Qwen2VLImageProcessorPil, VideoLlavaConfig, VideoLlavaImageProcessor
 
 from .modeling import PrunableLlavaForConditionalGeneration, PrunableLlavaNextForConditionalGeneration
-from .modeling import PrunableQwen2_5_VLForConditionalGeneration
+from .modeling import PrunableQwen2_5_VLForConditionalGeneration, PrunableVideoLlavaForConditionalGeneration
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -57,7 +62,9 @@ CLIP_HUB_ID = "openai/clip-vit-large-patch14-336"  # LLaVA-1.5's mm_vision_tower
 SP_VOCAB_SIZE = 511  # + <image> = 512 ids, the size of the older BPE tiny tokenizer
 UPSTREAM_TRANSFORMERS = "4.37.2"  # the version upstream LLaVA (c121f04) pins; written into saved configs
 WEIGHT_LAYOUTS = ("safetensors", "bin", "bin-shards")
-FAMILIES = ("llava", "llava_next", "qwen2_5_vl")
+FAMILIES = ("llava", "llava_next", "qwen2_5_vl", "video_llava")
+VIDEO_TOKEN = "<video>"
+VIDEO_FRAMES = 8  # Video-LLaVA samples 8 frames per video
 QWEN_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>"]
 QWEN_MERGED_PIXELS = 28 * 28  # pixels per merged token: (patch 14 x merge 2)^2
 QWEN_TOKEN_RANGE = (4, 24)  # tiny Qwen: min/max merged tokens per image (the real model's paper input: 1280)
@@ -286,6 +293,36 @@ def build_tiny_qwen_model(seed: int = 0, **geometry):
     return _random_model(PrunableQwen2_5_VLForConditionalGeneration, config, seed), tokenizer, qwen_image_processor()
 
 
+def tiny_video_llava_config(tokenizer: LlamaTokenizer, frames: int = VIDEO_FRAMES, **geometry) -> VideoLlavaConfig:
+    """Video-LLaVA geometry on the tiny tower and LLM: both towers share the CLIP config, as in Video-LLaVA-7B."""
+    base = tiny_configs(tokenizer, **geometry)
+    return VideoLlavaConfig(
+        vision_config=base.vision_config, text_config=base.text_config,
+        image_token_index=base.image_token_id, video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
+        projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_seq_length=base.image_seq_length, video_seq_length=frames * (base.image_seq_length + 1),
+        tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def video_llava_processor(image_size: int) -> VideoLlavaImageProcessor:
+    """Video-LLaVA's image processor (shortest edge, centre crop, CLIP normalisation), used for frames too."""
+    return VideoLlavaImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                                    image_mean=CLIP_MEAN, image_std=CLIP_STD)  # fmt: skip
+
+
+def build_tiny_video_llava_model(seed: int = 0, frames: int = VIDEO_FRAMES, **geometry):
+    """A random tiny Video-LLaVA in memory -> (model, tokenizer with ``<video>``, VideoLlavaImageProcessor)."""
+    tokenizer = build_sp_tokenizer()
+    tokenizer.add_tokens([VIDEO_TOKEN], special_tokens=True)
+    config = tiny_video_llava_config(tokenizer, frames, **geometry)
+    model = _random_model(PrunableVideoLlavaForConditionalGeneration, config, seed)
+    with torch.no_grad():  # <video> rows too, as _random_model does for <image>
+        model.get_input_embeddings().weight[config.video_token_id].zero_()
+        model.lm_head.weight[config.video_token_id].zero_()
+    return model, tokenizer, video_llava_processor(config.vision_config.image_size)
+
+
 def _random_model(model_class, config, seed: int):
     """``model_class(config)`` from ``seed``, with zero ``<image>`` rows in the embedding and the LM head."""
     torch.manual_seed(seed)
@@ -501,6 +538,13 @@ def save_tiny_checkpoint(
         model.save_pretrained(out)
         processor.save_pretrained(out)  # the tokenizer files and the image processor
         return out
+    if family == "video_llava":
+        out = Path(out)
+        model, tokenizer, processor = build_tiny_video_llava_model(seed=seed, **geometry)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        processor.save_pretrained(out)
+        return out
     if family == "qwen2_5_vl":
         out = Path(out)
         text_layers = geometry.pop("text_layers", 4)
@@ -566,6 +610,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.family == "qwen2_5_vl":
         lo, hi = QWEN_TOKEN_RANGE
         print(f"wrote tiny Qwen2.5-VL to {path} ({lo}-{hi} merged vision tokens per image, {args.text_layers} LLM layers)")
+    elif args.family == "video_llava":
+        print(f"wrote tiny Video-LLaVA to {path} ({VIDEO_FRAMES} x {n + 1} tokens per video, {n} per image, "
+              f"{args.text_layers} LLM layers)")
     elif args.family == "llava_next":
         print(f"wrote tiny LLaVA-NeXT to {path} ({n} tokens per crop, {args.text_layers} LLM layers)")
     else:

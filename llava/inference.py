@@ -5,13 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
 from learnpruner_ext.cut import left_pad
 
 from .constants import DEFAULT_IMAGE_TOKEN
 from .conversation import check_conv_mode, get_conv_template
-from .mm_utils import image_inputs, tokenizer_image_token
+from .mm_utils import image_inputs, tokenizer_image_token, video_inputs
 
 
 def build_prompt(question: str, conv_mode: str = "vicuna_v1", with_image: bool = True) -> str:
@@ -46,23 +45,38 @@ def left_padded(ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, 
     return left_pad(rows, pad_token_id), left_pad([torch.ones_like(r) for r in rows], 0)
 
 
-def prepare_batch(model, tokenizer, image_processor, images: list[Image.Image], prompts: list[str]) -> dict:
+def is_video(item) -> bool:
+    """A visual input is an image (``PIL.Image``) or a video: a list of frames (``llava.video.load_video``)."""
+    return isinstance(item, (list, tuple))
+
+
+def prepare_batch(model, tokenizer, image_processor, images: list, prompts: list[str]) -> dict:
     """Left-padded ``input_ids``/``attention_mask`` with each ``<image>`` expanded to its image's N_i placeholders
     (``model.image_token_counts``: N for LLaVA-1.5, the anyres count for LLaVA-NeXT, t*h*w/4 for Qwen2.5-VL), and
-    the vision inputs."""
+    the vision inputs. An item of ``images`` may be a video (a list of frames, Video-LLaVA): its prompt's
+    ``<image>`` marker becomes F x (P + 1) ``<video>`` placeholders."""
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
-    vision = image_inputs(images, image_processor, model.config)
+    stills = [item for item in images if not is_video(item)]
+    videos = [item for item in images if is_video(item)]
+    vision = image_inputs(stills, image_processor, model.config) if stills else {}
     layout = vision.get("image_grid_thw", vision.get("image_sizes"))  # what the family counts N_i from
-    counts = model.image_token_counts(layout, num_images=len(images))
-    ids = [
-        tokenizer_image_token(p, tokenizer, model.config.image_token_id, num_image_tokens=n, expected_images=1)
-        for p, n in zip(prompts, counts)
-    ]
+    still_counts = iter(model.image_token_counts(layout, num_images=len(stills)) if stills else [])
+    if videos:
+        vision.update(video_inputs(videos, image_processor, model.config))
+        video_counts = iter(model.video_token_counts([len(v) for v in videos]))
+    placeholder = {False: model.config.image_token_id, True: getattr(model.config, "video_token_id", None)}
+    ids = []
+    for item, prompt in zip(images, prompts):
+        count = next(video_counts) if is_video(item) else next(still_counts)
+        ids.append(tokenizer_image_token(prompt, tokenizer, placeholder[is_video(item)], num_image_tokens=count,
+                                         expected_images=1))  # fmt: skip
     input_ids, attention_mask = left_padded(ids, tokenizer.pad_token_id)
     dtype = next(model.parameters()).dtype
-    batch = {"input_ids": input_ids.to(model.device), "attention_mask": attention_mask.to(model.device),
-             "pixel_values": vision["pixel_values"].to(model.device, dtype)}  # fmt: skip
+    batch = {"input_ids": input_ids.to(model.device), "attention_mask": attention_mask.to(model.device)}
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in vision:
+            batch[key] = vision[key].to(model.device, dtype)
     for key in ("image_sizes", "image_grid_thw"):
         if key in vision:
             batch[key] = vision[key].to(model.device)
@@ -104,10 +118,10 @@ class GenerationSettings:
 
 @torch.inference_mode()
 def generate_answers(
-    model, tokenizer, image_processor, images: list[Image.Image], questions: list[str],
+    model, tokenizer, image_processor, images: list, questions: list[str],
     conv_mode: str = "vicuna_v1", settings: GenerationSettings | None = None,
 ) -> list[str]:  # fmt: skip
-    """Answer each (image, question) pair; batched greedy decoding equals one-by-one decoding."""
+    """Answer each (image or video, question) pair; batched greedy decoding equals one-by-one decoding."""
     settings = settings or GenerationSettings()
     check_conv_mode(model.family, conv_mode)
     batch = prepare_batch(model, tokenizer, image_processor, images, [build_prompt(q, conv_mode) for q in questions])

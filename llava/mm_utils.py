@@ -67,7 +67,25 @@ def image_inputs(images: list[Image.Image], image_processor, model_cfg=None) -> 
             raise ValueError(f"a LLaVA-NeXT checkpoint needs its anyres image processor, got {type(image_processor).__name__}")
         out = image_processor(images=images, return_tensors="pt")
         return {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}
+    if getattr(model_cfg, "model_type", "llava") == "video_llava":  # Video-LLaVA: its CLIP preprocessing, no padding
+        return {"pixel_values": image_processor(images=images, return_tensors="pt", return_legacy_image_output=False)["pixel_values"]}
     return {"pixel_values": process_images(images, image_processor, model_cfg)}
+
+
+def video_inputs(videos: list[list[Image.Image]], image_processor, model_cfg=None) -> dict[str, torch.Tensor]:
+    """Videos (each a list of F frames, e.g. from ``llava.video.load_video``) -> ``{"pixel_values_videos":
+    [B, F, 3, H, W]}``. Each frame is preprocessed as an image by the checkpoint's ``VideoLlavaImageProcessor``
+    (resize the shortest edge, centre crop, CLIP normalisation: the settings transformers' video processor
+    applies, which needs torchvision)."""
+    if getattr(model_cfg, "model_type", None) != "video_llava":
+        raise ValueError(f"video input needs a Video-LLaVA checkpoint (model_type video_llava), got "
+                         f"{getattr(model_cfg, 'model_type', None)!r}; give an image instead")  # fmt: skip
+    frames = {len(v) for v in videos}
+    if len(frames) != 1 or 0 in frames:
+        raise ValueError(f"every video of a batch needs the same number of frames, got {sorted(len(v) for v in videos)}; "
+                         "sample them with llava.video.load_video(path, num_frames)")  # fmt: skip
+    pixels = [image_inputs(list(v), image_processor, model_cfg)["pixel_values"] for v in videos]  # [F, 3, H, W] each
+    return {"pixel_values_videos": torch.stack(pixels)}
 
 
 def tokenizer_image_token(

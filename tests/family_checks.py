@@ -17,4 +17,5 @@ def assert_batch_equals_singles(model, make_batch, images, questions, generate_k
         assert trace.stage1_index[i][trace.stage1_index[i] >= 0].tolist() == one.stage1_index[0].tolist(), f"image {i}"
         if trace.stage2_index is not None:
             kept2 = trace.stage2_index[i][trace.stage2_index[i] >= 0].tolist()
-            assert kept2 == one.stage2_index[0].tolist(), f"image {i}"
+            alone = one.stage2_index[0] if one.stage2_index is not None else one.stage1_index[0]  # None: kept all
+            assert kept2 == alone.tolist(), f"image {i}"

@@ -27,7 +27,7 @@ def tiny(qwen_ckpt):
 
 
 def _counted(model, sample) -> int:
-    ids = sample.input_ids(model.config.image_token_id)
+    ids = sample.input_ids(model.config)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1, **sample.vision_inputs())
     return counter.get_total_flops()

@@ -44,6 +44,10 @@ class ImageGroup:
     # [G, M, D] the projector's output of every candidate when the tower computes it anyway (Qwen2.5-VL's merger
     # runs inside the ViT); None: projected on demand, only what a method needs
     projected: torch.Tensor | None = None
+    # videos: the candidates are ``frames`` equal consecutive parts, one per frame (a per-frame vision stage treats
+    # each part as an image); ``frame_cls`` [G, frames, Dv] is each frame's [CLS] output
+    frames: int = 1
+    frame_cls: torch.Tensor | None = None
 
 
 def clip_signals(layer: nn.Module, layer_input: torch.Tensor, has_cls: bool, to_image=None):
@@ -95,8 +99,10 @@ def strips_cls(config) -> bool:
 from .llava import LlavaAdapter  # noqa: E402
 from .llava_next import LlavaNextAdapter  # noqa: E402
 from .qwen2_5_vl import Qwen2_5_VLAdapter  # noqa: E402
+from .video_llava import VideoLlavaAdapter  # noqa: E402
 
-ADAPTERS = {"llava": LlavaAdapter, "llava_next": LlavaNextAdapter, "qwen2_5_vl": Qwen2_5_VLAdapter}
+ADAPTERS = {"llava": LlavaAdapter, "llava_next": LlavaNextAdapter, "qwen2_5_vl": Qwen2_5_VLAdapter,
+            "video_llava": VideoLlavaAdapter}  # fmt: skip
 
 
 def adapter_for(config):
@@ -111,4 +117,5 @@ def feature_dim(config) -> int:
     return adapter_for(config).feature_dim(config)
 
 
-__all__ = ["ADAPTERS", "ImageGroup", "LlavaAdapter", "LlavaNextAdapter", "Qwen2_5_VLAdapter", "adapter_for", "feature_dim"]
+__all__ = ["ADAPTERS", "ImageGroup", "LlavaAdapter", "LlavaNextAdapter", "Qwen2_5_VLAdapter", "VideoLlavaAdapter",
+           "adapter_for", "feature_dim"]  # fmt: skip

@@ -12,6 +12,7 @@ from . import ImageGroup, clip_signals, encoder_layers, patch_grid_tokens, strip
 class LlavaAdapter:
     family = "llava"
     provides = ("single_grid",)  # every image is one square grid of N patches
+    tower = "vision_tower"  # the model attribute of the image tower (Video-LLaVA: ``image_tower``)
 
     def reference_tokens(self, config) -> int:
         """N, the tokens of every image (576 for LLaVA-1.5's 336 px CLIP-L/14)."""
@@ -27,16 +28,18 @@ class LlavaAdapter:
 
     def vision_features(self, model, pixel_values: torch.Tensor, image_sizes=None) -> torch.Tensor:
         """[B, N, Dv] the projector's input (what the LPM scores and trains on)."""
-        hidden, idx = tower_hidden_states(model.vision_tower, pixel_values, model.config.vision_feature_layer)
+        tower = getattr(model, self.tower)
+        hidden, idx = tower_hidden_states(tower, pixel_values, model.config.vision_feature_layer)
         return hidden[idx][:, 1:] if strips_cls(model.config) else hidden[idx]
 
     def image_groups(self, model, pixel_values: torch.Tensor, image_sizes=None) -> list[ImageGroup]:
         """One group: every image has N candidates, slot j = patch j."""
         has_cls = strips_cls(model.config)
-        hidden, idx = tower_hidden_states(model.vision_tower, pixel_values, model.config.vision_feature_layer)
+        tower = getattr(model, self.tower)
+        hidden, idx = tower_hidden_states(tower, pixel_values, model.config.vision_feature_layer)
         patches = hidden[idx][:, 1:] if has_cls else hidden[idx]  # [B, N, Dv]
         batch, n = patches.shape[:2]
-        importance, key_states = clip_signals(encoder_layers(model.vision_tower)[idx - 1], hidden[idx - 1], has_cls)
+        importance, key_states = clip_signals(encoder_layers(tower)[idx - 1], hidden[idx - 1], has_cls)
         return [ImageGroup(
             images=list(range(batch)), num_tokens=n, features=patches,
             slots=torch.arange(n, device=patches.device).expand(batch, -1),

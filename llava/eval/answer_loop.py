@@ -44,7 +44,7 @@ from learnpruner_ext import PruningConfig
 from learnpruner_ext.cli import add_pruning_args, pruning_config_from_args, run_main
 from learnpruner_ext.config import budget_notice
 
-from ..inference import GenerationSettings, build_prompt, generate_answers, left_padded
+from ..inference import GenerationSettings, build_prompt, generate_answers, is_video, left_padded
 from ..mm_utils import get_model_name_from_path, load_image, tokenizer_image_token
 from ..model.fingerprint import folder_fingerprint
 from ._io import RUN_KEYS  # the top-level fields of every answer line that name its run (scorers check them too)
@@ -129,6 +129,7 @@ class Task:
     items: list[Item]
     answer_key: Callable[[dict], tuple]
     prompt_settings: dict = field(default_factory=dict)
+    text_key: str = "text"  # the answer line's field for the generated text (Video-LLaVA's layout: "pred")
 
 
 def read_jsonl_questions(path: str, required: Iterable[str]) -> list[tuple[int, dict]]:
@@ -205,7 +206,7 @@ def _describe(identity: dict) -> str:
     return " ".join(f"{k}={identity.get(k)!r}" for k in RUN_KEYS)
 
 
-def read_existing_answers(path: str, identity: dict, answer_key: Callable[[dict], tuple]) -> Counter:
+def read_existing_answers(path: str, identity: dict, answer_key: Callable[[dict], tuple], text_key: str = "text") -> Counter:
     """Keys of the complete answers in ``path`` (a Counter); drops a truncated last line from the file.
 
     Refuses (InputError) a file whose answers come from another model / method / budget / settings,
@@ -225,9 +226,10 @@ def read_existing_answers(path: str, identity: dict, answer_key: Callable[[dict]
             continue
         try:
             rec = json.loads(raw.decode("utf-8"))
-            if not isinstance(rec, dict) or "text" not in rec or "question_id" not in rec:
+            if not isinstance(rec, dict) or text_key not in rec:
                 raise ValueError("not an answer record")
-        except (ValueError, UnicodeDecodeError) as e:
+            key = answer_key(rec)
+        except (ValueError, UnicodeDecodeError, KeyError) as e:
             if last:  # killed mid-write: drop the partial line, its question is answered again
                 print(f"warning: {path}:{lineno}: dropping a truncated last line (interrupted run); it is redone",
                       file=sys.stderr)  # fmt: skip
@@ -237,7 +239,7 @@ def read_existing_answers(path: str, identity: dict, answer_key: Callable[[dict]
                 f"{path}:{lineno}: corrupt answer line ({e}); delete that line (or the file) and run again"
             ) from None
         _check_identity(path, lineno, rec, identity)
-        done[answer_key(rec)] += 1
+        done[key] += 1
         add_newline = last  # complete record, only its newline is missing
     if keep_until < len(data) or add_newline:
         with open(path, "r+b") as f:
@@ -301,11 +303,14 @@ def pending_items(items: list[Item], done: Counter, answer_key: Callable[[dict],
     return pending
 
 
+MAX_LISTED = 5  # missing files named in an error; the count covers all of them
+
+
 def check_images(items: list[Item]) -> None:
     missing = [(item.image, item.where) for item in items if isinstance(item.image, str) and not os.path.isfile(item.image)]
     if missing:
-        listed = "; ".join(f"{path} ({where})" for path, where in missing[:5])
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        listed = "; ".join(f"{path} ({where})" for path, where in missing[:MAX_LISTED])
+        more = f" and {len(missing) - MAX_LISTED} more" if len(missing) > MAX_LISTED else ""
         raise InputError(f"{len(missing)} image file(s) not found: {listed}{more}; check --image-folder")
 
 
@@ -340,7 +345,7 @@ def generate_text_only(model, tokenizer, questions: list[str], conv_mode: str, s
 def _open_image(item: Item):
     try:
         image = item.image() if callable(item.image) else item.image
-        return load_image(image)
+        return image if is_video(image) else load_image(image)
     except (FileNotFoundError, ValueError) as err:
         raise InputError(f"{item.where}: {err}") from None
 
@@ -399,7 +404,7 @@ def answer(
     path = os.path.expanduser(answers_file)
     if os.path.isdir(path) or path.endswith(os.sep):
         raise InputError(f"--answers-file {answers_file} is a folder; give a file path, e.g. {os.path.join(path, 'answers.jsonl')}")
-    done = read_existing_answers(path, identity, task.answer_key)
+    done = read_existing_answers(path, identity, task.answer_key, task.text_key)
     pending = pending_items(task.items, done, task.answer_key, path)
     check_images(pending)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -435,7 +440,7 @@ def answer(
             for item, text, counts in zip(batch, texts, accounting, strict=True):
                 line = {
                     **item.record,
-                    "text": text,
+                    task.text_key: text,
                     "answer_id": uuid.uuid4().hex,
                     "model_id": identity["model_id"],
                     "model_fingerprint": identity["model_fingerprint"],

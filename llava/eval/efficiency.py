@@ -59,6 +59,8 @@ QWEN_DEFAULT_IMAGE_HW = (896, 1120)
 QWEN_MAX_PIXELS = 1280 * 28 * 28
 QWEN_MIN_PIXELS = 56 * 56  # Qwen2-VL's processor default
 QWEN_DEFAULT_BUDGETS = "426,284,142"
+VIDEO_LLAVA_7B = "video-llava-7b"
+VIDEO_DEFAULT_BUDGETS = "456,228"  # LearnPruner Table 3: 22% and 11% of 2048
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -79,17 +81,25 @@ def named_config(name: str):
     }
     if name == QWEN_7B:
         return qwen2_5_vl_7b_config()
-    if name not in sizes:
-        raise ValueError(f"unknown --config-only {name!r}; known: {', '.join([*sizes, QWEN_7B])}")
+    if name not in [*sizes, VIDEO_LLAVA_7B]:
+        raise ValueError(f"unknown --config-only {name!r}; known: {', '.join([*sizes, QWEN_7B, VIDEO_LLAVA_7B])}")
     vision = CLIPVisionConfig(
         hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-        image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+        image_size=224 if name == VIDEO_LLAVA_7B else 336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
     )  # fmt: skip
-    s = sizes[name]
+    s = sizes.get(name, sizes["llava-v1.5-7b"])
     text = LlamaConfig(
         vocab_size=32064, num_key_value_heads=s["num_attention_heads"], max_position_embeddings=4096,
         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, **s,
     )  # fmt: skip
+    if name == VIDEO_LLAVA_7B:  # LanguageBind/Video-LLaVA-7B-hf: LanguageBind CLIP-L/14 224 px towers, 8 x 257 per video
+        from transformers import VideoLlavaConfig
+
+        return VideoLlavaConfig(
+            vision_config=vision, text_config=text, image_token_index=32000, video_token_index=32001,
+            projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+            image_seq_length=256, video_seq_length=2056, tie_word_embeddings=False,
+        )  # fmt: skip
     if name.startswith("llava-v1.6"):
         return LlavaNextConfig(
             vision_config=vision, text_config=text, image_token_id=32000, projector_hidden_act="gelu",
@@ -148,6 +158,11 @@ def qwen_grid(config, image_hw: tuple[int, int] | None = None) -> tuple[int, int
     return 1, h // vc.patch_size, w // vc.patch_size
 
 
+def is_video(config) -> bool:
+    """Video-LLaVA: the benchmark's visual input is one video (F frames, F x (P + 1) tokens)."""
+    return config.model_type == "video_llava"
+
+
 def is_anyres(config) -> bool:
     return getattr(config, "image_grid_pinpoints", None) is not None
 
@@ -165,6 +180,10 @@ def image_geometry(config, image_hw: tuple[int, int] | None = None) -> tuple[int
     if is_qwen(config):
         t, h, w = qwen_grid(config, image_hw)
         return t * h * w // config.vision_config.spatial_merge_size**2, layers, dv, 1
+    if is_video(config):  # the tower runs on every frame; N_i counts each frame's [CLS] row too
+        from learnpruner_ext.adapters.video_llava import video_frames
+
+        return config.video_seq_length, layers, dv, video_frames(config)
     if not is_anyres(config):
         return n, layers, dv, 1
     n_i, crops = anyres_num_vision_tokens(config, *(image_hw or NEXT_DEFAULT_IMAGE_HW))
@@ -176,9 +195,9 @@ def build_random_model(config, device: torch.device, dtype: torch.dtype = torch.
     memory): small normals drawn in place, norms set to 1, biases to 0."""
     from transformers.initialization import no_init_weights
 
-    from learnpruner_ext.modeling import PrunableLlavaForConditionalGeneration, PrunableLlavaNextForConditionalGeneration
+    from llava.model.builder import PRUNABLE_CLASSES
 
-    model_class = PrunableLlavaNextForConditionalGeneration if is_anyres(config) else PrunableLlavaForConditionalGeneration
+    model_class = PRUNABLE_CLASSES[config.model_type]
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -235,6 +254,8 @@ def analytic_row(config, method: str, budget: int | None, text_tokens: int, text
     if is_anyres(config):  # newlines are never vision-stage candidates (learnpruner_ext.config.candidate_plan)
         n_i, _, newlines = anyres_layout(config, *(image_hw or NEXT_DEFAULT_IMAGE_HW))
         plan = candidate_plan(plan, n_i - newlines)
+    elif is_video(config):  # nor are a video's per-frame [CLS] rows
+        plan = candidate_plan(plan, reference_tokens(config))
     tpl = plan.tokens_per_layer
     after = text_tokens - PREFIX_TOKENS if text_after_image is None else text_after_image
     overhead = pruner.overhead_flops(config, text_tokens, after)
@@ -319,13 +340,15 @@ class Sample:
     num_image_tokens: int  # N_i: the image's placeholders (model.image_token_counts)
     image_hw: tuple[int, int] | None = None  # (H, W) the counts follow (LLaVA-NeXT, Qwen2.5-VL)
     extra: dict = field(default_factory=dict)  # the family's other vision inputs (image_sizes, image_grid_thw)
+    is_video: bool = False  # Video-LLaVA: pixel_values are [1, F, 3, H, W] frames behind <video> placeholders
 
-    def input_ids(self, image_token_id: int) -> torch.Tensor:
-        image = torch.full((1, self.num_image_tokens), image_token_id, dtype=torch.long, device=self.prefix.device)
+    def input_ids(self, config) -> torch.Tensor:
+        token = config.video_token_id if self.is_video else config.image_token_id
+        image = torch.full((1, self.num_image_tokens), token, dtype=torch.long, device=self.prefix.device)
         return torch.cat([self.prefix, image, self.suffix], dim=1)
 
     def vision_inputs(self) -> dict:
-        return {"pixel_values": self.pixel_values, **self.extra}
+        return {"pixel_values_videos" if self.is_video else "pixel_values": self.pixel_values, **self.extra}
 
 
 def synthetic_samples(config, num: int, text_tokens: int, device, dtype, seed: int = 0, image_hw=None) -> list[Sample]:
@@ -354,11 +377,14 @@ def synthetic_samples(config, num: int, text_tokens: int, device, dtype, seed: i
             size, hw = config.vision_config.image_size, image_hw or NEXT_DEFAULT_IMAGE_HW
             pix = torch.randn(1, crops, 3, size, size, generator=g)
             extra["image_sizes"] = torch.tensor([hw], device=device)
+        elif is_video(config):
+            size = config.vision_config.image_size
+            pix = torch.randn(1, crops, 3, size, size, generator=g)
         else:
             size = config.vision_config.image_size
             pix = torch.randn(1, 3, size, size, generator=g)
         out.append(Sample(ids[:, :prefix_len].to(device), ids[:, prefix_len:].to(device), pix.to(device, dtype), n_i, hw,
-                          extra))  # fmt: skip
+                          extra, is_video(config)))  # fmt: skip
     return out
 
 
@@ -368,7 +394,7 @@ def checkpoint_samples(model, tokenizer, image_processor, num: int, device, dtyp
     from PIL import Image
 
     from llava.inference import build_prompt
-    from llava.mm_utils import image_inputs, tokenizer_image_token
+    from llava.mm_utils import image_inputs, tokenizer_image_token, video_inputs
 
     h, w = image_hw or (336, 336)
     conv = "qwen2_5_vl" if is_qwen(model.config) else "vicuna_v1"
@@ -379,6 +405,15 @@ def checkpoint_samples(model, tokenizer, image_processor, num: int, device, dtyp
         ids = torch.tensor(ids)[None]
         pos = int((ids[0] == model.config.image_token_id).nonzero()[0])
         g = torch.Generator().manual_seed(i)
+        if is_video(model.config):  # one video of noise frames
+            from learnpruner_ext.adapters.video_llava import video_frames
+
+            frames = video_frames(model.config)
+            clip = [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()) for _ in range(frames)]
+            pixel_values = video_inputs([clip], image_processor, model.config)["pixel_values_videos"]
+            out.append(Sample(ids[:, :pos].to(device), ids[:, pos + 1 :].to(device), pixel_values.to(device, dtype),
+                              model.video_token_counts([frames])[0], is_video=True))  # fmt: skip
+            continue
         pixels = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
         vision = image_inputs([Image.fromarray(pixels)], image_processor, model.config)
         pixel_values = vision.pop("pixel_values")
@@ -398,7 +433,7 @@ def run_generation(model, sample: Sample, max_new_tokens: int, device) -> dict:
     """Prefill (time to first token) then ``max_new_tokens - 1`` greedy decode steps with the KV cache."""
     from transformers import DynamicCache
 
-    ids = sample.input_ids(model.config.image_token_id)
+    ids = sample.input_ids(model.config)
     mask = torch.ones_like(ids)
     cache = DynamicCache(config=model.config.text_config)
     _sync(device)
@@ -590,7 +625,7 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model-path", help="checkpoint folder (HF or original LLaVA format)")
     src.add_argument("--config-only", metavar="NAME", help="architecture only, random weights: llava-v1.5-7b | llava-v1.5-13b | "
-                     f"llava-v1.6-vicuna-7b | {QWEN_7B}")
+                     f"llava-v1.6-vicuna-7b | {QWEN_7B} | {VIDEO_LLAVA_7B}")
     p.add_argument("--model-base", default=None)
     p.add_argument("--methods", default="none,learnpruner", help="comma-separated registered methods")
     p.add_argument("--budgets", default=None,
@@ -655,7 +690,7 @@ def main(argv=None) -> list[dict]:
 
     def budgets_for(config) -> list[int]:
         text = args.budgets or (NEXT_DEFAULT_BUDGETS if is_anyres(config) else QWEN_DEFAULT_BUDGETS if is_qwen(config)
-                                else DEFAULT_BUDGETS)  # fmt: skip
+                                else VIDEO_DEFAULT_BUDGETS if is_video(config) else DEFAULT_BUDGETS)  # fmt: skip
         return [int(b) for b in text.split(",") if b.strip()]
 
     if args.analytic:
@@ -680,6 +715,9 @@ def main(argv=None) -> list[dict]:
             n, _, _, crops = image_geometry(config, hw)
             h, w = hw or NEXT_DEFAULT_IMAGE_HW
             header += f", {h}x{w} image: N_i={n} vision tokens, {crops} crops, budget scope {plan_kw['budget_scope']}"
+        elif is_video(config):
+            n, _, _, frames = image_geometry(config, hw)
+            header += f", one video: {frames} frames, N_i={n} vision tokens ({reference_tokens(config)} patches + {frames} [CLS])"
         elif is_qwen(config):
             n, grid = image_geometry(config, hw)[0], qwen_grid(config, hw)
             h, w = hw or QWEN_DEFAULT_IMAGE_HW

@@ -7,8 +7,8 @@ Unlike `cat`, it refuses (exit 1, one `error:` line naming the file and line):
 - a malformed line (a truncated chunk: re-run the script to resume it);
 - chunks of different runs: the fields ``method``, ``budget``, ``model_id``, ``model_fingerprint`` must agree
   on every line (``_io.check_same_run``);
-- the same question twice: same ``question_id``, ``round_id`` (MMBench) and ``prompt`` (MME and TextVQA
-  reuse question ids across prompts).
+- the same question twice: same ``question_id`` (``id`` in video-QA answers), ``round_id`` (MMBench) and
+  ``prompt`` (MME and TextVQA reuse question ids across prompts).
 Lines are written in chunk order (as JSON, without our bookkeeping); the output appears whole or not at all.
 """
 import argparse
@@ -20,7 +20,8 @@ from llava.eval._io import EvalError, check_same_run, clean, cli, read_jsonl, wh
 
 
 def answer_key(r):
-    return (str(r["question_id"]).strip(), r.get("round_id", 0), r.get("prompt"))
+    """(question id, round, prompt); the id is ``question_id``, or ``id`` in Video-LLaVA's video-QA layout."""
+    return (str(r["question_id"] if "question_id" in r else r["id"]).strip(), r.get("round_id", 0), r.get("prompt"))
 
 
 def merge(chunks):

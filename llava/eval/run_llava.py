@@ -1,7 +1,8 @@
-"""Answer one question about one image, optionally with visual-token pruning.
+"""Answer one question about one image (or one video, Video-LLaVA), optionally with visual-token pruning.
 
     python -m llava.eval.run_llava --model-path P --image-file F --query Q \
         --pruning-method learnpruner --visual-token-budget 64 --lpm-path L [--json]
+    python -m llava.eval.run_llava --model-path VIDEO_LLAVA --video-file F.mp4 [--num-frames 8] --query Q ...
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ from learnpruner_ext.config import budget_notice
 from ..inference import GenerationSettings, build_prompt, generate_answers
 from ..mm_utils import load_image
 from ..model.builder import load_pretrained_model
+from ..constants import VIDEO_FRAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-path", default=None, help="checkpoint folder (default: the built-in toy model)")
     parser.add_argument("--model-base", default=None)
-    parser.add_argument("--image-file", required=True)
+    visual = parser.add_mutually_exclusive_group(required=True)
+    visual.add_argument("--image-file")
+    visual.add_argument("--video-file", help="a video (Video-LLaVA checkpoints): --num-frames frames sampled uniformly")
+    parser.add_argument("--num-frames", type=int, default=VIDEO_FRAMES, help="frames sampled from --video-file")
     parser.add_argument("--query", required=True)
     parser.add_argument("--conv-mode", default="vicuna_v1")
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -42,7 +47,12 @@ def main(argv: list[str] | None = None) -> dict:
     pruning = pruning_config_from_args(args)
     settings = GenerationSettings(args.temperature, args.top_p, args.num_beams, args.max_new_tokens)
     build_prompt(args.query, args.conv_mode)  # an empty query or two <image> fail before the model loads
-    image = load_image(args.image_file)
+    if args.image_file:
+        image = load_image(args.image_file)
+    else:
+        from ..video import load_video  # PyAV, the video extra
+
+        image = load_video(args.video_file, args.num_frames)
     tokenizer, model, processor, _ = load_pretrained_model(
         args.model_path, args.model_base, device=args.device, dtype=args.dtype, pruning=pruning
     )

@@ -21,13 +21,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig
-from transformers import LlavaNextImageProcessorPil, Qwen2VLImageProcessorPil
+from transformers import LlavaNextImageProcessorPil, Qwen2VLImageProcessorPil, VideoLlavaImageProcessor
 from transformers.initialization import no_init_weights
 from transformers.utils import is_torchvision_available
 
 from learnpruner_ext import PruningConfig, apply_pruning
 from learnpruner_ext.modeling import PrunableLlavaForConditionalGeneration, PrunableLlavaNextForConditionalGeneration
-from learnpruner_ext.modeling import PrunableQwen2_5_VLForConditionalGeneration
+from learnpruner_ext.modeling import PrunableQwen2_5_VLForConditionalGeneration, PrunableVideoLlavaForConditionalGeneration
 
 from ..constants import DEFAULT_IMAGE_TOKEN
 from .tokenizer import SlowLlamaTokenizer
@@ -50,14 +50,18 @@ class CheckpointError(ValueError):
     """A checkpoint file that exists but cannot be read (truncated, corrupt, or inconsistent)."""
 
 
+# the prunable model class of each supported transformers ``model_type``
+PRUNABLE_CLASSES = {"llava": PrunableLlavaForConditionalGeneration, "llava_next": PrunableLlavaNextForConditionalGeneration,
+                    "qwen2_5_vl": PrunableQwen2_5_VLForConditionalGeneration,
+                    "video_llava": PrunableVideoLlavaForConditionalGeneration}  # fmt: skip
+
+
 def _hf_model_class(path: Path):
     """The prunable class of an llava-hf folder, by its config's ``model_type``."""
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    classes = {"llava": PrunableLlavaForConditionalGeneration, "llava_next": PrunableLlavaNextForConditionalGeneration,
-               "qwen2_5_vl": PrunableQwen2_5_VLForConditionalGeneration}  # fmt: skip
-    if model_type not in classes:
-        raise ValueError(f"{path}: model_type {model_type!r} is not supported; supported: {', '.join(classes)}")
-    return classes[model_type]
+    if model_type not in PRUNABLE_CLASSES:
+        raise ValueError(f"{path}: model_type {model_type!r} is not supported; supported: {', '.join(PRUNABLE_CLASSES)}")
+    return PRUNABLE_CLASSES[model_type]
 
 
 def image_processor_class():
@@ -343,6 +347,8 @@ def load_pretrained_model(
                                   "file is truncated or corrupt, download it again") from err  # fmt: skip
         if model.config.model_type == "llava_next":
             image_processor = LlavaNextImageProcessorPil.from_pretrained(path)
+        elif model.config.model_type == "video_llava":  # images and video frames (its video processor needs torchvision)
+            image_processor = VideoLlavaImageProcessor.from_pretrained(path)
         elif model.config.model_type == "qwen2_5_vl":  # Qwen2_5_VLProcessor's video half needs torchvision
             image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
         else:

@@ -86,7 +86,7 @@ def tiny():
 
 
 def _prefill(model, sample):
-    ids = sample.input_ids(model.config.image_token_id)
+    ids = sample.input_ids(model.config)
     cache = DynamicCache(config=model.config.text_config)
     with torch.inference_mode():
         model(input_ids=ids, pixel_values=sample.pixel_values, attention_mask=torch.ones_like(ids),

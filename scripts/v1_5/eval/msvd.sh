@@ -1,0 +1,6 @@
+#!/bin/bash
+# MSVD-QA (Video-LLaVA, LearnPruner Table 3): judge accuracy and score. Usage: bash scripts/v1_5/eval/msvd.sh [CKPT] [METHOD] [BUDGET] [LPM]
+CONV_MODE="${CONV_MODE:-llava_v1}"  # Video-LLaVA's run_inference_video_qa.py template
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+BENCH=MSVD VIDEO_SUBDIR=videos
+source "$(dirname "${BASH_SOURCE[0]}")/_video_qa.sh"
