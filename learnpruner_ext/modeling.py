@@ -588,6 +588,11 @@ class PrunableVideoLlavaModel(PrunableVLMMixin, VideoLlavaModel):
         self._init_pruning()
         self.post_init()
 
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholders of an image (P, the image tower's patches); budgets refer to a video's F x P."""
+        return self.image_token_counts(num_images=1)[0]
+
     def video_token_counts(self, num_frames: list[int]) -> list[int]:
         """N_i, the ``<video>`` placeholders of each video of ``num_frames[i]`` frames."""
         return self.adapter.video_token_counts(self, num_frames)

@@ -30,7 +30,11 @@ def merge(chunks):
     if missing:
         raise EvalError(f"chunk file(s) not found: {', '.join(missing)}; did every chunk's generator run? "
                         "Re-run the eval script (it resumes) with the same number of GPUs")
-    records = [r for c in chunks for r in read_jsonl(c, "chunk answers file", allow_empty=True)]
+    records = [r for c in chunks for r in read_jsonl(c, "chunk answers file", required=(), allow_empty=True)]
+    for r in records:  # an image answer {question_id, text} or a video-QA answer {id, pred}
+        if not ({"question_id", "text"} <= r.keys() or {"id", "pred"} <= r.keys()):
+            raise EvalError(f"{where(r)}: line lacks 'question_id' and 'text' (or 'id' and 'pred' of a video-QA "
+                            "answer); is this the right chunk answers file?")
     check_same_run(records)
     seen = {}
     for r in records:

@@ -1,7 +1,9 @@
 """LLaVA instruction data (the LLaVA-665K format) for LPM training.
 
 An entry is ``{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value": str}, ...]}``; ``image``
-is relative to ``image_folder`` and absent for text-only samples. The JSON list is read once; tokenising
+is relative to ``image_folder`` and absent for text-only samples. A Video-LLaVA sample has ``"video"`` (relative
+to the same folder) instead: its frames are sampled uniformly (``llava.video.load_video``) and fill the
+``<video>`` placeholders. The JSON list is read once; tokenising
 and image decoding happen per item in ``__getitem__``. Structure and image files of the selected subset
 are checked up front (every image decoded in full, as ``__getitem__`` would), so a bad sample stops the run
 before training starts, naming the sample; all bad images are reported in one error.
@@ -28,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
+from ..constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, VIDEO_FRAMES
 from ..conversation import SeparatorStyle, get_conv_template
 from ..mm_utils import image_inputs, load_image
 
@@ -70,12 +72,19 @@ def check_entry(entry, index: int) -> None:
             raise ValueError(f"sample {sid}: turns must alternate human/gpt starting with human (turn {i} is {turn['from']!r})")
     if not any(t["from"] == "gpt" for t in turns):
         raise ValueError(f"sample {sid}: the conversation has no assistant ('gpt') turn, so nothing would be supervised")
-    image = entry.get("image")
+    if entry.get("image") is not None and entry.get("video") is not None:
+        raise ValueError(f"sample {sid}: has both 'image' and 'video'; a sample holds one of them")
+    image = visual_path(entry)
     count = sum(t["value"].count(DEFAULT_IMAGE_TOKEN) for t in turns)
     if image is None and count:
         raise ValueError(f"sample {sid}: text-only sample (no 'image') contains {DEFAULT_IMAGE_TOKEN}")
     if image is not None and (not isinstance(image, str) or count > 1):
-        raise ValueError(f"sample {sid}: expected one image path and at most one {DEFAULT_IMAGE_TOKEN}")
+        raise ValueError(f"sample {sid}: expected one image (or video) path and at most one {DEFAULT_IMAGE_TOKEN}")
+
+
+def visual_path(entry: dict) -> str | None:
+    """The sample's image or video path (relative to the image folder), None for text-only samples."""
+    return entry.get("image") if entry.get("image") is not None else entry.get("video")
 
 
 TEXT_ONLY = "text-only"  # the source of a conversation without an image
@@ -84,7 +93,7 @@ TEXT_ONLY = "text-only"  # the source of a conversation without an image
 def entry_source(entry: dict) -> str:
     """The source dataset of a sample: the first folder of its ``image`` path (LLaVA-665K: ``coco``, ``gqa``,
     ``ocr_vqa``, ``textvqa``, ``vg``; the toy world: ``train``), or ``text-only``."""
-    image = entry.get("image")
+    image = visual_path(entry)
     return TEXT_ONLY if image is None else Path(image).parts[0]
 
 
@@ -187,7 +196,7 @@ class RecordFilter:
                 if self._keep_type(human[QUESTION_TYPE]):
                     turns += [dict(human), dict(gpt)]
             if turns:
-                kept[index] = {**entry, "conversations": place_image_token(turns) if entry.get("image") else turns}
+                kept[index] = {**entry, "conversations": place_image_token(turns) if visual_path(entry) else turns}
         if not kept:
             raise ValueError(f"no sample in {where} matches {self.describe()}")
         return kept
@@ -350,6 +359,8 @@ class LazySupervisedDataset(Dataset):
         check_images: bool = True,
         image_token_counts=None,
         record_filter: RecordFilter | None = None,
+        video_token_counts=None,
+        num_frames: int = VIDEO_FRAMES,
     ):
         check_fraction(data_fraction)
         data_path = Path(data_path)
@@ -378,17 +389,19 @@ class LazySupervisedDataset(Dataset):
         with_image = []
         for index in selected:
             check_entry(entries[index], index)
-            if entries[index].get("image") is not None:
+            if visual_path(entries[index]) is not None:
                 if self.image_folder is None:
                     raise ValueError(f"sample {_sample_id(entries[index], index)} has an image: pass --image_folder")
                 with_image.append(index)
-        paths = {i: self.image_folder / entries[i]["image"] for i in with_image}
+        paths = {i: self.image_folder / visual_path(entries[i]) for i in with_image}
+        videos = {i for i in with_image if entries[i].get("video") is not None}
         if check_images:  # each file once: LLaVA-665K has several samples on most COCO images
-            unique = list(dict.fromkeys(paths.values()))
+            unique = list(dict.fromkeys(p for i, p in paths.items() if i not in videos))
             found = {unique[k]: reason for k, reason in find_bad_images(unique).items()}
             bad = {i: found[path] for i, path in paths.items() if path in found}
         else:  # existence only; an undecodable image then stops training at its step
-            bad = {i: MISSING for i, path in paths.items() if not path.is_file()}
+            bad = {}
+        bad.update({i: MISSING for i, path in paths.items() if (i in videos or not check_images) and not path.is_file()})
         self.num_skipped = len(bad)
         self.num_missing = sum(reason == MISSING for reason in bad.values())
         self.num_unreadable = self.num_skipped - self.num_missing
@@ -424,6 +437,7 @@ class LazySupervisedDataset(Dataset):
         # N_i from the image's layout (model.image_token_counts) where the family has one (LLaVA-NeXT's image_sizes,
         # Qwen2.5-VL's image_grid_thw); LLaVA-1.5: the fixed num_image_tokens
         self.image_token_counts = image_token_counts
+        self.video_token_counts, self.num_frames = video_token_counts, num_frames  # Video-LLaVA samples
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -435,11 +449,13 @@ class LazySupervisedDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         entry = self.entries[index]
         sid = _sample_id(entry, index)
-        has_image = entry.get("image") is not None
+        has_image = visual_path(entry) is not None
         turns = place_image_token(entry["conversations"]) if has_image else entry["conversations"]
         text, spans = build_conversation(turns, self.conv_mode)
         image = vision = None
         num_image_tokens = self.num_image_tokens
+        if entry.get("video") is not None:
+            return self._video_item(entry, sid, text, spans)
         if has_image:
             try:
                 image = load_image(self.image_folder / entry["image"])
@@ -449,20 +465,40 @@ class LazySupervisedDataset(Dataset):
             layout = next((k for k in LAYOUT_KEYS if k in vision), None)
             if layout is not None and self.image_token_counts is not None:
                 num_image_tokens = self.image_token_counts(vision[layout])[0]
-        ids, labels = tokenize_conversation(text, spans, self.tokenizer, num_image_tokens, self.image_token_id)
-        if len(ids) > self.model_max_length:
-            ids, labels = ids[: self.model_max_length], labels[: self.model_max_length]
-            if has_image and ids.count(self.image_token_id) != num_image_tokens:
-                raise ValueError(
-                    f"sample {sid}: --model_max_length {self.model_max_length} cuts through its "
-                    f"{num_image_tokens} image tokens; raise --model_max_length"
-                )
+        ids, labels = self._tokens(text, spans, num_image_tokens, self.image_token_id, sid, has_image)
         item = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "id": sid}
         if vision is not None:
             packed = PACKED_LAYOUT in vision  # Qwen2.5-VL: the image's patches [P_i, C*T*p*p], not a batch of one
             item["pixel_values"] = vision["pixel_values"] if packed else vision["pixel_values"][0]
             item.update({k: vision[k][0] for k in LAYOUT_KEYS if k in vision})  # image_sizes [2] / image_grid_thw [3]
         return item
+
+    def _video_item(self, entry: dict, sid: str, text: str, spans) -> dict:
+        """A Video-LLaVA sample: F frames -> ``pixel_values_videos`` [F, 3, H, W] behind F x (P + 1) ``<video>`` ids."""
+        from ..mm_utils import video_inputs
+        from ..video import load_video  # PyAV, the video extra
+
+        if self.video_token_counts is None or getattr(self.model_config, "video_token_id", None) is None:
+            raise ValueError(f"sample {sid} has a video, but the model takes no video input; train a Video-LLaVA checkpoint")
+        try:
+            frames = load_video(self.image_folder / entry["video"], self.num_frames)
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"sample {sid}: {err}") from None
+        pixels = video_inputs([frames], self.image_processor, self.model_config)["pixel_values_videos"][0]
+        [count] = self.video_token_counts([len(frames)])
+        ids, labels = self._tokens(text, spans, count, self.model_config.video_token_id, sid, True)
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "id": sid, "pixel_values_videos": pixels}
+
+    def _tokens(self, text, spans, num_image_tokens: int, placeholder: int, sid: str, has_image: bool):
+        ids, labels = tokenize_conversation(text, spans, self.tokenizer, num_image_tokens, placeholder)
+        if len(ids) > self.model_max_length:
+            ids, labels = ids[: self.model_max_length], labels[: self.model_max_length]
+            if has_image and ids.count(placeholder) != num_image_tokens:
+                raise ValueError(
+                    f"sample {sid}: --model_max_length {self.model_max_length} cuts through its "
+                    f"{num_image_tokens} image tokens; raise --model_max_length"
+                )
+        return ids, labels
 
 
 PACKED_LAYOUT = "image_grid_thw"  # Qwen2.5-VL: the images' patches are concatenated, their grids say where each ends
@@ -498,4 +534,7 @@ class DataCollatorForSupervisedDataset:
             batch["image_sizes"] = torch.stack([item["image_sizes"] for item in items if "pixel_values" in item])
         elif images:
             batch["pixel_values"] = torch.stack(images)
+        videos = [item["pixel_values_videos"] for item in items if "pixel_values_videos" in item]
+        if videos:  # Video-LLaVA: [B_vid, F, 3, H, W]
+            batch["pixel_values_videos"] = torch.stack(videos)
         return batch

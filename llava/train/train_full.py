@@ -80,26 +80,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+VISUAL_KEYS = ("pixel_values", "pixel_values_videos")
+
+
 def _pack(items: list[dict]) -> tuple[list[dict], torch.Tensor | None]:
     """Worker side: token lists plus ONE stacked bf16 image tensor per chunk (one shared file descriptor,
     not one per sample, which would exhaust the descriptor limit)."""
     texts = [{"input_ids": x["input_ids"].tolist(), "labels": x["labels"].tolist(), "id": x["id"],
-              "has_image": "pixel_values" in x} for x in items]
-    images = [x["pixel_values"].to(torch.bfloat16) for x in items if "pixel_values" in x]
-    return texts, torch.stack(images) if images else None
+              "visual": next((k for k in VISUAL_KEYS if k in x), None)} for x in items]
+    stacks = {}
+    for key in VISUAL_KEYS:  # images [n, 3, H, W]; Video-LLaVA videos [n, F, 3, H, W]
+        rows = [x[key].to(torch.bfloat16) for x in items if key in x]
+        stacks[key] = torch.stack(rows) if rows else None
+    return texts, stacks
 
 
 def cache_dataset(dataset: LazySupervisedDataset, workers: int) -> list[dict]:
     """Every item of the dataset once (tokenised, image processed), images kept in bf16."""
     loader = DataLoader(dataset, batch_size=256, num_workers=workers, collate_fn=_pack)
     out = []
-    for texts, images in loader:
-        k = 0
+    for texts, stacks in loader:
+        taken = dict.fromkeys(VISUAL_KEYS, 0)
         for t in texts:
             item = {"input_ids": torch.tensor(t["input_ids"]), "labels": torch.tensor(t["labels"]), "id": t["id"]}
-            if t["has_image"]:
-                item["pixel_values"] = images[k]
-                k += 1
+            if t["visual"] is not None:
+                item[t["visual"]] = stacks[t["visual"]][taken[t["visual"]]]
+                taken[t["visual"]] += 1
             out.append(item)
     return out
 
@@ -121,11 +127,12 @@ def train(args: argparse.Namespace) -> dict:
     attn = "eager" if args.bf16 else "sdpa"
     tokenizer, model, processor, _ = load_pretrained_model(args.model_name_or_path, device="cpu", dtype="float32",
                                                            attn_implementation=attn)
-    dataset = LazySupervisedDataset(args.data_path, tokenizer, processor, num_image_tokens=model.num_vision_tokens,
+    dataset = LazySupervisedDataset(args.data_path, tokenizer, processor, num_image_tokens=model.num_image_tokens,
                                     image_token_id=model.config.image_token_id, image_folder=args.image_folder,
                                     conv_mode=args.version, data_fraction=args.data_fraction, data_seed=args.seed,
                                     model_config=model.config, check_images=args.check_images,
-                                    skip_missing_images=args.skip_missing_images)
+                                    skip_missing_images=args.skip_missing_images,
+                                    video_token_counts=getattr(model, "video_token_counts", None))
     if dataset.num_skipped:
         print(f"[train_full] skipped {dataset.num_skipped} samples: image missing ({dataset.num_missing}) "
               f"or undecodable ({dataset.num_unreadable})", flush=True)
@@ -140,9 +147,11 @@ def train(args: argparse.Namespace) -> dict:
         args.batch_size = len(items)
     collate = DataCollatorForSupervisedDataset(tokenizer.pad_token_id)
     inner = model.model
+    towers = [getattr(inner, name) for name in ("vision_tower", "image_tower", "video_tower") if hasattr(inner, name)]
     if args.freeze_vision:
-        inner.vision_tower.requires_grad_(False)
-    vision = [p for p in inner.vision_tower.parameters() if p.requires_grad]
+        for tower in towers:
+            tower.requires_grad_(False)
+    vision = [p for tower in towers for p in tower.parameters() if p.requires_grad]
     vision_ids = {id(p) for p in vision}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in vision_ids]
     groups = [{"params": rest, "lr": args.lr}]

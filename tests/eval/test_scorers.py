@@ -542,6 +542,12 @@ def test_merge_answers(tmp_path):
     assert [(g["question_id"], g["text"]) for g in got] == [("x/1.png", "Yes"), ("x/1.png", "No"), (7, "A")]
     assert got[0] == {"question_id": "x/1.png", "prompt": "p1", "text": "Yes", **RUN}
     assert sorted(os.listdir(tmp_path)) == ["2_0.jsonl", "2_1.jsonl", "3.jsonl", "merge.jsonl"]  # no temp file left
+    video = [jsonl(tmp_path / f"v{i}.jsonl", [{"id": f"v{i}", "question": "q", "answer": "a", "pred": "p", **RUN}])
+             for i in range(2)]  # Video-LLaVA's answer layout: keyed by id  # fmt: skip
+    merge_answers.main(["--out", str(tmp_path / "vm.jsonl"), *video])
+    assert [json.loads(line)["id"] for line in open(tmp_path / "vm.jsonl")] == ["v0", "v1"]
+    with pytest.raises(EvalError, match="question 'v0' answered twice"):
+        merge_answers.main(["--out", str(tmp_path / "vm2.jsonl"), video[0], video[0]])
 
 
 def test_merge_answers_refuses(tmp_path):
@@ -558,6 +564,9 @@ def test_merge_answers_refuses(tmp_path):
         merge_answers.main(["--out", out, a, str(tmp_path / "2_9.jsonl")])
     with pytest.raises(EvalError, match="also one of the chunk files"):
         merge_answers.main(["--out", a, a])
+    nothing = jsonl(tmp_path / "n.jsonl", [{"question_id": 3, **RUN}])  # neither text nor (id, pred)
+    with pytest.raises(EvalError, match=r"n\.jsonl:1: line lacks 'question_id' and 'text'"):
+        merge_answers.main(["--out", out, a, nothing])
     assert not os.path.exists(out)
     cmd = [sys.executable, "-m", "llava.eval.merge_answers", "--out", out, a, str(tmp_path / "2_9.jsonl")]
     bad = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
