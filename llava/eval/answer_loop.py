@@ -86,8 +86,18 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_image_pixel_args(parser)
     add_pruning_args(parser)
     return parser
+
+
+def add_image_pixel_args(parser: argparse.ArgumentParser) -> None:
+    """Qwen2.5-VL's resolution range (``llava.model.builder.image_pixels_for``)."""
+    parser.add_argument("--min-pixels", type=int, default=None,
+                        help="Qwen2.5-VL only: smallest image area in pixels (default: the checkpoint's)")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="Qwen2.5-VL only: largest image area in pixels (default: the checkpoint's, at most "
+                             "1280*28*28 = 1003520, the paper's 1280-token input)")  # fmt: skip
 
 
 def add_question_args(parser: argparse.ArgumentParser, question_help: str, image_folder: bool = True) -> None:
@@ -390,17 +400,27 @@ def answer(
     loaded: tuple | None = None,
     batch_size: int = 1,
     progress: bool = True,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ) -> RunSummary:
     """Answer ``task`` into ``answers_file`` with ``pruning`` and ``generation``, resuming; see the module docstring.
 
     The model is loaded from ``model_path`` (``None``: the built-in toy model) with ``pruning`` attached, unless
     ``loaded`` gives an already loaded ``(tokenizer, model, image_processor)`` that carries ``pruning`` already
     (``apply_pruning(model, pruning)``: the sweep attaches each method once and answers every benchmark with it).
-    ``model_path`` names the model in the answer lines either way.
+    ``model_path`` names the model in the answer lines either way. ``min_pixels``/``max_pixels``: Qwen2.5-VL's
+    resolution range (``image_pixels_for``: defaults to the paper's 1280-token input; part of the run identity; a
+    ``loaded`` processor must have been loaded with the same range).
     """
+    from ..model.builder import image_pixels_for
+
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
-    identity = run_identity(pruning, generation, conv_mode, model_path, task.prompt_settings)
+    try:
+        pixels = image_pixels_for(model_path or _default_model_path(), min_pixels, max_pixels)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    identity = run_identity(pruning, generation, conv_mode, model_path, {**task.prompt_settings, **(pixels or {})})
     path = os.path.expanduser(answers_file)
     if os.path.isdir(path) or path.endswith(os.sep):
         raise InputError(f"--answers-file {answers_file} is a folder; give a file path, e.g. {os.path.join(path, 'answers.jsonl')}")
@@ -419,7 +439,8 @@ def answer(
     if loaded is None:
         from ..model.builder import load_pretrained_model
 
-        tokenizer, model, processor, _ = load_pretrained_model(model_path, model_base, device=device, dtype=dtype, pruning=pruning)
+        tokenizer, model, processor, _ = load_pretrained_model(model_path, model_base, device=device, dtype=dtype,
+                                                               pruning=pruning, image_pixels=pixels)  # fmt: skip
     else:
         tokenizer, model, processor = loaded
         _check_attached(model, pruning)
@@ -474,7 +495,8 @@ def run(args: argparse.Namespace, task: Task) -> RunSummary:
         task, args.answers_file, pruning_config_from_args(args),
         GenerationSettings(args.temperature, args.top_p, args.num_beams, args.max_new_tokens),
         conv_mode=args.conv_mode, model_path=args.model_path, model_base=args.model_base, device=args.device,
-        dtype=args.dtype, batch_size=args.batch_size, progress=not args.no_progress,
+        dtype=args.dtype, batch_size=args.batch_size, progress=not args.no_progress, min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
     )  # fmt: skip
 
 

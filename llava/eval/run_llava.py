@@ -16,7 +16,8 @@ from learnpruner_ext.config import budget_notice
 
 from ..inference import GenerationSettings, build_prompt, generate_answers
 from ..mm_utils import load_image
-from ..model.builder import load_pretrained_model
+from .answer_loop import add_image_pixel_args
+from ..model.builder import DEFAULT_MODEL_PATH, image_pixels_for, load_pretrained_model
 from ..constants import VIDEO_FRAMES
 
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--json", action="store_true", help="print one JSON object with the answer and accounting")
+    add_image_pixel_args(parser)
     add_pruning_args(parser)
     return parser
 
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     pruning = pruning_config_from_args(args)
     settings = GenerationSettings(args.temperature, args.top_p, args.num_beams, args.max_new_tokens)
     build_prompt(args.query, args.conv_mode)  # an empty query or two <image> fail before the model loads
+    pixels = image_pixels_for(args.model_path or DEFAULT_MODEL_PATH, args.min_pixels, args.max_pixels)
     if args.image_file:
         image = load_image(args.image_file)
     else:
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         image = load_video(args.video_file, args.num_frames)
     tokenizer, model, processor, _ = load_pretrained_model(
-        args.model_path, args.model_base, device=args.device, dtype=args.dtype, pruning=pruning
+        args.model_path, args.model_base, device=args.device, dtype=args.dtype, pruning=pruning, image_pixels=pixels
     )
     notice = budget_notice(model.pruner.plan, pruning.budget, pruning.method) if model.pruner is not None else None
     if notice:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+from dataclasses import dataclass
 import io
 import json
 import os
@@ -52,19 +53,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-path", required=True)
     p.add_argument("--model-base", default=None)
     p.add_argument("--methods", default="none,learnpruner", help=f"comma list of: {', '.join(available_methods())}")
-    p.add_argument("--budgets", default="128,64,32", help="comma list of average vision tokens per LLM layer")
-    p.add_argument("--benchmarks", default=",".join(B.ORDER), help=f"comma list of: {', '.join(B.ORDER)}")
+    p.add_argument("--budgets", default=None, help="comma list of average vision tokens per LLM layer (default: the "
+                   "paper's for the checkpoint's family, FAMILY_TABLES)")  # fmt: skip
+    p.add_argument("--benchmarks", default=None, help=f"comma list of: {', '.join(B.ORDER)} (default: the family's "
+                   "paper table)")  # fmt: skip
     p.add_argument("--eval-root", default="./playground/data/eval", help="upstream LLaVA's playground/data/eval layout")
     p.add_argument("--out", required=True, help="output folder (answers, metrics, results, table, plot)")
-    p.add_argument("--conv-mode", default="vicuna_v1")
+    p.add_argument("--conv-mode", default=None, help="prompt template (default: the family's, e.g. vicuna_v1, qwen2_5_vl)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--vqav2-annotation", default=None, help="VQA annotation json to score VQAv2 locally (else EvalAI)")
     p.add_argument("--no-progress", action="store_true")
+    answer_loop.add_image_pixel_args(p)
     add_pruning_args(p, exclude=("method", "budget"))  # those come from --methods / --budgets
+    p.set_defaults(position_mode=None)  # the family's (apply_family_defaults)
     return p
+
+
+@dataclass(frozen=True)
+class FamilyTable:
+    """The LearnPruner paper's table for a model family: its budgets, benchmark columns and prompt template."""
+
+    table: str
+    budgets: str
+    benchmarks: tuple[str, ...]
+    conv_mode: str
+    position_mode: str = "contiguous"  # --position-mode (Qwen2.5-VL's M-RoPE has only "original")
+
+
+_SIX = ("gqa", "sqa", "textvqa", "mme", "vqav2", "mmbench")  # the columns of Tables 2 and 4
+FAMILY_TABLES = {  # checkpoint model_type -> its table (sweep defaults; explicit flags win)
+    "llava": FamilyTable("Table 1", "128,64,32", B.ORDER, "vicuna_v1"),
+    "llava_next": FamilyTable("Table 2", "640,320,160", _SIX, "vicuna_v1"),
+    "qwen2_5_vl": FamilyTable("Table 4", "426,284,142", _SIX, "qwen2_5_vl", "original"),
+}
+
+
+def family_table(model_path: str) -> FamilyTable:
+    """The checkpoint's :class:`FamilyTable` (LLaVA-1.5's Table 1 for a family without an image table here)."""
+    from ..model.builder import checkpoint_model_type
+
+    return FAMILY_TABLES.get(checkpoint_model_type(model_path), FAMILY_TABLES["llava"])
+
+
+def apply_family_defaults(args: argparse.Namespace) -> FamilyTable:
+    """Fill ``--budgets``, ``--benchmarks``, ``--conv-mode`` and ``--position-mode`` left unset from the
+    checkpoint's family table."""
+    table = family_table(args.model_path)
+    if args.budgets is None:
+        args.budgets = table.budgets
+    if args.benchmarks is None:
+        args.benchmarks = ",".join(table.benchmarks)
+    if args.conv_mode is None:
+        args.conv_mode = table.conv_mode
+    if args.position_mode is None:
+        args.position_mode = table.position_mode
+    return table
 
 
 def parse_budgets(spec: str) -> list[int]:
@@ -117,6 +163,7 @@ def _task(bench: B.Benchmark, eval_root: str) -> answer_loop.Task:
 
 def run_sweep(args: argparse.Namespace) -> dict:
     # everything that can be checked without the model, first
+    table = apply_family_defaults(args)
     benches = B.parse_benchmarks(args.benchmarks)
     methods = parse_methods(args.methods)
     budgets = parse_budgets(args.budgets)
@@ -135,11 +182,13 @@ def run_sweep(args: argparse.Namespace) -> dict:
     generation = GenerationSettings(temperature=0.0, max_new_tokens=args.max_new_tokens)  # greedy, as the scripts
     tasks = {bench.name: _task(bench, args.eval_root) for bench in benches}  # question-file errors, too
 
-    from ..model.builder import load_pretrained_model
+    from ..model.builder import image_pixels_for, load_pretrained_model
 
     import torch
 
-    tokenizer, model, processor, _ = load_pretrained_model(args.model_path, args.model_base, device=args.device, dtype=args.dtype)
+    pixels = image_pixels_for(args.model_path, args.min_pixels, args.max_pixels)  # Qwen2.5-VL's resolution range
+    tokenizer, model, processor, _ = load_pretrained_model(args.model_path, args.model_base, device=args.device,
+                                                           dtype=args.dtype, image_pixels=pixels)  # fmt: skip
     model_id = get_model_name_from_path(args.model_path)
     n_vision = model.num_vision_tokens
     rows = []
@@ -160,6 +209,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
             answer_loop.answer(
                 tasks[bench.name], answers, config, generation, conv_mode=args.conv_mode, model_path=args.model_path,
                 loaded=(tokenizer, model, processor), batch_size=args.batch_size, progress=not args.no_progress,
+                min_pixels=args.min_pixels, max_pixels=args.max_pixels,
             )  # fmt: skip
             metrics = B.score(bench, args.eval_root, answers, run_dir, run, args.vqav2_annotation)
             write_json(os.path.join(run_dir, "metrics.json"), metrics)
@@ -170,7 +220,8 @@ def run_sweep(args: argparse.Namespace) -> dict:
     results = {
         "model_path": args.model_path, "model_id": model_id, "num_vision_tokens": n_vision,
         "methods": methods, "budgets": budgets, "benchmarks": [b.name for b in benches],
-        "metrics": {b.name: b.metric_label for b in benches}, "rows": rows,
+        "metrics": {b.name: b.metric_label for b in benches}, "rows": rows, "paper_table": table.table,
+        "conv_mode": args.conv_mode,
     }  # fmt: skip
     results["relacc"] = relative_accuracy(rows, benches)
     write_outputs(args.out, results, benches)
@@ -223,7 +274,8 @@ def markdown_table(results: dict, benches) -> str:
     cells = {(r["method"], r["budget"], r["benchmark"]): r for r in rows}
     header = ["Method", "Avg. tokens"] + [b.title for b in benches] + ["RelAcc."]
     lines = [
-        f"# Visual-token pruning sweep: {results['model_id']}",
+        f"# Visual-token pruning sweep: {results['model_id']}"
+        + (f" (the layout of the paper's {results['paper_table']})" if results.get("paper_table") else ""),
         "",
         "Headline metrics: " + "; ".join(f"{b.title} = {b.metric_label}" for b in benches)
         + ". Avg. tokens = measured mean vision tokens per LLM layer. RelAcc. = mean over benchmarks of "

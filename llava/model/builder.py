@@ -94,6 +94,45 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return _DTYPES[dtype]
 
 
+# Qwen2.5-VL in LearnPruner Table 4: "1280 vision tokens, a fixed input resolution": at most 1280 merged tokens of
+# 28 x 28 px (Qwen2.5-VL-7B's own max_pixels, 12845056, would allow 16384)
+QWEN_PAPER_MAX_PIXELS = 1280 * 28 * 28
+
+
+def image_pixels_for(model_path: str | Path | None, min_pixels: int | None = None,
+                     max_pixels: int | None = None) -> dict | None:  # fmt: skip
+    """The resolution range to load a checkpoint with: for Qwen2.5-VL ``{"min_pixels", "max_pixels"}``, where a
+    value not given is the checkpoint's own (``preprocessor_config.json``), the maximum capped at
+    ``QWEN_PAPER_MAX_PIXELS`` (the paper's 1280-token input); None for fixed-resolution families, which refuse the
+    flags. Part of an answers file's run identity."""
+    model_type = checkpoint_model_type(model_path) if model_path else None
+    if model_type != "qwen2_5_vl":
+        if min_pixels is not None or max_pixels is not None:
+            name = model_path or "the toy model"
+            raise ValueError(f"--min-pixels/--max-pixels set Qwen2.5-VL's dynamic resolution; {name} is "
+                             f"{model_type or 'llava'}, whose processor has a fixed input size: drop the flags")  # fmt: skip
+        return None
+    saved = Path(model_path) / "preprocessor_config.json"
+    saved = _read_json(saved) if saved.is_file() else {}
+    size = saved.get("size") or {}
+    if min_pixels is None:
+        min_pixels = saved.get("min_pixels") or size.get("shortest_edge") or 56 * 56
+    if max_pixels is None:
+        max_pixels = min(saved.get("max_pixels") or size.get("longest_edge") or QWEN_PAPER_MAX_PIXELS, QWEN_PAPER_MAX_PIXELS)
+    if not 0 < min_pixels <= max_pixels:
+        raise ValueError(f"need 0 < --min-pixels <= --max-pixels, got {min_pixels} and {max_pixels}")
+    return {"min_pixels": int(min_pixels), "max_pixels": int(max_pixels)}
+
+
+def checkpoint_model_type(model_path: str | Path) -> str | None:
+    """The checkpoint's family without loading it: ``"llava"`` for an original LLaVA folder, else its config's
+    ``model_type`` (``llava``, ``llava_next``, ``video_llava``, ``qwen2_5_vl``); None without a config.json."""
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        return None
+    return "llava" if is_llava_format(model_path) else _read_json(config).get("model_type")
+
+
 def is_llava_format(model_path: str | Path) -> bool:
     config = Path(model_path) / "config.json"
     if not config.is_file():
@@ -310,11 +349,13 @@ def load_pretrained_model(
     dtype: str | torch.dtype | None = "auto",
     attn_implementation: str | None = None,
     pruning: PruningConfig | None = None,
+    image_pixels: dict | None = None,
 ):
     """Load a LLaVA checkpoint in either format -> ``(tokenizer, model, image_processor, context_len)``.
 
     ``model_path=None`` loads the built-in default (the toy checkpoint shipped in ``checkpoints/``).
-    ``pruning`` attaches a method with :func:`learnpruner_ext.apply_pruning`.
+    ``pruning`` attaches a method with :func:`learnpruner_ext.apply_pruning`. ``image_pixels``
+    (``{"min_pixels": .., "max_pixels": ..}``, see :func:`image_pixels_for`) sets Qwen2.5-VL's resolution range.
     """
     if load_8bit or load_4bit:
         raise NotImplementedError("8/4-bit loading is not supported by this toolkit")
@@ -350,7 +391,7 @@ def load_pretrained_model(
         elif model.config.model_type == "video_llava":  # images and video frames (its video processor needs torchvision)
             image_processor = VideoLlavaImageProcessor.from_pretrained(path)
         elif model.config.model_type == "qwen2_5_vl":  # Qwen2_5_VLProcessor's video half needs torchvision
-            image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+            image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, **(image_pixels or {}))
         else:
             image_processor = image_processor_class().from_pretrained(path)
     if tokenizer.pad_token is None:

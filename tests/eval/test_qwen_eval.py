@@ -47,3 +47,32 @@ def test_vqa_loader_refuses_a_llava_template_on_qwen(qwen_eval, tmp_path):
     root, path = qwen_eval
     with pytest.raises(ValueError, match="a qwen2_5_vl checkpoint needs --conv-mode qwen2_5_vl"):
         _run(root, path, tmp_path / "a.jsonl")
+
+
+def test_max_pixels_sets_the_resolution_and_the_run_identity(qwen_eval, tmp_path):
+    """--max-pixels 4704 (6 merged tokens of 28 x 28 px) with the checkpoint's min_pixels 3136: smart_resize takes
+    a.png (112 x 84, area 9408 > 4704) by beta = sqrt(9408 / 4704) = 1.414 to floor(84 / 1.414 / 28) * 28 = 56 by
+    floor(112 / 1.414 / 28) * 28 = 56 -> 2 x 2 = 4 merged tokens; b.png (200 x 30 -> 196 x 28, area 5488 > 4704)
+    by beta = sqrt(6000 / 4704) = 1.129 to 28 (at least one factor) by floor(200 / 1.129 / 28) * 28 = 168
+    -> 1 x 6 = 6 tokens. Without the flag: the checkpoint's range (18816 is below the 1280-token cap), 12 and 7."""
+    root, path = qwen_eval
+    args = ["--conv-mode", "qwen2_5_vl"]
+    small = _run(root, path, tmp_path / "small.jsonl", *args, "--max-pixels", "4704", "--batch-size", "2")
+    assert [r["image_tokens"] for r in small] == [4, 6, 4]
+    settings = small[0]["metadata"]["settings"]
+    assert (settings["min_pixels"], settings["max_pixels"]) == (3136, 4704)
+    default = _run(root, path, tmp_path / "default.jsonl", *args)
+    assert [r["image_tokens"] for r in default] == [12, 7, 12]
+    assert default[0]["metadata"]["settings"]["max_pixels"] == 18816
+    with pytest.raises(ValueError, match=r"other settings \(max_pixels: file 4704 vs now 9408\)"):  # never mixed
+        _run(root, path, tmp_path / "small.jsonl", *args, "--max-pixels", "9408")
+
+
+def test_pixel_flags_are_refused_on_fixed_resolution_families(tmp_path):
+    from llava.model.builder import QWEN_PAPER_MAX_PIXELS, image_pixels_for
+
+    llava = save_tiny_checkpoint(tmp_path / "llava")
+    with pytest.raises(ValueError, match="--min-pixels/--max-pixels set Qwen2.5-VL's dynamic resolution.*drop the flags"):
+        image_pixels_for(llava, max_pixels=4704)
+    assert image_pixels_for(llava) is None
+    assert QWEN_PAPER_MAX_PIXELS == 1003520  # 1280 merged tokens x 28 x 28 px

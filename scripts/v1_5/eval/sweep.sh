@@ -1,8 +1,10 @@
 #!/bin/bash
-# Methods x budgets x benchmarks -> results.csv/json, table.md (Table 1 layout), accuracy_vs_budget.png.
+# Methods x budgets x benchmarks -> results.csv/json, table.md (the paper table of the checkpoint's family:
+# Table 1 LLaVA-1.5, Table 2 LLaVA-NeXT, Table 4 Qwen2.5-VL), accuracy_vs_budget.png.
 #   bash scripts/v1_5/eval/sweep.sh [extra llava.eval.sweep flags, which override the defaults below]
-# Environment: CKPT (./checkpoints/llava-v1.5-7b), METHODS (none,learnpruner), BUDGETS (128,64,32),
-#   BENCHMARKS (all eight), LPM (trained LPM folder), EVAL_ROOT (./playground/data/eval),
+# Environment: CKPT (./checkpoints/llava-v1.5-7b), METHODS (none,learnpruner), BUDGETS and BENCHMARKS (default:
+#   the family's table, e.g. 128,64,32 and all eight for LLaVA-1.5, 426,284,142 and six for Qwen2.5-VL),
+#   LPM (trained LPM folder), EVAL_ROOT (./playground/data/eval),
 #   OUT (./outputs/sweep/<ckpt name>), PYTHON.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)"
@@ -13,9 +15,9 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 CKPT="${CKPT:-./checkpoints/llava-v1.5-7b}"
 ARGS=(--model-path "$CKPT"
     --methods "${METHODS:-none,learnpruner}"
-    --budgets "${BUDGETS:-128,64,32}"
-    --benchmarks "${BENCHMARKS:-gqa,sqa,textvqa,pope,mme,vqav2,mmbench,mmbench_cn}"
     --eval-root "${EVAL_ROOT:-./playground/data/eval}"
     --out "${OUT:-./outputs/sweep/$(basename "${CKPT%/}")}")
+if [ -n "${BUDGETS:-}" ]; then ARGS+=(--budgets "$BUDGETS"); fi  # default: the family's paper table
+if [ -n "${BENCHMARKS:-}" ]; then ARGS+=(--benchmarks "$BENCHMARKS"); fi
 if [ -n "${LPM:-}" ]; then ARGS+=(--lpm-path "$LPM"); fi
 exec "$PYTHON" -m llava.eval.sweep "${ARGS[@]}" "$@"
