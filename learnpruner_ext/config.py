@@ -25,6 +25,10 @@ class BudgetError(ValueError):
     """A budget that cannot be met (too small, too large, or infeasible for the method)."""
 
 
+class UnsupportedMethodError(ValueError):
+    """A method (or option) with no meaning on a model family, e.g. a fixed-grid method on Qwen2.5-VL images."""
+
+
 @dataclass
 class PruningConfig:
     """Everything that defines a pruning run; explicit, serialisable, no environment variables.

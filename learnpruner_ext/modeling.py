@@ -56,7 +56,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 
 from .adapters import ImageGroup, adapter_for, strips_cls
-from .config import POSITION_MODES, PruningConfig, TokenPlan, candidate_plan
+from .config import POSITION_MODES, PruningConfig, TokenPlan, UnsupportedMethodError, candidate_plan
 from .cut import SequenceCut, SequenceState, gather_seq, right_pad
 from .llm import PrunableLlamaModel, PrunableQwen2_5_VLTextModel
 from .lpm import shipped_lpm_path
@@ -739,11 +739,11 @@ def apply_pruning(model, config: PruningConfig) -> PruningMethod:
     method_class, adapter = get_method_class(config.method), model.model.adapter
     missing = [need for need in method_class.requires if need not in adapter.provides]
     if missing:
-        raise ValueError(f"method {config.method!r} needs {', '.join(missing)}, which {adapter.family} images do not "
+        raise UnsupportedMethodError(f"method {config.method!r} needs {', '.join(missing)}, which {adapter.family} images do not "
                          "have (their tokens are not one fixed raster grid); choose another method")  # fmt: skip
     modes = getattr(adapter, "position_modes", POSITION_MODES)
     if config.position_mode not in modes and method_class.acts_at != "nowhere":
-        raise ValueError(f"position_mode {config.position_mode!r} is not defined for {adapter.family} (its M-RoPE "
+        raise UnsupportedMethodError(f"position_mode {config.position_mode!r} is not defined for {adapter.family} (its M-RoPE "
                          f"positions stay with their tokens); pass --position-mode {' or '.join(modes)}")  # fmt: skip
     if method_class.uses_lpm and not config.lpm_path:
         shipped = shipped_lpm_path(getattr(model.config, "_name_or_path", None))

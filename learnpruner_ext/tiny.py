@@ -66,7 +66,6 @@ FAMILIES = ("llava", "llava_next", "qwen2_5_vl", "video_llava")
 VIDEO_TOKEN = "<video>"
 VIDEO_FRAMES = 8  # Video-LLaVA samples 8 frames per video
 QWEN_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>"]
-QWEN_MERGED_PIXELS = 28 * 28  # pixels per merged token: (patch 14 x merge 2)^2
 QWEN_TOKEN_RANGE = (4, 24)  # tiny Qwen: min/max merged tokens per image (the real model's paper input: 1280)
 GRID_MULTIPLES = [[1, 2], [2, 1], [2, 2], [3, 1], [1, 3]]  # llava-v1.6's pinpoints / 336
 BIN_SHARDS = 2  # like llava-v1.5-7b's pytorch_model-0000{1,2}-of-00002.bin
@@ -255,16 +254,21 @@ def build_tiny_next_model(seed: int = 0, **geometry):
 
 
 def tiny_qwen_config(tokenizer: LlamaTokenizer, text_layers: int = 4, vision_layers: int = 4,
-                     vision_hidden: int = 32, text_hidden: int = 64, rope_theta: float = 10000.0) -> Qwen2_5_VLConfig:  # fmt: skip
-    """Qwen2.5-VL geometry on a tiny scale: 14 px patches, 2x2 merge, 56 px windows, full attention in ViT
-    blocks 1 and 3 (window attention elsewhere), M-RoPE sections summing to half the head dim."""
+                     vision_hidden: int = 32, text_hidden: int = 64, rope_theta: float = 10000.0,
+                     patch_size: int = 14, window_patches: int = 4,
+                     reference_tokens: int = QWEN_TOKEN_RANGE[1]) -> Qwen2_5_VLConfig:  # fmt: skip
+    """Qwen2.5-VL geometry on a tiny scale: ``patch_size`` px patches (14 as the real model), 2x2 merge, windows of
+    ``window_patches`` x ``window_patches`` patches (the real model: 112 px / 14 = 8; tiny default 4, so small images
+    still hold several windows), full attention in ViT blocks 1 and the last (window attention elsewhere), M-RoPE
+    sections summing to half the head dim. ``reference_tokens`` is the N budgets refer to (paper's input: 1280)."""
     head_dim = text_hidden // 4
     third = head_dim // 2 // 3
     mrope = [head_dim // 2 - 2 * third, third, third]
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in QWEN_TOKENS}
     return Qwen2_5_VLConfig(
         vision_config=dict(depth=vision_layers, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                           num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           num_heads=4, patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2,
+                           window_size=window_patches * patch_size,
                            fullatt_block_indexes=[1, vision_layers - 1], out_hidden_size=text_hidden, in_channels=3),
         text_config=dict(vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
                          num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
@@ -273,15 +277,18 @@ def tiny_qwen_config(tokenizer: LlamaTokenizer, text_layers: int = 4, vision_lay
                          rope_parameters={"rope_type": "default", "mrope_section": mrope, "rope_theta": rope_theta}),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        pruning_reference_tokens=QWEN_TOKEN_RANGE[1], tie_word_embeddings=False,
+        pruning_reference_tokens=reference_tokens, tie_word_embeddings=False,
     )  # fmt: skip
 
 
-def qwen_image_processor(min_tokens: int = QWEN_TOKEN_RANGE[0], max_tokens: int = QWEN_TOKEN_RANGE[1]) -> Qwen2VLImageProcessorPil:
-    """Qwen2-VL's real image processor (smart resize to multiples of 28 px within the pixel range)."""
+def qwen_image_processor(min_tokens: int = QWEN_TOKEN_RANGE[0], max_tokens: int = QWEN_TOKEN_RANGE[1],
+                         patch_size: int = 14) -> Qwen2VLImageProcessorPil:
+    """Qwen2-VL's real image processor (smart resize to multiples of 2 x ``patch_size`` px within the pixel range
+    of ``min_tokens``..``max_tokens`` merged tokens)."""
+    merged_pixels = (2 * patch_size) ** 2
     return Qwen2VLImageProcessorPil(
-        min_pixels=min_tokens * QWEN_MERGED_PIXELS, max_pixels=max_tokens * QWEN_MERGED_PIXELS,
-        patch_size=14, merge_size=2, temporal_patch_size=2, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+        min_pixels=min_tokens * merged_pixels, max_pixels=max_tokens * merged_pixels,
+        patch_size=patch_size, merge_size=2, temporal_patch_size=2, image_mean=CLIP_MEAN, image_std=CLIP_STD,
     )  # fmt: skip
 
 

@@ -102,18 +102,29 @@ class GenerationSettings:
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"--top_p must be in (0, 1], got {self.top_p!r}")
 
-    def kwargs(self, tokenizer) -> dict:
+    def kwargs(self, tokenizer, conv_mode: str) -> dict:
         sampling = self.temperature > 0
         out = dict(
             do_sample=sampling,
             num_beams=self.num_beams,
             max_new_tokens=self.max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop_token_ids(tokenizer, conv_mode),
         )
         if sampling:
             out.update(temperature=self.temperature, top_p=self.top_p)
         return out
+
+
+def stop_token_ids(tokenizer, conv_mode: str) -> list[int]:
+    """Where decoding stops: the tokenizer's eos and the template's end-of-turn marker when the tokenizer holds it
+    as one special token (ChatML's ``<|im_end|>``; Vicuna's ``</s>`` is the eos already; plain's ``\\n`` is text).
+    Real Qwen2.5-VL checkpoints stop there through their generation config; a tokenizer whose eos is ``</s>``
+    (the tiny and toy Qwen models) would otherwise run past the answer."""
+    end = get_conv_template(conv_mode).sep2
+    special = {token.content: i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    ids = [tokenizer.eos_token_id, special.get(end)]
+    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 @torch.inference_mode()
@@ -125,6 +136,6 @@ def generate_answers(
     settings = settings or GenerationSettings()
     check_conv_mode(model.family, conv_mode)
     batch = prepare_batch(model, tokenizer, image_processor, images, [build_prompt(q, conv_mode) for q in questions])
-    output = model.generate(**batch, **settings.kwargs(tokenizer))
+    output = model.generate(**batch, **settings.kwargs(tokenizer, conv_mode))
     new_tokens = output[:, batch["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -1,12 +1,20 @@
 """Stage 1 of the toy base: per-patch pretraining of a fresh vision tower (what CLIP gives LLaVA).
 
     python -m toyworld.pretrain_vision --data playground/data/toy --out checkpoints/toy-init \
-        [--epochs 10] [--batch-size 64] [--lr 2e-3] [--text-layers 4] [--seed 0]
+        [--family llava|qwen2_5_vl] [--epochs 10] [--batch-size 64] [--lr 2e-3] [--text-layers 4] [--seed 0]
 
-Builds a randomly initialised tiny LLaVA (192 px, 16-px patches -> 12x12 = 144 vision tokens; ViT 4x96,
-Llama ``--text-layers`` x 128) and trains only its vision tower so that every patch token of the
-feature layer (``vision_feature_layer = -2``, as LLaVA) says what lies under that patch. Targets come from
-the scene metadata of ``train_scenes.jsonl`` (rendered to per-pixel object masks), per patch:
+Builds a randomly initialised tiny VLM and trains only its vision tower so that every vision token's
+feature (the projector's input) says what lies under its cell of the image:
+
+* ``--family llava`` (default): 192 px, 16-px patches -> 12x12 = 144 vision tokens; CLIP ViT 4x96, Llama
+  ``--text-layers`` x 128; the feature is the patch token of ``vision_feature_layer = -2`` (as LLaVA);
+* ``--family qwen2_5_vl``: 192 px, 12-px patches (16x16 = 256) through a window-attention ViT 4x64 (windows of
+  8x8 patches as the real model's, full attention in blocks 1 and 3), merged 2x2 into 8x8 = 64 LLM tokens of
+  24x24 px each; Qwen2 LLM ``--text-layers`` x 128 with M-RoPE; the feature is the merger's input (the 2x2
+  patches' last-block outputs concatenated), the one the LPM scores on Qwen (``docs/methods.md``). 8-px
+  patches (144 merged tokens, as the LLaVA toy) measured 27 img/s here against 100 img/s for 12-px ones.
+
+Targets come from the scene metadata of ``train_scenes.jsonl`` (rendered to per-pixel object masks), per cell:
 
 * ``color`` / ``shape``: the object covering most of the patch (>= 24 of 256 pixels), else "none";
 * ``center``: whether an object's bounding-box centre falls in the patch (helps counting);
@@ -39,8 +47,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
-from learnpruner_ext.tiny import CLIP_MEAN, CLIP_STD, build_tokenizer, image_processor_for, tiny_configs
-from learnpruner_ext.modeling import PrunableLlavaForConditionalGeneration
+from learnpruner_ext.adapters import adapter_for
+from learnpruner_ext.tiny import CLIP_MEAN, CLIP_STD, QWEN_TOKENS, build_sp_tokenizer, build_tokenizer
+from learnpruner_ext.tiny import image_processor_for, qwen_image_processor, tiny_configs, tiny_qwen_config
+from learnpruner_ext.modeling import PrunableLlavaForConditionalGeneration, PrunableQwen2_5_VLForConditionalGeneration
 from . import generate as G
 from llava.train.threads import AdaptiveThreads
 
@@ -58,6 +68,12 @@ IGNORE = -100
 # measured, the VQA stage then learned about 1.5x faster per step (docs/results_toy.md).
 TOY_GEOMETRY = dict(image_size=192, patch_size=16, vision_layers=4, vision_hidden=96, text_hidden=128,
                     rope_theta=1e6)
+# The Qwen2.5-VL-shaped toy: 64 LLM tokens per 192-px image (12-px patches, 2x2 merge, 24-px cells), a narrower
+# ViT (64) as it sees 256 patches; the processor's pixel range admits exactly 64 merged tokens, the fixed input
+# resolution of the paper's Table 4 (there 1280), so budgets 21/14/7 are Table 4's 426/284/142 of 1280.
+TOY_QWEN_GEOMETRY = dict(patch_size=12, window_patches=8, vision_layers=4, vision_hidden=64, text_hidden=128, rope_theta=1e6)
+TOY_QWEN_TOKENS = 64
+FAMILIES = ("llava", "qwen2_5_vl")
 
 
 def patch_targets(scene: dict, image_size: int = 192, patch: int = 16) -> np.ndarray:
@@ -119,8 +135,9 @@ def _patches(a: np.ndarray, grid: int, patch: int) -> np.ndarray:
     return a.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid * grid, patch * patch)
 
 
-def load_split(data_dir: str | Path, limit: int | None = None, split: str = "train"):
-    """uint8 images [N, 3, S, S] and per-patch targets [N, grid², heads] for the ``split`` scenes (train/test)."""
+def load_split(data_dir: str | Path, limit: int | None = None, split: str = "train", cell: int = 16):
+    """uint8 images [N, 3, S, S] and per-cell targets [N, grid², heads] for the ``split`` scenes (train/test),
+    one row per ``cell`` x ``cell`` pixels (a vision token's share of the image)."""
     data_dir = Path(data_dir)
     scenes = [json.loads(line) for line in (data_dir / f"{split}_scenes.jsonl").read_text().splitlines() if line.strip()]
     scenes = scenes[:limit] if limit else scenes
@@ -129,7 +146,7 @@ def load_split(data_dir: str | Path, limit: int | None = None, split: str = "tra
     targets = []
     for i, scene in enumerate(scenes):
         images[i] = np.asarray(Image.open(data_dir / "images" / scene["image"]).convert("RGB")).transpose(2, 0, 1)
-        targets.append(patch_targets(scene, size))
+        targets.append(patch_targets(scene, size, cell))
     return torch.from_numpy(images), torch.from_numpy(np.stack(targets))
 
 
@@ -163,7 +180,18 @@ class PatchHeads(nn.Module):
         return sum(losses.values()), losses, accs
 
 
-def build_model(text_layers: int, seed: int):
+def build_model(text_layers: int, seed: int, family: str = "llava"):
+    """A random toy base -> (model, tokenizer, image processor). The LLaVA toy keeps the BPE tokenizer the
+    shipped ``checkpoints/toy-llava`` was trained with; the Qwen toy uses the tiny Qwen factory's tokenizer."""
+    if family == "qwen2_5_vl":
+        tokenizer = build_sp_tokenizer()
+        tokenizer.add_tokens(QWEN_TOKENS, special_tokens=True)
+        config = tiny_qwen_config(tokenizer, text_layers=text_layers, reference_tokens=TOY_QWEN_TOKENS, **TOY_QWEN_GEOMETRY)
+        torch.manual_seed(seed)
+        processor = qwen_image_processor(TOY_QWEN_TOKENS, TOY_QWEN_TOKENS, patch_size=TOY_QWEN_GEOMETRY["patch_size"])
+        return PrunableQwen2_5_VLForConditionalGeneration(config), tokenizer, processor
+    if family != "llava":
+        raise ValueError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
     tokenizer = build_tokenizer()
     config = tiny_configs(tokenizer, text_layers=text_layers, **TOY_GEOMETRY)
     torch.manual_seed(seed)
@@ -171,26 +199,55 @@ def build_model(text_layers: int, seed: int):
     return model, tokenizer, image_processor_for(config.vision_config.image_size)
 
 
+def toy_cell_size(config) -> int:
+    """Pixels per side of one vision token: the patch (LLaVA) or the 2x2-merged patch block (Qwen2.5-VL)."""
+    vision = config.vision_config
+    return vision.patch_size * getattr(vision, "spatial_merge_size", 1)
+
+
+def qwen_patches(pixels: torch.Tensor, patch: int, merge: int = 2, temporal: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised images [B, 3, H, W] -> Qwen2-VL's packed patches [B * gh * gw, 3 * temporal * patch²] and
+    ``image_grid_thw`` [B, 3], laid out as ``Qwen2VLImageProcessor`` lays out a still image (repeated ``temporal``
+    times, patches ordered by 2x2 merge block; a test checks equality with the processor)."""
+    b, c, h, w = pixels.shape
+    gh, gw = h // patch, w // patch
+    x = pixels.unsqueeze(1).expand(b, temporal, c, h, w)
+    x = x.reshape(b, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # [B, gh/m, gw/m, m, m, C, T, p, p]
+    grid = torch.tensor([[1, gh, gw]] * b)
+    return x.reshape(b * gh * gw, c * temporal * patch * patch), grid
+
+
+def cell_features(model, images_u8: torch.Tensor) -> torch.Tensor:
+    """[B, M, D] the feature of each vision token's cell (the projector's input), for either toy family."""
+    pixels = normalize(images_u8)
+    if model.config.model_type == "qwen2_5_vl":
+        flat, grid = qwen_patches(pixels, model.config.vision_config.patch_size)
+        return torch.stack(adapter_for(model.config).vision_features(model.model, flat.to(pixels.dtype), grid))
+    return model.model.vision_features(pixels)
+
+
 def pretrain(data: str, out: str, epochs: float = 10.0, batch_size: int = 64, lr: float = 2e-3, text_layers: int = 4,
              seed: int = 0, limit: int | None = None, bf16: bool = True, log_every: int = 50, max_steps: int | None = None,
-             num_threads: int | None = None):
+             num_threads: int | None = None, family: str = "llava"):
     t0 = time.time()
     threads = AdaptiveThreads(num_threads)
-    model, tokenizer, processor = build_model(text_layers, seed)
+    model, tokenizer, processor = build_model(text_layers, seed, family)
     model.set_attn_implementation({"vision_config": "eager"}) if bf16 else None
-    images, targets = load_split(data, limit)
+    images, targets = load_split(data, limit, cell=toy_cell_size(model.config))
     print(f"[pretrain_vision] {len(images)} images loaded in {time.time() - t0:.0f}s", flush=True)
     inner = model.model
-    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    heads = PatchHeads(model.config.vision_config.hidden_size, grid)
-    params = list(inner.vision_tower.parameters()) + list(heads.parameters())
+    tower = inner.visual if family == "qwen2_5_vl" else inner.vision_tower
+    grid = math.isqrt(targets.shape[1])
+    heads = PatchHeads(adapter_for(model.config).feature_dim(model.config), grid)
+    params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     steps = max_steps or max(1, math.ceil(epochs * len(images) / batch_size))
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
     gen = torch.Generator().manual_seed(seed)
-    inner.vision_tower.train()
+    tower.train()
     order, pos, step, t1 = torch.randperm(len(images), generator=gen), 0, 0, time.time()
     while step < steps:
         if pos + batch_size > len(order):
@@ -198,7 +255,7 @@ def pretrain(data: str, out: str, epochs: float = 10.0, batch_size: int = 64, lr
         idx = order[pos:pos + batch_size]
         pos += batch_size
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            feats = inner.vision_features(normalize(images[idx]))
+            feats = cell_features(model, images[idx])
             loss, parts, accs = heads(feats, targets[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -220,7 +277,7 @@ def pretrain(data: str, out: str, epochs: float = 10.0, batch_size: int = 64, lr
     tokenizer.save_pretrained(out)
     processor.save_pretrained(out)
     (out / "pretrain_vision.json").write_text(json.dumps(
-        {"data": str(data), "images": len(images), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+        {"family": family, "data": str(data), "images": len(images), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
          "final_accuracy": accs, "seconds": round(time.time() - t0, 1)}, indent=1))
     print(f"[pretrain_vision] wrote {out} in {time.time() - t0:.0f}s", flush=True)
     return accs
@@ -230,6 +287,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="toy data folder (train_scenes.jsonl + images/)")
     ap.add_argument("--out", required=True, help="where the initialised model is written (HF format)")
+    ap.add_argument("--family", choices=FAMILIES, default="llava", help="toy base to build (default: llava)")
     ap.add_argument("--epochs", type=float, default=10.0)
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -242,7 +300,7 @@ def main(argv=None):
                     help="at most this many torch threads (default: all cores; fewer while other processes are busy)")
     args = ap.parse_args(argv)
     pretrain(args.data, args.out, args.epochs, args.batch_size, args.lr, args.text_layers, args.seed, args.limit,
-             not args.no_bf16, max_steps=args.max_steps, num_threads=args.num_threads)
+             not args.no_bf16, max_steps=args.max_steps, num_threads=args.num_threads, family=args.family)
 
 
 if __name__ == "__main__":

@@ -347,7 +347,7 @@ def generate_text_only(model, tokenizer, questions: list[str], conv_mode: str, s
         for q in questions
     ]
     input_ids, attention_mask = (t.to(model.device) for t in left_padded(ids, tokenizer.pad_token_id))
-    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **settings.kwargs(tokenizer))
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **settings.kwargs(tokenizer, conv_mode))
     new_tokens = output[:, input_ids.shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 

@@ -10,7 +10,8 @@ the generator's ``task``: the same code and answer lines as ``scripts/v1_5/eval/
 ``llava.eval.model_vqa_*``) and scored by the same scorer (``llava.eval.eval_*``). The pruning flags are
 ``learnpruner_ext.cli``'s generated group, less ``--pruning-method``/``--visual-token-budget``. ``none`` is
 the unpruned reference and runs once (no budget). A (method, budget) the method cannot meet
-(``BudgetError``) is recorded as infeasible, not a crash. Answers are resumable: re-running the
+(``BudgetError``), or a method with no meaning on the family (``UnsupportedMethodError``, e.g. a fixed-grid
+method on Qwen2.5-VL), is recorded as infeasible with its reason, not a crash. Answers are resumable: re-running the
 same command only answers what is missing.
 
 Writes to ``--out``:
@@ -33,6 +34,7 @@ import os
 import sys
 
 from learnpruner_ext import BudgetError, apply_pruning, available_methods
+from learnpruner_ext.config import UnsupportedMethodError
 from learnpruner_ext.cli import add_pruning_args, pruning_config_from_args
 
 from . import answer_loop
@@ -198,9 +200,10 @@ def run_sweep(args: argparse.Namespace) -> dict:
         try:
             torch.manual_seed(config.seed)  # an untrained LPM is reproducible
             plan = apply_pruning(model, config).plan  # once per (method, budget), for every benchmark
-        except BudgetError as err:
-            print(f"[sweep] {run}: infeasible: {err}", file=sys.stderr)
-            rows += [_row(method, budget, b, "infeasible", note=str(err)) for b in benches]
+        except (BudgetError, UnsupportedMethodError) as err:  # recorded, the sweep goes on with the next run
+            note = str(err) if isinstance(err, BudgetError) else f"not defined on {model.model.adapter.family}: {err}"
+            print(f"[sweep] {run}: infeasible: {note}", file=sys.stderr)
+            rows += [_row(method, budget, b, "infeasible", note=note) for b in benches]
             continue
         for bench in benches:
             run_dir = os.path.join(args.out, "answers", bench.name, run)

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from llava.constants import IGNORE_INDEX
 from llava.model.builder import load_pretrained_model
-from llava.train.data import DataCollatorForSupervisedDataset, LazySupervisedDataset
+from llava.train.data import LAYOUT_KEYS, DataCollatorForSupervisedDataset, LazySupervisedDataset
 
 
 def _bool(text: str) -> bool:
@@ -83,15 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
 VISUAL_KEYS = ("pixel_values", "pixel_values_videos")
 
 
-def _pack(items: list[dict]) -> tuple[list[dict], torch.Tensor | None]:
-    """Worker side: token lists plus ONE stacked bf16 image tensor per chunk (one shared file descriptor,
-    not one per sample, which would exhaust the descriptor limit)."""
+def _pack(items: list[dict]) -> tuple[list[dict], dict]:
+    """Worker side: token lists plus ONE bf16 tensor per visual key and chunk, the samples' tensors concatenated
+    along their first axis (one shared file descriptor, not one per sample, which would exhaust the descriptor
+    limit; the first axis may differ between samples: Qwen2.5-VL's patch count, NeXT's crops)."""
     texts = [{"input_ids": x["input_ids"].tolist(), "labels": x["labels"].tolist(), "id": x["id"],
-              "visual": next((k for k in VISUAL_KEYS if k in x), None)} for x in items]
+              "visual": next((k for k in VISUAL_KEYS if k in x), None),
+              "layout": {k: x[k].tolist() for k in LAYOUT_KEYS if k in x}} for x in items]  # image_grid_thw, ...
     stacks = {}
-    for key in VISUAL_KEYS:  # images [n, 3, H, W]; Video-LLaVA videos [n, F, 3, H, W]
+    for key in VISUAL_KEYS:  # per sample: image [3, H, W] (Qwen2.5-VL: [P_i, C*T*p*p]); Video-LLaVA [F, 3, H, W]
         rows = [x[key].to(torch.bfloat16) for x in items if key in x]
-        stacks[key] = torch.stack(rows) if rows else None
+        stacks[key] = (torch.cat(rows), [len(r) for r in rows]) if rows else None
     return texts, stacks
 
 
@@ -100,14 +102,26 @@ def cache_dataset(dataset: LazySupervisedDataset, workers: int) -> list[dict]:
     loader = DataLoader(dataset, batch_size=256, num_workers=workers, collate_fn=_pack)
     out = []
     for texts, stacks in loader:
-        taken = dict.fromkeys(VISUAL_KEYS, 0)
+        parts = {k: iter(v[0].split(v[1])) for k, v in stacks.items() if v is not None}
         for t in texts:
-            item = {"input_ids": torch.tensor(t["input_ids"]), "labels": torch.tensor(t["labels"]), "id": t["id"]}
+            item = {"input_ids": torch.tensor(t["input_ids"]), "labels": torch.tensor(t["labels"]), "id": t["id"],
+                    **{k: torch.tensor(v) for k, v in t["layout"].items()}}
             if t["visual"] is not None:
-                item[t["visual"]] = stacks[t["visual"]][taken[t["visual"]]]
-                taken[t["visual"]] += 1
+                item[t["visual"]] = next(parts[t["visual"]])
             out.append(item)
     return out
+
+
+def vision_encoder_parameters(inner) -> list[torch.nn.Parameter]:
+    """The vision encoder's parameters, not the projector's: the CLIP tower(s) of LLaVA / NeXT / Video-LLaVA, and
+    Qwen2.5-VL's ViT without its merger (the merger is Qwen's projector and trains with the LLM)."""
+    towers = [getattr(inner, name) for name in ("vision_tower", "image_tower", "video_tower") if hasattr(inner, name)]
+    params = [p for tower in towers for p in tower.parameters()]
+    visual = getattr(inner, "visual", None)
+    if visual is not None:
+        merger = {id(p) for p in visual.merger.parameters()}
+        params += [p for p in visual.parameters() if id(p) not in merger]
+    return params
 
 
 def answer_token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
@@ -132,6 +146,7 @@ def train(args: argparse.Namespace) -> dict:
                                     conv_mode=args.version, data_fraction=args.data_fraction, data_seed=args.seed,
                                     model_config=model.config, check_images=args.check_images,
                                     skip_missing_images=args.skip_missing_images,
+                                    image_token_counts=getattr(model, "image_token_counts", None),
                                     video_token_counts=getattr(model, "video_token_counts", None))
     if dataset.num_skipped:
         print(f"[train_full] skipped {dataset.num_skipped} samples: image missing ({dataset.num_missing}) "
@@ -146,12 +161,11 @@ def train(args: argparse.Namespace) -> dict:
               f"using batch size {len(items)}", flush=True)
         args.batch_size = len(items)
     collate = DataCollatorForSupervisedDataset(tokenizer.pad_token_id)
-    inner = model.model
-    towers = [getattr(inner, name) for name in ("vision_tower", "image_tower", "video_tower") if hasattr(inner, name)]
+    vision = vision_encoder_parameters(model.model)
     if args.freeze_vision:
-        for tower in towers:
-            tower.requires_grad_(False)
-    vision = [p for tower in towers for p in tower.parameters() if p.requires_grad]
+        for p in vision:
+            p.requires_grad_(False)
+    vision = [p for p in vision if p.requires_grad]
     vision_ids = {id(p) for p in vision}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in vision_ids]
     groups = [{"params": rest, "lr": args.lr}]

@@ -5,13 +5,20 @@
 # plots and the kept-patches figure. Results: docs/results_toy.md describes a run of exactly this.
 #
 #   bash scripts/toy/train_all.sh            # ~118 min on 2 CPU cores, ~15 GB RAM (docs/results_toy.md)
+#   bash scripts/toy/train_all.sh --family qwen2_5_vl   # the Qwen2.5-VL-shaped toy (docs/results_toy.md)
+#
+# --family llava (default) or qwen2_5_vl. The Qwen toy (toyworld.pretrain_vision: 64 merged tokens per image)
+# differs in its defaults: OUT_MODEL checkpoints/toy-qwen2.5-vl, WORK outputs/toy_qwen, budgets 21,14,7 (the
+# shares of Table 4's 426/284/142 of 1280), fp32 vision pretraining (faster than bf16 for its windowed ViT here),
+# VQA_FRACTION 0.5 (its cached patches take twice the memory of LLaVA's images), PRETRAIN_EPOCHS 4, VQA_MINUTES 50, no focus phase
+# (stage 4 copies the VQA output: M-RoPE's 2D positions leave no left/right gap to fix), no kept-patches figure.
 #
 # Environment variables (defaults in brackets):
 #   OUT_MODEL   where the trained base goes [checkpoints/toy-llava]; its LPM goes to OUT_MODEL/lpm
 #   DATA_ROOT   eval root; the data goes to DATA_ROOT/toy [playground/data]
 #   WORK        intermediate outputs (vision-pretrained init, sweeps) [outputs/toy]
 #   NUM_TRAIN [60000]  NUM_TEST [1000]  SEED [0]
-#   PRETRAIN_EPOCHS [4]  VQA_EPOCHS [12]  VQA_MINUTES [80] (time cap of the VQA stage)
+#   PRETRAIN_EPOCHS [4]  VQA_EPOCHS [12]  VQA_MINUTES [80] (time cap of the VQA stage)  VQA_FRACTION [1.0]
 #   FOCUS_BASE [20000] (full-mix conversations in focus phase (b), beside the left/right position turns)
 #   LPM_FRACTION [0.1] (share of train.json for the LPM, as the paper: 10% of 665K)  LPM_BATCH [16]
 #   METHODS [all registered]  BUDGETS [32,16,8]  SMOKE_STEPS (if set: tiny step counts, for tests)
@@ -19,6 +26,22 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
+FAMILY=llava
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --family) FAMILY="${2:-}"; shift 2 ;;
+    --family=*) FAMILY="${1#--family=}"; shift ;;
+    *) echo "error: unknown argument '$1' (usage: bash scripts/toy/train_all.sh [--family llava|qwen2_5_vl])" >&2; exit 2 ;;
+  esac
+done
+case "$FAMILY" in
+  llava) PRE_ARGS=(); CONV=v1 ;;
+  qwen2_5_vl)
+    PRE_ARGS=(--no-bf16); CONV=qwen2_5_vl
+    OUT_MODEL="${OUT_MODEL:-checkpoints/toy-qwen2.5-vl}"; WORK="${WORK:-outputs/toy_qwen}"; BUDGETS="${BUDGETS:-21,14,7}"
+    PRETRAIN_EPOCHS="${PRETRAIN_EPOCHS:-4}"; VQA_MINUTES="${VQA_MINUTES:-50}"; VQA_FRACTION="${VQA_FRACTION:-0.5}" ;;
+  *) echo "error: --family must be llava or qwen2_5_vl, got '$FAMILY'" >&2; exit 2 ;;
+esac
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
@@ -28,6 +51,7 @@ TOY_DATA="$DATA_ROOT/toy"
 WORK="${WORK:-outputs/toy}"
 NUM_TRAIN="${NUM_TRAIN:-60000}"; NUM_TEST="${NUM_TEST:-1000}"; SEED="${SEED:-0}"
 PRETRAIN_EPOCHS="${PRETRAIN_EPOCHS:-4}"; VQA_EPOCHS="${VQA_EPOCHS:-12}"; VQA_MINUTES="${VQA_MINUTES:-80}"
+VQA_FRACTION="${VQA_FRACTION:-1.0}"
 FOCUS_BASE="${FOCUS_BASE:-20000}"
 LPM_FRACTION="${LPM_FRACTION:-0.1}"; LPM_BATCH="${LPM_BATCH:-16}"
 METHODS="${METHODS:-none,learnpruner,vispruner,fastv,visionzip,divprune,dart,random,cls,downsample,pyramiddrop}"
@@ -44,8 +68,8 @@ want() { [ "$1" -ge "$START_AT" ]; }
 train_vqa() {
   rm -rf "$3"
   "$PY" -m llava.train.train_full --model_name_or_path "$1" --data_path "$2" --image_folder "$TOY_DATA/images" \
-    --output_dir "$3" --epochs "$4" --batch_size 8 --lr "$5" --time_budget_min "$6" \
-    --freeze_vision --bf16 --num_threads "$THREADS" --seed "$SEED" ${VQA_STEPS[@]+"${VQA_STEPS[@]}"}
+    --output_dir "$3" --epochs "$4" --batch_size 8 --lr "$5" --time_budget_min "$6" --version "$CONV" \
+    --data_fraction "${7:-1.0}" --freeze_vision --bf16 --num_threads "$THREADS" --seed "$SEED" ${VQA_STEPS[@]+"${VQA_STEPS[@]}"}
 }
 
 PRE_STEPS=(); VQA_STEPS=(); LPM_STEPS=""
@@ -60,15 +84,18 @@ stamp "1/7 generate $NUM_TRAIN train + $NUM_TEST test images -> $TOY_DATA"
 "$PY" -m toyworld.generate --out "$TOY_DATA" --seed "$SEED" --num-train "$NUM_TRAIN" --num-test "$NUM_TEST"
 fi
 if want 2; then
-stamp "2/7 vision pretraining (per-patch colour/shape/centre/background/label/glyph/position) -> $WORK/init"
-"$PY" -m toyworld.pretrain_vision --data "$TOY_DATA" --out "$WORK/init" --epochs "$PRETRAIN_EPOCHS" \
+stamp "2/7 vision pretraining of the $FAMILY toy (per-token colour/shape/centre/background/label/glyph/position) -> $WORK/init"
+"$PY" -m toyworld.pretrain_vision --family "$FAMILY" --data "$TOY_DATA" --out "$WORK/init" --epochs "$PRETRAIN_EPOCHS" ${PRE_ARGS[@]+"${PRE_ARGS[@]}"} \
   --batch-size 64 --lr 2e-3 --text-layers 4 --seed "$SEED" --num-threads "$THREADS" ${PRE_STEPS[@]+"${PRE_STEPS[@]}"}
 fi
 if want 3; then
 stamp "3/7 VQA training (projector + LLM; the pretrained vision tower stays frozen) -> $WORK/vqa"
-train_vqa "$WORK/init" "$TOY_DATA/train.json" "$WORK/vqa" "$VQA_EPOCHS" 5e-4 "$VQA_MINUTES"
+train_vqa "$WORK/init" "$TOY_DATA/train.json" "$WORK/vqa" "$VQA_EPOCHS" 5e-4 "$VQA_MINUTES" "$VQA_FRACTION"
 fi
-if want 4; then
+if want 4 && [ "$FAMILY" != llava ]; then
+stamp "4/7 no focus phase for $FAMILY: $WORK/vqa -> $OUT_MODEL"
+rm -rf "$OUT_MODEL"; mkdir -p "$(dirname "$OUT_MODEL")"; cp -r "$WORK/vqa" "$OUT_MODEL"
+elif want 4; then
 # Left/right position is the one skill the main stage leaves at chance (docs/results_toy.md), and mixing
 # extra position turns into the full mix did not teach it in 11 minutes. So: (a) two epochs on the
 # left/right turns alone, which learns it but makes the base answer "left"/"right" to everything, then
@@ -111,9 +138,10 @@ rm -rf "$WORK/sweep" "$WORK/sweep_after_layer"
   --method-option budget_mode=after_layer --no-progress > /dev/null
 fi
 if want 7; then
-stamp "7/7 report: table, plots, kept-patches figure"
+stamp "7/7 report: table, plots (LLaVA: and the kept-patches figure)"
+FIGURE=(); [ "$FAMILY" = llava ] && FIGURE=(--figure-model "$OUT_MODEL" --data "$TOY_DATA")
 "$PY" -m toyworld.report --sweep "$WORK/sweep" --after-layer "$WORK/sweep_after_layer" --answer-key "$TOY_DATA/test_answers.jsonl" \
-  --figure-model "$OUT_MODEL" --data "$TOY_DATA"
+  ${FIGURE[@]+"${FIGURE[@]}"}
 fi
 stamp "done: $WORK/sweep/table_toy.md, $WORK/sweep/accuracy_vs_budget.png, $WORK/sweep/accuracy_by_type.png, $WORK/sweep/kept_patches.png"
 

@@ -76,3 +76,25 @@ def test_pixel_flags_are_refused_on_fixed_resolution_families(tmp_path):
         image_pixels_for(llava, max_pixels=4704)
     assert image_pixels_for(llava) is None
     assert QWEN_PAPER_MAX_PIXELS == 1003520  # 1280 merged tokens x 28 x 28 px
+
+
+def test_decoding_stops_at_the_templates_end_of_turn():
+    """The tiny/toy Qwen tokenizer's eos is ``</s>``, but ChatML ends a turn with ``<|im_end|>``: decoding must stop
+    there (real Qwen2.5-VL stops there through its generation config). Biasing ``<|im_end|>`` to come first, the
+    answer is that one token and nothing after it; Vicuna's ``</s>`` and plain's text ``\\n`` add no stop token."""
+    import torch
+
+    from learnpruner_ext.tiny import build_tiny_model, build_tiny_qwen_model
+    from llava.inference import GenerationSettings, build_prompt, prepare_batch, stop_token_ids
+
+    model, tokenizer, processor = build_tiny_qwen_model(seed=0)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert stop_token_ids(tokenizer, "qwen2_5_vl") == [tokenizer.eos_token_id, im_end]
+    _, llava_tokenizer, _ = build_tiny_model(seed=0)
+    for conv in ("vicuna_v1", "plain"):
+        assert stop_token_ids(llava_tokenizer, conv) == [llava_tokenizer.eos_token_id]
+    batch = prepare_batch(model, tokenizer, processor, [random_image(0, (56, 56))], [build_prompt("Hi?", "qwen2_5_vl")])
+    kwargs = GenerationSettings(max_new_tokens=6).kwargs(tokenizer, "qwen2_5_vl")
+    with torch.inference_mode():
+        out = model.generate(**batch, **kwargs, sequence_bias={(im_end,): 1e4})
+    assert out[0, batch["input_ids"].shape[1]:].tolist() == [im_end]
