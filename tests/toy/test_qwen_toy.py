@@ -97,3 +97,38 @@ def test_qwen_sweep_rows(run):
     # 4 LLM layers, K=2: FastV needs T >= ceil((2*64 + 2) / 4) = 33 under the average convention
     assert all(rows[("fastv", b)]["status"] == "infeasible" for b in BUDGETS)
     assert (run / "work" / "sweep" / "table_toy.md").is_file()
+
+
+SHIPPED_QWEN = ROOT / "checkpoints" / "toy-qwen2.5-vl"
+
+
+@pytest.mark.skipif(not (SHIPPED_QWEN / "lpm" / "lpm.safetensors").is_file(), reason="checkpoints/toy-qwen2.5-vl is not present")
+def test_shipped_qwen_toy_answers_and_uses_its_lpm():
+    """The shipped Qwen toy loads through the real loader (64 merged tokens per 192-px image), answers fresh toy
+    scenes (colour and shape of a single object, background colour; 85.6 % overall on the test split, 100 % on
+    background) at >= 80 % unpruned, stops at ``<|im_end|>``, and LearnPruner picks up its trained LPM."""
+
+    from learnpruner_ext import PruningConfig, apply_pruning
+    from llava.inference import generate_answers
+    from llava.model.builder import load_pretrained_model
+    from toyworld.generate import draw_scene, make_question, sample_scene
+
+    tokenizer, model, processor, _ = load_pretrained_model(str(SHIPPED_QWEN), device="cpu", dtype="float32")
+    assert model.family == "qwen2_5_vl" and model.config.pruning_reference_tokens == TOY_QWEN_TOKENS
+    images, questions, answers = [], [], []
+    rng = np.random.default_rng(2026)
+    while len(questions) < 24:
+        scene = sample_scene(rng)
+        qa = make_question(rng, scene, ("background", "color", "shape")[len(questions) % 3])
+        if qa is None:
+            continue
+        images.append(draw_scene(scene))
+        questions.append(qa[0] + "\nAnswer the question using a single word or phrase.")
+        answers.append(qa[1])
+    texts = generate_answers(model, tokenizer, processor, images, questions, "qwen2_5_vl")
+    right = sum(t.strip().lower() == a for t, a in zip(texts, answers))
+    assert right >= 0.8 * len(answers), list(zip(texts, answers))
+    method = apply_pruning(model, PruningConfig("learnpruner", budget=14, position_mode="original"))
+    assert method.lpm.trained and method.config.lpm_path == str(SHIPPED_QWEN / "lpm")
+    pruned = generate_answers(model, tokenizer, processor, images[:6], questions[:6], "qwen2_5_vl")
+    assert all(t and "<|im_end|>" not in t for t in pruned)
