@@ -1,6 +1,6 @@
 """LearnPruner: two-stage visual-token pruning for LLaVA-family models, and the methods it is compared to."""
 
-from .config import BudgetError, PruningConfig, TokenPlan
+from .config import BudgetError, PruningConfig, TokenPlan, UnsupportedMethodError
 from .lpm import LearnablePruningModule
 from .methods import available_methods, create_method, register_method
 from .modeling import (
@@ -18,6 +18,7 @@ __all__ = [
     "PruningConfig",
     "PruningTrace",
     "TokenPlan",
+    "UnsupportedMethodError",
     "apply_pruning",
     "available_methods",
     "create_method",

@@ -292,10 +292,16 @@ def qwen_image_processor(min_tokens: int = QWEN_TOKEN_RANGE[0], max_tokens: int 
     )  # fmt: skip
 
 
-def build_tiny_qwen_model(seed: int = 0, **geometry):
-    """A random tiny Qwen2.5-VL in memory -> (model, tokenizer with Qwen's vision tokens, image processor)."""
+def build_qwen_tokenizer() -> LlamaTokenizer:
+    """The tiny sentencepiece tokenizer plus Qwen2.5-VL's vision and ChatML tokens (as special tokens)."""
     tokenizer = build_sp_tokenizer()
     tokenizer.add_tokens(QWEN_TOKENS, special_tokens=True)
+    return tokenizer
+
+
+def build_tiny_qwen_model(seed: int = 0, **geometry):
+    """A random tiny Qwen2.5-VL in memory -> (model, tokenizer with Qwen's vision tokens, image processor)."""
+    tokenizer = build_qwen_tokenizer()
     config = tiny_qwen_config(tokenizer, **geometry)
     return _random_model(PrunableQwen2_5_VLForConditionalGeneration, config, seed), tokenizer, qwen_image_processor()
 

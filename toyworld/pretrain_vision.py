@@ -47,8 +47,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
-from learnpruner_ext.adapters import adapter_for
-from learnpruner_ext.tiny import CLIP_MEAN, CLIP_STD, QWEN_TOKENS, build_sp_tokenizer, build_tokenizer
+from learnpruner_ext.tiny import CLIP_MEAN, CLIP_STD, build_qwen_tokenizer, build_tokenizer
 from learnpruner_ext.tiny import image_processor_for, qwen_image_processor, tiny_configs, tiny_qwen_config
 from learnpruner_ext.modeling import PrunableLlavaForConditionalGeneration, PrunableQwen2_5_VLForConditionalGeneration
 from . import generate as G
@@ -184,8 +183,7 @@ def build_model(text_layers: int, seed: int, family: str = "llava"):
     """A random toy base -> (model, tokenizer, image processor). The LLaVA toy keeps the BPE tokenizer the
     shipped ``checkpoints/toy-llava`` was trained with; the Qwen toy uses the tiny Qwen factory's tokenizer."""
     if family == "qwen2_5_vl":
-        tokenizer = build_sp_tokenizer()
-        tokenizer.add_tokens(QWEN_TOKENS, special_tokens=True)
+        tokenizer = build_qwen_tokenizer()
         config = tiny_qwen_config(tokenizer, text_layers=text_layers, reference_tokens=TOY_QWEN_TOKENS, **TOY_QWEN_GEOMETRY)
         torch.manual_seed(seed)
         processor = qwen_image_processor(TOY_QWEN_TOKENS, TOY_QWEN_TOKENS, patch_size=TOY_QWEN_GEOMETRY["patch_size"])
@@ -223,7 +221,7 @@ def cell_features(model, images_u8: torch.Tensor) -> torch.Tensor:
     pixels = normalize(images_u8)
     if model.config.model_type == "qwen2_5_vl":
         flat, grid = qwen_patches(pixels, model.config.vision_config.patch_size)
-        return torch.stack(adapter_for(model.config).vision_features(model.model, flat.to(pixels.dtype), grid))
+        return torch.stack(model.model.adapter.vision_features(model.model, flat.to(pixels.dtype), grid))
     return model.model.vision_features(pixels)
 
 
@@ -239,7 +237,7 @@ def pretrain(data: str, out: str, epochs: float = 10.0, batch_size: int = 64, lr
     inner = model.model
     tower = inner.visual if family == "qwen2_5_vl" else inner.vision_tower
     grid = math.isqrt(targets.shape[1])
-    heads = PatchHeads(adapter_for(model.config).feature_dim(model.config), grid)
+    heads = PatchHeads(inner.adapter.feature_dim(model.config), grid)
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     steps = max_steps or max(1, math.ceil(epochs * len(images) / batch_size))

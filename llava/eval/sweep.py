@@ -33,8 +33,7 @@ import json
 import os
 import sys
 
-from learnpruner_ext import BudgetError, apply_pruning, available_methods
-from learnpruner_ext.config import UnsupportedMethodError
+from learnpruner_ext import BudgetError, UnsupportedMethodError, apply_pruning, available_methods
 from learnpruner_ext.cli import add_pruning_args, pruning_config_from_args
 
 from . import answer_loop

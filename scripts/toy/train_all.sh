@@ -139,9 +139,10 @@ rm -rf "$WORK/sweep" "$WORK/sweep_after_layer"
 fi
 if want 7; then
 stamp "7/7 report: table, plots (LLaVA: and the kept-patches figure)"
-FIGURE=(); [ "$FAMILY" = llava ] && FIGURE=(--figure-model "$OUT_MODEL" --data "$TOY_DATA")
+FIGURE=()
+if [ "$FAMILY" = llava ]; then FIGURE=(--figure-model "$OUT_MODEL" --data "$TOY_DATA"); fi
 "$PY" -m toyworld.report --sweep "$WORK/sweep" --after-layer "$WORK/sweep_after_layer" --answer-key "$TOY_DATA/test_answers.jsonl" \
   ${FIGURE[@]+"${FIGURE[@]}"}
 fi
-stamp "done: $WORK/sweep/table_toy.md, $WORK/sweep/accuracy_vs_budget.png, $WORK/sweep/accuracy_by_type.png, $WORK/sweep/kept_patches.png"
+stamp "done: $WORK/sweep/table_toy.md, $WORK/sweep/accuracy_vs_budget.png, $WORK/sweep/accuracy_by_type.png$([ "$FAMILY" = llava ] && echo ", $WORK/sweep/kept_patches.png")"
 
