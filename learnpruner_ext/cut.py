@@ -45,6 +45,9 @@ class SequenceCut:
     boundary: int
     index: torch.Tensor  # [B, S'] positions in the sequence before the cut
     valid: torch.Tensor  # [B, S'] bool, False on the new left padding
+    # hidden states a merging method writes into kept positions before the gather (SparseVLM's recycled tokens):
+    # ([B, M] positions before the cut, -1 = none; [B, M, D] values); None = the kept hidden states unchanged
+    replace: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_keep(cls, boundary: int, keep: torch.Tensor) -> "SequenceCut":
@@ -62,6 +65,16 @@ class SequenceCut:
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """x [B or 1, S, ...] -> [B, S', ...] (padding slots hold row position 0: finite, always masked)."""
         return gather_seq(x, self.index)
+
+    def gather_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, S, D] -> [B, S', D]: :meth:`gather` after writing ``replace`` (if any) into its positions."""
+        if self.replace is not None:
+            where, values = self.replace
+            ok = where >= 0
+            rows = torch.arange(where.shape[0], device=where.device)[:, None].expand_as(where)
+            hidden = hidden.clone()
+            hidden[rows[ok], where[ok]] = values[ok].to(hidden.dtype)
+        return self.gather(hidden)
 
     def gather_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
         """position_ids [B or 1, S] -> [B, S'], or M-RoPE's [3, B or 1, S] -> [3, B, S']."""

@@ -73,25 +73,38 @@ class PrunableDecoderMixin:
         stages = pruner.decoder_layers if pruner is not None and prefill else ()  # cut boundaries k, ascending
         counts = vision_mask.sum(-1) if prefill else None  # [B] vision tokens each sample has in this layer
         per_layer, score_inputs = [], {}
+        llm_input = {}  # the LLM's input, and each current position's index in it (DecoderContext.input_embeddings)
+        if stages:
+            batch, seq = hidden_states.shape[:2]
+            valid = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
+            origin = torch.arange(seq, device=hidden_states.device).expand(batch, -1)
+            llm_input = {"embeddings": hidden_states, "embeddings_vision": vision_mask, "embeddings_valid": valid,
+                         "origin": origin}  # fmt: skip
         for idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
             for k in stages:
-                if idx == pruner.score_layer_for(k):
-                    score_inputs[k] = hidden_states  # the scoring layer's input (layer k itself, or k-1)
+                if k == idx and pruner.score_layer_for(k) == idx:
+                    score_inputs[k] = hidden_states  # layer k scores its own cut: its input before that cut
             if idx in stages and int(counts.max()) > 0:
                 with section(self.stage_timer, "stage2_select"):
                     cut = self._decoder_cut(pruner, idx, score_inputs[idx], hidden_states, attention_mask, vision_mask,
-                                            position_embeddings, past_key_values, state)  # fmt: skip
+                                            position_embeddings, past_key_values, state, llm_input)  # fmt: skip
                 if cut is not None:
                     with section(self.stage_timer, "stage2_cut"):  # hidden states, positions, RoPE, masks together
                         cos, sin = position_embeddings
-                        hidden_states, position_ids = cut.gather(hidden_states), cut.gather_positions(position_ids)
+                        hidden_states = cut.gather_hidden(hidden_states)  # with any merged tokens written first
+                        position_ids = cut.gather_positions(position_ids)
+                        cut.replace = None  # written; the cached cut keeps only what decoding needs
+                        llm_input["origin"] = cut.gather(llm_input["origin"])
                         text_positions = None if text_positions is None else cut.gather(text_positions)
                         position_embeddings = (cut.gather(cos), cut.gather(sin))
                         attention_mask, vision_mask = cut.mask(attention_mask), cut.gather(vision_mask) & cut.valid
                         counts = vision_mask.sum(-1)
                         causal_mask = create_causal_mask(self.config, hidden_states, attention_mask, past_key_values,
                                                          position_ids=None, layer_idx=idx)  # fmt: skip
-            elif idx in decode_masks and idx > 0:
+            for k in stages:
+                if k > idx and pruner.score_layer_for(k) == idx:
+                    score_inputs[k] = hidden_states  # an earlier layer scores cut k: its input after any cut here
+            if idx in decode_masks and idx > 0:
                 causal_mask = create_causal_mask(
                     self.config, hidden_states, decode_masks[idx], past_key_values, position_ids=None, layer_idx=idx
                 )
@@ -112,9 +125,11 @@ class PrunableDecoderMixin:
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
 
     def _decoder_cut(self, pruner, idx, score_input, hidden_states, attention_mask, vision_mask, position_embeddings,
-                     past_key_values, state) -> SequenceCut | None:  # fmt: skip
+                     past_key_values, state, llm_input=None) -> SequenceCut | None:  # fmt: skip
         """Decoder stage at layer ``idx``: the method scores and picks each prompt's ``plan.r2`` vision tokens;
-        -> the cut that keeps them (None when every prompt keeps all of its vision tokens).
+        -> the cut that keeps them (None when every prompt keeps all of its vision tokens). A merging method may
+        also give new hidden states for some kept tokens (``ctx.extras["merged"]``: indices into the vision tokens
+        and values); the cut writes them (``SequenceCut.replace``).
 
         Prompts with the same vision count and plan are scored in one call; a batch whose prompts differ (LLaVA-NeXT
         images of different sizes, text-only prompts) is scored one prompt at a time, each on its own rows."""
@@ -127,15 +142,19 @@ class PrunableDecoderMixin:
             return None
         score_layer = self.layers[pruner.score_layer_for(idx)]
         key_valid = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
-        extras = {"stage_input": hidden_states, "final_norm": self.norm}  # layer k's input (DART)
+        extras = {"stage_input": hidden_states, "final_norm": self.norm, **(llm_input or {})}  # layer k's input (DART)
+        merged = None  # ([B, M] sequence positions before the cut, -1 = none; [B, M, D]) hidden states to write
         if len(set(counts)) == 1 and all(plan == plans[0] for plan in plans):
             vision_index = vision_mask.nonzero()[:, 1].view(batch, counts[0])
             ctx = DecoderContext(pruner, score_layer, score_input, position_embeddings, vision_index, key_valid,
                                  extras=extras, plan=plans[0], stage_layer=idx)  # fmt: skip
             keep_vision = pruner.select_decoder(ctx)  # [B, R2] into the Nv vision tokens; -1 = an empty slot
             scores = ctx.extras.get("scores")
+            if "merged" in ctx.extras:
+                slots, values = ctx.extras["merged"]  # [B, M] into the Nv vision tokens (-1: none), [B, M, D]
+                merged = (torch.where(slots >= 0, vision_index.gather(1, slots.clamp(min=0)), -1), values)
         else:
-            rows, score_rows = [], []
+            rows, score_rows, merged_rows = [], [], []
             for b, (plan, n) in enumerate(zip(plans, counts)):
                 if plan is None or plan.r2 >= n:
                     rows.append(torch.arange(n, device=vision_mask.device))
@@ -151,14 +170,31 @@ class PrunableDecoderMixin:
                 )  # fmt: skip
                 rows.append(pruner.select_decoder(ctx)[0])
                 score_rows.append(ctx.extras["scores"][0] if "scores" in ctx.extras else torch.full((n,), float("nan")))
+                if "merged" in ctx.extras:
+                    slots, values = ctx.extras["merged"]
+                    slots, values = slots[0][slots[0] >= 0], values[0][slots[0] >= 0]
+                    merged_rows.append((b, ctx.vision_index[0, slots], values))
             keep_vision = right_pad(rows, -1)
             scores = right_pad([r.float().to(vision_mask.device) for r in score_rows], float("nan"))
+            if merged_rows:
+                found = dict((b, (where, values)) for b, where, values in merged_rows)
+                dim, device = merged_rows[0][2].shape[-1], vision_mask.device
+                empty = (torch.empty(0, dtype=torch.long, device=device), merged_rows[0][2].new_empty(0, dim))
+                pairs = [found.get(b, empty) for b in range(batch)]
+                merged = (right_pad([w for w, _ in pairs], -1), right_pad([v for _, v in pairs], 0.0))
         keep = ~vision_mask if key_valid is None else key_valid & ~vision_mask
         vision_index = right_pad([row.nonzero()[:, 0] for row in vision_mask], 0)  # [B, max Nv]
         rows_idx = torch.arange(batch, device=keep.device)[:, None].expand_as(keep_vision)
         chosen = keep_vision >= 0
         keep[rows_idx[chosen], vision_index.gather(1, keep_vision.clamp(min=0))[chosen]] = True
         cut = SequenceCut.from_keep(idx, keep)
+        if merged is not None:
+            where = merged[0]
+            written = where >= 0
+            owner = torch.arange(batch, device=keep.device)[:, None].expand_as(where)
+            if not bool(keep[owner[written], where[written]].all()):
+                raise RuntimeError(f"{pruner.name}: merged hidden states for vision tokens that the cut at {idx} drops")
+            cut.replace = merged
         if state is not None:  # compose with an earlier cut: indices into the vision tokens that entered the LLM
             earlier = state.stage2_vision_keep  # the vision tokens now in the sequence, in sequence order:
             if earlier is not None:  # the earlier keep ascending (a cut keeps sequence order), empty slots last

@@ -32,7 +32,7 @@ for name in ("test_questions.jsonl", "test_answers.jsonl"):
 PYEOF
 
 rm -rf "$OUT/sweep"
-$PY -m llava.eval.sweep --model-path "$MODEL" --methods none,learnpruner,vispruner,fastv,visionzip,divprune,dart,random,cls,downsample,pyramiddrop \
+$PY -m llava.eval.sweep --model-path "$MODEL" --methods none,learnpruner,vispruner,fastv,visionzip,divprune,dart,random,cls,downsample,pyramiddrop,sparsevlm \
     --budgets 32,16,8 --benchmarks toy --eval-root "$OUT/data" --out "$OUT/sweep" --batch-size 50 \
     --max-new-tokens 4 --device cpu --no-progress > "$OUT/sweep.log" 2>&1 || { tail -20 "$OUT/sweep.log"; exit 1; }
 $PY -m toyworld.report --sweep "$OUT/sweep" --answer-key "$OUT/data/toy/test_answers.jsonl" > "$OUT/report.log" 2>&1 || { tail -20 "$OUT/report.log"; exit 1; }

@@ -209,10 +209,13 @@ class DecoderContext:
             raise ValueError("text-guided pruning needs text after the image in every prompt; put <image> before the question")
         return rows_idx, rows_valid
 
-    def text_attention(self, rows: str = "after_image") -> torch.Tensor:
-        """[B, Nv] mean attention each vision token receives from the query rows (exact softmax over all keys)."""
+    def text_attention(self, rows: str | tuple[torch.Tensor, torch.Tensor] = "after_image") -> torch.Tensor:
+        """[B, Nv] mean attention each vision token receives from the query rows (exact softmax over all keys).
+
+        ``rows``: a mode of :meth:`query_rows`, or explicit ``(index [B, Q], valid [B, Q])`` query rows (SparseVLM's
+        raters)."""
         self._check("text_attention")
-        index, valid = self.query_rows(rows)
+        index, valid = rows if isinstance(rows, tuple) else self.query_rows(rows)
         scores = scoring.text_to_vision_attention(
             self.layer, self.hidden_in, self.position_embeddings, index, valid, self.vision_index, self.key_valid
         )
@@ -234,6 +237,15 @@ class DecoderContext:
         """[B, Nv, D] the vision tokens' hidden states entering the scoring layer."""
         self._check("hidden_states")
         return gather_seq(self.hidden_in, self.vision_index)
+
+    def input_embeddings(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The LLM's input, before any in-LLM cut: ``(embeddings [B, S0, D], vision [B, S0] bool, valid [B, S0] bool
+        or None, origin [B, S])``; ``origin`` maps each position of ``hidden_in`` to its index in that input."""
+        self._check("hidden_states")
+        keys = ("embeddings", "embeddings_vision", "embeddings_valid", "origin")
+        if any(k not in self.extras for k in keys):
+            raise RuntimeError("input_embeddings: the model did not pass the LLM input in extras")
+        return tuple(self.extras[k] for k in keys)
 
     def stage_hidden_states(self) -> torch.Tensor:
         """[B, S, D] hidden states entering the pruning layer ``k`` (the output of layer k-1), every position.

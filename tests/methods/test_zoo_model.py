@@ -23,7 +23,7 @@ def _no_grad():
 QUESTIONS = ["What color is the circle?", "How many shapes are there in this picture?", "Is there a red square?"]
 ZOO = ["vispruner", "fastv", "visionzip", "divprune", "dart", "random", "cls"]
 IN_LLM = {"fastv", "dart"}
-METHODS = ZOO + ["learnpruner", "pyramiddrop"]
+METHODS = ZOO + ["learnpruner", "pyramiddrop", "sparsevlm"]
 
 
 def use(model, name, budget=None, **kw):
