@@ -174,6 +174,25 @@ def _dtype(args: TrainingArguments) -> str:
     return "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
 
 
+def _init_deepspeed_comm(args: TrainingArguments) -> None:
+    """Log the process group and hand it to DeepSpeed before the base loads.
+
+    Under ZeRO-3 the base loads inside ``deepspeed.zero.Init``, which checks the batch sizes against DeepSpeed's own
+    world size. On GPUs accelerate initialises DeepSpeed's communication itself; with ``--use_cpu`` (the CPU runs,
+    gloo) it only starts ``torch.distributed``, so zero.Init saw a world of 1 and multi-process ZeRO-3 stopped with
+    "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size". DeepSpeed adopts the
+    existing group (``init_distributed`` does nothing when it is already set up).
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if args.process_index == 0:
+        logger.warning("world size %d, torch.distributed backend %s", args.world_size, torch.distributed.get_backend())
+    if args.deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+
+
 def build(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments):
     """Load the base, build data and the training module -> (trainer, resume checkpoint or None)."""
     check_fraction(data_args.data_fraction)
@@ -187,6 +206,7 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
             record_filter.apply(json.load(f), f"--data_path {data_args.data_path}")
     base_model = str(Path(model_args.model_name_or_path).resolve())
     device = str(args.device)  # also sets up torch.distributed, which world_size needs
+    _init_deepspeed_comm(args)
     resume = resolve_resume(args)
     current = run_args(model_args, data_args, args)
     if resume is not None:
@@ -225,6 +245,9 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
     samples = {"num_samples": len(dataset), "samples_sha256": dataset.fingerprint()}
     if resume is not None:  # the data as read now, after skips: a changed file or skip set changes the order
         check_changed_args(resume, samples, args.allow_changed_args)
+    # the LPM's init from --seed alone: loading the base under ZeRO-3 (deepspeed.zero.Init) moves the global RNG, so
+    # without this the ZeRO-3 LPM started from other weights than the ZeRO-2 / plain one (those loads draw nothing)
+    torch.manual_seed(args.seed)
     lpm = LearnablePruningModule(feature_dim(vlm.config), args.lpm_hidden)
     if args.lpm_init_keep_bias is not None:
         with torch.no_grad():
@@ -267,5 +290,15 @@ def train(argv: list[str] | None = None) -> LPMTrainer:
     return trainer
 
 
+def finish_distributed() -> None:
+    """Leave the process group together: a barrier (rank 0 has written the LPM), then its orderly teardown, instead
+    of each rank dropping its connections at exit while a peer may still hold them. Without it, one 2-node gloo run
+    in the tests had a rank abort (SIGABRT) after the last step, and the launcher reported the run as failed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
     train()
+    finish_distributed()

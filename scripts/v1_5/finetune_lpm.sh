@@ -21,8 +21,15 @@
 #   QUESTION_TYPES / EXCLUDE_QUESTION_TYPES  [all]  toy-world question types to train on / leave out, e.g. count,position
 #   DATA_SOURCES    [all]     source datasets (first folder of 'image', e.g. coco,gqa; text-only) to train on
 #                   the filter is applied before DATA_FRACTION and recorded in lpm_config.json ("data_filter")
-#   DS_CONFIG       [./scripts/zero2.json]     NUM_GPUS [all visible GPUs]
+#   DS_CONFIG       [./scripts/zero2.json]     NUM_GPUS [all visible GPUs]: processes per node
 #   LAUNCHER        deepspeed | torchrun [deepspeed]      MASTER_PORT [29500]
+# Several nodes (docs/training.md, "Several processes and nodes"); GLOBAL_BATCH stays the optimizer batch, the
+# accumulation is GLOBAL_BATCH / (PER_DEVICE_BATCH x NUM_GPUS x NUM_NODES):
+#   NUM_NODES       [1]
+#   HOSTFILE        deepspeed launcher: "host slots=N" lines; run the script once, on the first host (pdsh over ssh)
+#   NODE_RANK       this node's rank 0..NUM_NODES-1 when the same command runs on every node: torchrun [0], or
+#                   the deepspeed launcher with HOSTFILE but without ssh (--no_ssh)
+#   MASTER_ADDR     node 0's address, reachable from the others [torchrun: 127.0.0.1; deepspeed: the first host's]
 #   PYTHON / DEEPSPEED / TORCHRUN  interpreter and launchers [.venv/bin/... if present]
 #   EXTRA_ARGS      more train_lpm.py flags, e.g. "--max_steps 20 --save_steps 10"
 #
@@ -60,6 +67,7 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 LAUNCHER="${LAUNCHER:-deepspeed}"
 MASTER_PORT="${MASTER_PORT:-29500}"
+NUM_NODES="${NUM_NODES:-1}"
 for tool in DEEPSPEED TORCHRUN; do
     name=$(tr '[:upper:]' '[:lower:]' <<< "$tool")
     if [ -z "${!tool:-}" ]; then
@@ -80,11 +88,17 @@ if [ "$NUM_GPUS" -lt 1 ]; then
     echo "error: no GPU found (set NUM_GPUS, or see docs/training.md for a CPU smoke run)" >&2
     exit 1
 fi
-if [ $((GLOBAL_BATCH % (PER_DEVICE_BATCH * NUM_GPUS))) -ne 0 ]; then
-    echo "error: GLOBAL_BATCH=$GLOBAL_BATCH is not a multiple of PER_DEVICE_BATCH=$PER_DEVICE_BATCH x NUM_GPUS=$NUM_GPUS" >&2
+if [ "$LAUNCHER" = deepspeed ] && [ "$NUM_NODES" -gt 1 ] && [ -z "${HOSTFILE:-}" ]; then
+    echo "error: NUM_NODES=$NUM_NODES with the deepspeed launcher needs HOSTFILE (or LAUNCHER=torchrun and NODE_RANK)" >&2
     exit 1
 fi
-GRAD_ACC=$((GLOBAL_BATCH / (PER_DEVICE_BATCH * NUM_GPUS)))
+WORLD=$((NUM_GPUS * NUM_NODES))
+if [ $((GLOBAL_BATCH % (PER_DEVICE_BATCH * WORLD))) -ne 0 ]; then
+    echo "error: GLOBAL_BATCH=$GLOBAL_BATCH is not a multiple of PER_DEVICE_BATCH=$PER_DEVICE_BATCH x NUM_GPUS=$NUM_GPUS" \
+        "x NUM_NODES=$NUM_NODES" >&2
+    exit 1
+fi
+GRAD_ACC=$((GLOBAL_BATCH / (PER_DEVICE_BATCH * WORLD)))
 for path in "$BASE/config.json" "$DATA"; do
     if [ ! -e "$path" ]; then echo "error: $path not found (see docs/training.md, 'Data and base model')" >&2; exit 1; fi
 done
@@ -97,10 +111,20 @@ FILTER=()
 [ -n "${EXCLUDE_QUESTION_TYPES:-}" ] && FILTER+=(--exclude_question_types "$EXCLUDE_QUESTION_TYPES")
 [ -n "${DATA_SOURCES:-}" ] && FILTER+=(--data_sources "$DATA_SOURCES")
 
-echo "[finetune_lpm] $BASE -> $OUTPUT_DIR: ${NUM_GPUS} GPU(s) x ${PER_DEVICE_BATCH} x ${GRAD_ACC} accumulation = ${GLOBAL_BATCH}, lr ${LR}" >&2
+NODES=""
+[ "$NUM_NODES" -gt 1 ] && NODES="${NUM_NODES} nodes x "
+echo "[finetune_lpm] $BASE -> $OUTPUT_DIR: ${NODES}${NUM_GPUS} GPU(s) x ${PER_DEVICE_BATCH} x ${GRAD_ACC} accumulation = ${GLOBAL_BATCH}, lr ${LR}" >&2
 case "$LAUNCHER" in
-    deepspeed) LAUNCH=("$DEEPSPEED" --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT") ;;
-    torchrun) LAUNCH=("$TORCHRUN" --nproc_per_node "$NUM_GPUS" --master_port "$MASTER_PORT") ;;
+    deepspeed)
+        LAUNCH=("$DEEPSPEED" --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT")
+        [ -n "${HOSTFILE:-}" ] && LAUNCH+=(--hostfile "$HOSTFILE" --num_nodes "$NUM_NODES")
+        [ -n "${HOSTFILE:-}" ] && [ -n "${NODE_RANK:-}" ] && LAUNCH+=(--no_ssh --node_rank "$NODE_RANK")
+        [ -n "${MASTER_ADDR:-}" ] && LAUNCH+=(--master_addr "$MASTER_ADDR")
+        ;;
+    torchrun)
+        LAUNCH=("$TORCHRUN" --nproc_per_node "$NUM_GPUS" --nnodes "$NUM_NODES" --node_rank "${NODE_RANK:-0}"
+            --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$MASTER_PORT")
+        ;;
     *) echo "error: LAUNCHER must be deepspeed or torchrun, got '$LAUNCHER'" >&2; exit 1 ;;
 esac
 "${LAUNCH[@]}" "$ROOT/llava/train/train_lpm.py" \

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from script_env import free_port, script_env
+from script_env import finetune_script, script_env
 import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
@@ -32,31 +32,11 @@ def _losses(trainer):
     return [h for h in trainer.state.log_history if "loss" in h]
 
 
-
-
-def _run(cmd, log: Path, env=None, timeout=420):
-    proc = subprocess.run(cmd, cwd=REPO, env=env or script_env(), capture_output=True, text=True, timeout=timeout)
-    log.write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, f"{cmd[0]} failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
-    return proc.stdout + proc.stderr
-
-
-def _finetune_script(tiny_model, dataset, out, max_steps, launcher, log):
-    """scripts/v1_5/finetune_lpm.sh as documented (ZeRO-2, bf16, checkpointing), shrunk to a tiny CPU run."""
-    env = script_env(
-        NUM_GPUS="1", GLOBAL_BATCH="4", PER_DEVICE_BATCH="4", DATA=str(dataset), IMAGES=str(dataset.parent / "images"),
-        DATA_FRACTION="1.0", LR="1e-2", LAUNCHER=launcher, MASTER_PORT=str(free_port()),
-        EXTRA_ARGS=f"--use_cpu True --max_steps {max_steps} --save_steps 2 --lpm_hidden 64 --dataloader_num_workers 0 "
-        "--lpm_init_keep_bias 1.0",
-    )  # fmt: skip
-    return _run(["bash", "scripts/v1_5/finetune_lpm.sh", str(tiny_model), str(out)], log, env)
-
-
 def test_deepspeed_zero2_script_resume_and_run_llava(tiny_model, dataset, tmp_path):
     """finetune_lpm.sh under the deepspeed launcher stops after 2 steps; the same command (under torchrun)
     resumes to 4 without repeating steps 1-2; run_llava --lpm-path loads the result."""
     out = tmp_path / "out"
-    first = _finetune_script(tiny_model, dataset, out, 2, "deepspeed", tmp_path / "first.log")
+    first = finetune_script(tiny_model, dataset, out, 2, "deepspeed", tmp_path / "first.log")
     checkpoint = out / "checkpoint-2"
     config = json.loads((checkpoint / "lpm_config.json").read_text())
     assert config["trained"] is True and config["step"] == 2 and config["base_model"] == str(tiny_model.resolve())
@@ -66,7 +46,7 @@ def test_deepspeed_zero2_script_resume_and_run_llava(tiny_model, dataset, tmp_pa
     assert not list(checkpoint.glob("model*.safetensors"))
     assert len(re.findall(r"'ntp_loss'", first)) == 2 and "'kept_ratio'" in first
 
-    second = _finetune_script(tiny_model, dataset, out, 4, "torchrun", tmp_path / "second.log")
+    second = finetune_script(tiny_model, dataset, out, 4, "torchrun", tmp_path / "second.log")
     assert "resuming from" in second and "checkpoint-2" in second
     assert len(re.findall(r"'ntp_loss'", second)) == 2  # steps 3 and 4 only
     state = json.loads((out / "trainer_state.json").read_text())
