@@ -24,7 +24,9 @@ EXTRAS = {
     "eval": ["openpyxl==3.1.5"],  # MMBench submission .xlsx
     "video": ["av==18.1.0"],  # PyAV: video decoding (llava.video), Video-LLaVA inputs and the toy video clips
     "test": ["pytest==9.2.0", "playwright==1.65.2"],
-    "gpu": ["flash-attn>=2.6"],  # GPU machines only; never installed by setup_env.sh on CPU
+    "gpu": ["flash-attn>=2.6"],
+    # Ray-distributed sweeps (llava.eval.sweep --ray); ray's own requirements do not include torch
+    "ray": ["ray==2.60.0"],  # GPU machines only; never installed by setup_env.sh on CPU
     # lmms-eval's runtime dependencies (checked for LMMS_EVAL below); lmms-eval itself is installed --no-deps by
     # scripts/setup_env.sh, because its own requirements pull a CUDA torch and torchvision
     "lmms": ["accelerate==1.15.0", "datasets==5.2.0", "evaluate==0.4.6", "loguru==0.7.3", "pytablewriter==1.2.1",

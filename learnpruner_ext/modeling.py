@@ -62,6 +62,7 @@ from .llm import PrunableLlamaModel, PrunableQwen2_5_VLTextModel
 from .lpm import shipped_lpm_path
 from .methods import PruningMethod, VisionContext, create_method, get_method_class
 from .timing import StageTimer, section
+from .vision_cache import VisionCache
 
 
 
@@ -121,10 +122,23 @@ class PrunableVLMMixin:
         self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.last_trace: PruningTrace | None = None
         self.stage_timer: StageTimer | None = None
+        self.vision_cache: VisionCache | None = None
 
     def set_stage_timer(self, timer: StageTimer | None) -> None:
         """Time the pruning machinery's sections (:mod:`learnpruner_ext.timing`); None switches timing off."""
         self.stage_timer = self.language_model.stage_timer = timer
+
+    def set_vision_cache(self, cache: VisionCache | None) -> None:
+        """Reuse the tower's output for inputs seen before (:mod:`learnpruner_ext.vision_cache`); None: off."""
+        self.vision_cache = cache
+
+    def _tower_groups(self, encode, *inputs) -> list[ImageGroup]:
+        """``encode(self, *inputs)`` (an adapter's ``image_groups``/``video_groups``), through the vision cache
+        when one is set and no gradient is recorded."""
+        with section(self.stage_timer, "vision_tower"):
+            if self.vision_cache is None or torch.is_grad_enabled():
+                return encode(self, *inputs)
+            return self.vision_cache.groups((encode.__name__, *inputs), lambda: encode(self, *inputs))
 
     @staticmethod
     def _check_llm(config) -> None:
@@ -167,9 +181,7 @@ class PrunableVLMMixin:
     def encode_images(self, pixel_values: torch.Tensor, image_sizes=None):
         """-> (tokens [B_img, R1, D], slot index [B_img, R1] (-1: padding), is_diverse or None, N_i [B_img],
         M_i [B_img] candidates)."""
-        with section(self.stage_timer, "vision_tower"):
-            groups = self.adapter.image_groups(self, pixel_values, image_sizes)
-        return self._encode_groups(groups)
+        return self._encode_groups(self._tower_groups(self.adapter.image_groups, pixel_values, image_sizes))
 
     def _encode_groups(self, groups: list[ImageGroup]):
         """The vision stage over the adapter's groups -> the rows of :meth:`encode_images`, in image order."""
@@ -599,8 +611,7 @@ class PrunableVideoLlavaModel(PrunableVLMMixin, VideoLlavaModel):
 
     def get_video_features(self, pixel_values_videos: torch.Tensor, **kwargs) -> VisionStageOutput:
         """The vision stage on videos [B, F, 3, H, W]; ``generate()`` calls it before prefill, as for images."""
-        with section(self.stage_timer, "vision_tower"):
-            groups = self.adapter.video_groups(self, pixel_values_videos)
+        groups = self._tower_groups(self.adapter.video_groups, pixel_values_videos)
         tokens, index, diverse, counts, candidates = self._encode_groups(groups)
         return VisionStageOutput(pooler_output=tokens, patch_index=index, is_diverse=diverse, num_tokens=counts,
                                  num_candidates=candidates)  # fmt: skip
@@ -725,6 +736,16 @@ PRUNABLE_MODELS = (PrunableLlavaForConditionalGeneration, PrunableLlavaNextForCo
                    PrunableQwen2_5_VLForConditionalGeneration, PrunableVideoLlavaForConditionalGeneration)  # fmt: skip
 
 
+def with_shipped_lpm(config: PruningConfig, model_dir) -> PruningConfig:
+    """``config`` with ``lpm_path`` = the checkpoint's own LPM (``<model_dir>/lpm``) when its method uses an LPM
+    and none is given: what :func:`apply_pruning` attaches (so a run's identity can be known without a model)."""
+    if get_method_class(config.method).uses_lpm and not config.lpm_path:
+        shipped = shipped_lpm_path(model_dir)
+        if shipped:
+            return replace(config, lpm_path=shipped)
+    return config
+
+
 def apply_pruning(model, config: PruningConfig) -> PruningMethod:
     """Attach the method described by ``config`` to ``model`` (replacing any previous one).
 
@@ -745,11 +766,11 @@ def apply_pruning(model, config: PruningConfig) -> PruningMethod:
     if config.position_mode not in modes and method_class.acts_at != "nowhere":
         raise UnsupportedMethodError(f"position_mode {config.position_mode!r} is not defined for {adapter.family} (its M-RoPE "
                          f"positions stay with their tokens); pass --position-mode {' or '.join(modes)}")  # fmt: skip
-    if method_class.uses_lpm and not config.lpm_path:
-        shipped = shipped_lpm_path(getattr(model.config, "_name_or_path", None))
-        if shipped:
-            logging.getLogger(__name__).warning("learnpruner: no --lpm-path given; using the checkpoint's LPM %s", shipped)
-            config = replace(config, lpm_path=shipped)
+    resolved = with_shipped_lpm(config, getattr(model.config, "_name_or_path", None))
+    if resolved.lpm_path != config.lpm_path:
+        logging.getLogger(__name__).warning("learnpruner: no --lpm-path given; using the checkpoint's LPM %s",
+                                            resolved.lpm_path)  # fmt: skip
+        config = resolved
     method = create_method(
         config,
         num_vision_tokens=model.num_vision_tokens,

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Create (or update) the project venv at .venv/ with pinned dependencies. Idempotent.
-#   bash scripts/setup_env.sh            # core + train + demo + eval + test + lmms + video extras (CPU)
+#   bash scripts/setup_env.sh            # core + train + demo + eval + test + lmms + video + ray extras (CPU)
 #   EXTRAS=train,demo,gpu bash scripts/setup_env.sh   # on a GPU machine
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-EXTRAS=${EXTRAS:-train,demo,eval,test,lmms,video}
+EXTRAS=${EXTRAS:-train,demo,eval,test,lmms,video,ray}
 STAMP=.venv/.installed-$(cat setup.py | sha1sum | cut -c1-12)-${EXTRAS//,/-}
 
 if [ ! -x .venv/bin/python ]; then

@@ -386,6 +386,25 @@ class RunSummary:
     identity: dict = field(default_factory=dict)
 
 
+def resume_state(task: Task, answers_file: str, pruning: PruningConfig, generation: GenerationSettings, *,
+                 conv_mode: str, model_path: str | None = None, min_pixels: int | None = None,
+                 max_pixels: int | None = None) -> tuple[dict, str, list[Item]]:  # fmt: skip
+    """(run identity, answers path, the items still to answer): where :func:`answer` resumes, read without a
+    model (the sweep skips finished jobs with it). Refuses a file of another run, as :func:`answer` does."""
+    from ..model.builder import image_pixels_for
+
+    try:
+        pixels = image_pixels_for(model_path or _default_model_path(), min_pixels, max_pixels)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    identity = run_identity(pruning, generation, conv_mode, model_path, {**task.prompt_settings, **(pixels or {})})
+    path = os.path.expanduser(answers_file)
+    if os.path.isdir(path) or path.endswith(os.sep):
+        raise InputError(f"--answers-file {answers_file} is a folder; give a file path, e.g. {os.path.join(path, 'answers.jsonl')}")
+    done = read_existing_answers(path, identity, task.answer_key, task.text_key)
+    return identity, path, pending_items(task.items, done, task.answer_key, path)
+
+
 def answer(
     task: Task,
     answers_file: str,
@@ -412,20 +431,10 @@ def answer(
     resolution range (``image_pixels_for``: defaults to the paper's 1280-token input; part of the run identity; a
     ``loaded`` processor must have been loaded with the same range).
     """
-    from ..model.builder import image_pixels_for
-
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
-    try:
-        pixels = image_pixels_for(model_path or _default_model_path(), min_pixels, max_pixels)
-    except ValueError as err:
-        raise InputError(str(err)) from None
-    identity = run_identity(pruning, generation, conv_mode, model_path, {**task.prompt_settings, **(pixels or {})})
-    path = os.path.expanduser(answers_file)
-    if os.path.isdir(path) or path.endswith(os.sep):
-        raise InputError(f"--answers-file {answers_file} is a folder; give a file path, e.g. {os.path.join(path, 'answers.jsonl')}")
-    done = read_existing_answers(path, identity, task.answer_key, task.text_key)
-    pending = pending_items(task.items, done, task.answer_key, path)
+    identity, path, pending = resume_state(task, answers_file, pruning, generation, conv_mode=conv_mode,
+                                           model_path=model_path, min_pixels=min_pixels, max_pixels=max_pixels)  # fmt: skip
     check_images(pending)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     open(path, "a").close()  # an empty chunk still leaves its (empty) file for merging
@@ -437,8 +446,9 @@ def answer(
 
     torch.manual_seed(pruning.seed)  # an untrained LPM / sampling are reproducible
     if loaded is None:
-        from ..model.builder import load_pretrained_model
+        from ..model.builder import image_pixels_for, load_pretrained_model
 
+        pixels = image_pixels_for(model_path or _default_model_path(), min_pixels, max_pixels)
         tokenizer, model, processor, _ = load_pretrained_model(model_path, model_base, device=device, dtype=dtype,
                                                                pruning=pruning, image_pixels=pixels)  # fmt: skip
     else:

@@ -2,23 +2,33 @@
 
     python -m llava.eval.sweep --model-path checkpoints/llava-v1.5-7b --methods none,learnpruner \
         --budgets 128,64,32 --benchmarks gqa,sqa,textvqa,pope,mme,vqav2,mmbench,mmbench_cn \
-        --lpm-path checkpoints/lpm [--eval-root playground/data/eval] --out outputs/sweep [--batch-size 8]
+        --lpm-path checkpoints/lpm [--eval-root playground/data/eval] --out outputs/sweep [--batch-size 8] \
+        [--num-chunks 8 --ray auto]
 
-The model is loaded once; for every (method, budget) the method is attached once with ``apply_pruning``
-and each benchmark is answered through the generators' Python API (``llava.eval.answer_loop.answer`` with
-the generator's ``task``: the same code and answer lines as ``scripts/v1_5/eval/*.sh`` running
-``llava.eval.model_vqa_*``) and scored by the same scorer (``llava.eval.eval_*``). The pruning flags are
-``learnpruner_ext.cli``'s generated group, less ``--pruning-method``/``--visual-token-budget``. ``none`` is
-the unpruned reference and runs once (no budget). A (method, budget) the method cannot meet
-(``BudgetError``), or a method with no meaning on the family (``UnsupportedMethodError``, e.g. a fixed-grid
-method on Qwen2.5-VL), is recorded as infeasible with its reason, not a crash. Answers are resumable: re-running the
-same command only answers what is missing.
+The sweep is a list of :class:`Job` s, one per (method, budget, benchmark, chunk). A :class:`SweepWorker` loads
+the model once; for every (method, budget) it attaches the method with ``apply_pruning`` and answers each
+benchmark through the generators' Python API (``llava.eval.answer_loop.answer`` with the generator's ``task``:
+the same code and answer lines as ``scripts/v1_5/eval/*.sh`` running ``llava.eval.model_vqa_*``); the
+answers are then scored by the same scorer (``llava.eval.eval_*``). Without ``--ray`` one local worker runs
+the jobs in order; with ``--ray`` (``llava.eval.sweep_ray``) model-holding workers on a cluster share them.
+The pruning flags are ``learnpruner_ext.cli``'s generated group, less ``--pruning-method``/
+``--visual-token-budget``. ``none`` is the unpruned reference and runs once (no budget). A (method, budget) the
+method cannot meet (``BudgetError``), or a method with no meaning on the family (``UnsupportedMethodError``,
+e.g. a fixed-grid method on Qwen2.5-VL), is recorded as infeasible with its reason, not a crash.
+
+Resume is per job: re-running the same command skips the jobs whose answers are complete (read without the
+model) and resumes the others from the answers they wrote. A worker keeps the vision tower's output for the
+images it has seen (``--vision-cache-gb``, :mod:`learnpruner_ext.vision_cache`): the next method on the same
+batch reuses it, with identical answers.
 
 Writes to ``--out``:
   answers/<bench>/<model>-<method>-<budget>/{answers.jsonl, metrics.json, scorer side files}
+      (with --num-chunks N: chunks/N_<k>.jsonl there, merged into answers.jsonl)
   results.csv, results.json   one row per (method, budget, benchmark): status, headline metric, tokens
   table.md                    rows = methods grouped by budget, columns = benchmarks + RelAcc
   accuracy_vs_budget.png      headline metric per benchmark and RelAcc against the budget
+  jobs.json                   what this invocation ran: one record per job (worker, seconds, answers resumed and
+                              generated, vision-cache hits; with --profile the seconds per pruning section)
 
 RelAcc = mean over the benchmarks of (method's headline / vanilla's headline), in % (needs ``none``).
 """
@@ -27,18 +37,21 @@ from __future__ import annotations
 
 import argparse
 import csv
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 import io
 import json
 import os
+import socket
 import sys
+import time
 
 from learnpruner_ext import BudgetError, UnsupportedMethodError, apply_pruning, available_methods
 from learnpruner_ext.cli import add_pruning_args, pruning_config_from_args
+from learnpruner_ext.modeling import with_shipped_lpm
 
-from . import answer_loop
+from . import answer_loop, merge_answers
 from . import benchmarks as B
-from ._io import write_atomic, write_json
+from ._io import clean, write_atomic, write_json
 from ..inference import GenerationSettings
 from ..mm_utils import get_model_name_from_path
 
@@ -67,6 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--vqav2-annotation", default=None, help="VQA annotation json to score VQAv2 locally (else EvalAI)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--num-chunks", type=int, default=1, help="split every benchmark into this many jobs (upstream's "
+                   "chunks, merged into one answers file); with --ray they run in parallel")  # fmt: skip
+    p.add_argument("--vision-cache-gb", type=float, default=2.0, help="reuse the vision tower's output for the same "
+                   "images across methods and budgets, up to this many GiB per worker (exact; 0: off)")  # fmt: skip
+    p.add_argument("--profile", action="store_true", help="time the pruning machinery's sections per job "
+                   "(vision_tower, stage1_select, ...) into jobs.json")  # fmt: skip
+    ray = p.add_argument_group("cluster (llava.eval.sweep_ray; needs the ray extra)")
+    ray.add_argument("--ray", default=None, metavar="ADDRESS", help="run the jobs on a Ray cluster: auto (the running "
+                     "cluster, `ray start --head`), local (start one on this machine) or host:port / ray://host:10001")
+    ray.add_argument("--ray-workers", type=int, default=None, help="model-holding workers (default: as many as the "
+                     "cluster's GPUs, or CPUs, allow)")  # fmt: skip
+    ray.add_argument("--ray-gpus-per-worker", type=float, default=None, help="GPUs each worker holds (default: 1 if "
+                     "the cluster has GPUs, else 0)")  # fmt: skip
+    ray.add_argument("--ray-cpus-per-worker", type=int, default=1, help="CPUs (torch threads) each worker holds")
+    ray.add_argument("--ray-max-retries", type=int, default=3, help="restarts of a killed worker; its job resumes "
+                     "from the answers it wrote")  # fmt: skip
     answer_loop.add_image_pixel_args(p)
     add_pruning_args(p, exclude=("method", "budget"))  # those come from --methods / --budgets
     p.set_defaults(position_mode=None)  # the family's (apply_family_defaults)
@@ -162,9 +191,111 @@ def _task(bench: B.Benchmark, eval_root: str) -> answer_loop.Task:
     return module.task(parser.parse_args(bench.generator_argv(eval_root)))
 
 
-def run_sweep(args: argparse.Namespace) -> dict:
-    # everything that can be checked without the model, first
-    table = apply_family_defaults(args)
+@dataclass(frozen=True)
+class Job:
+    """One unit of sweep work: answer chunk ``chunk`` of ``num_chunks`` of one benchmark with one (method, budget)."""
+
+    method: str
+    budget: int | None
+    bench: str
+    chunk: int = 0
+    num_chunks: int = 1
+
+    def answers_file(self, out: str, model_id: str) -> str:
+        """The run's ``answers.jsonl``, or with several chunks ``chunks/<num_chunks>_<chunk>.jsonl`` beside it
+        (upstream's chunk naming), merged into ``answers.jsonl`` when every chunk is done."""
+        run_dir = os.path.join(out, "answers", self.bench, run_name(model_id, self.method, self.budget))
+        if self.num_chunks == 1:
+            return os.path.join(run_dir, "answers.jsonl")
+        return os.path.join(run_dir, "chunks", f"{self.num_chunks}_{self.chunk}.jsonl")
+
+
+def _plan_summary(plan) -> dict:
+    return {"r1": plan.r1, "r2": plan.r2, "layer": plan.layer, "average": plan.average}
+
+
+class SweepWorker:
+    """Loads the base model once and answers sweep jobs with it: the sweep's one local worker, or a Ray actor
+    (``llava.eval.sweep_ray``) that gets many jobs. Everything it needs comes from the sweep's parsed flags."""
+
+    def __init__(self, args: argparse.Namespace, threads: int | None = None):
+        import torch
+
+        from ..model.builder import image_pixels_for, load_pretrained_model
+        from learnpruner_ext.timing import StageTimer
+        from learnpruner_ext.vision_cache import VisionCache
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.args = args
+        pixels = image_pixels_for(args.model_path, args.min_pixels, args.max_pixels)  # Qwen2.5-VL's resolution range
+        self.tokenizer, self.model, self.processor, _ = load_pretrained_model(
+            args.model_path, args.model_base, device=args.device, dtype=args.dtype, image_pixels=pixels)  # fmt: skip
+        self.model_id = get_model_name_from_path(args.model_path)
+        self.cache = VisionCache(int(args.vision_cache_gb * 2**30)) if args.vision_cache_gb > 0 else None
+        self.model.model.set_vision_cache(self.cache)
+        self.timer = StageTimer(self.model.device) if args.profile else None
+        self.model.model.set_stage_timer(self.timer)
+        self.attached: tuple | None = None
+        self.plans: dict[tuple, dict] = {}  # (method, budget) -> plan summary, or {"infeasible": reason}
+        self.tasks: dict[str, answer_loop.Task] = {}
+        self.jobs_done = 0
+
+    def attach(self, method: str, budget: int | None) -> dict:
+        """Attach (method, budget) unless it is attached -> its plan summary, or ``{"infeasible": reason}``."""
+        import torch
+
+        if (method, budget) != self.attached:
+            config = pruning_config_from_args(self.args, method=method, budget=budget)
+            self.attached = None
+            try:
+                torch.manual_seed(config.seed)  # an untrained LPM is reproducible
+                self.plans[(method, budget)] = _plan_summary(apply_pruning(self.model, config).plan)
+                self.attached = (method, budget)
+            except (BudgetError, UnsupportedMethodError) as err:  # recorded; the sweep goes on with the next run
+                note = str(err) if isinstance(err, BudgetError) else f"not defined on {self.model.model.adapter.family}: {err}"
+                self.plans[(method, budget)] = {"infeasible": note}
+        return self.plans[(method, budget)]
+
+    def run(self, job: Job) -> dict:
+        """Answer ``job`` (resuming its answers file) -> a record: plan, answers counts, seconds, worker."""
+        start, stages_before = time.perf_counter(), dict(self.timer.seconds) if self.timer else {}
+        cache_before = self.cache.stats() if self.cache is not None else None
+        plan = self.attach(job.method, job.budget)
+        record = {**asdict(job), "plan": plan, "worker": f"{socket.gethostname()}:{os.getpid()}"}
+        if "infeasible" in plan:
+            return record
+        if job.bench not in self.tasks:
+            self.tasks[job.bench] = _task(B.BENCHMARKS[job.bench], self.args.eval_root)
+        task = self.tasks[job.bench]
+        task = replace(task, items=answer_loop.get_chunk(task.items, job.num_chunks, job.chunk))
+        summary = answer_loop.answer(
+            task, job.answers_file(self.args.out, self.model_id), self.attached_config(), _generation(self.args),
+            conv_mode=self.args.conv_mode, model_path=self.args.model_path,
+            loaded=(self.tokenizer, self.model, self.processor), batch_size=self.args.batch_size,
+            progress=not self.args.no_progress, min_pixels=self.args.min_pixels, max_pixels=self.args.max_pixels,
+        )  # fmt: skip
+        self.jobs_done += 1
+        record.update(total=summary.total, already=summary.already, generated=summary.generated,
+                      seconds=time.perf_counter() - start, jobs_on_worker=self.jobs_done)  # fmt: skip
+        if self.timer:
+            record["stage_seconds"] = {k: v - stages_before.get(k, 0.0) for k, v in self.timer.seconds.items()}
+        if self.cache is not None:
+            record["vision_cache"] = {k: v - cache_before[k] for k, v in self.cache.stats().items()}
+        return record
+
+    def attached_config(self):
+        return self.model.pruner.config if self.model.pruner is not None else pruning_config_from_args(
+            self.args, method="none", budget=None)
+
+
+def _generation(args: argparse.Namespace) -> GenerationSettings:
+    return GenerationSettings(temperature=0.0, max_new_tokens=args.max_new_tokens)  # greedy, as the scripts
+
+
+def plan_jobs(args: argparse.Namespace) -> tuple[list[tuple], list[Job], list]:
+    """Check everything that needs no model -> ((method, budget) combos, their jobs, benchmarks)."""
+    apply_family_defaults(args)
     benches = B.parse_benchmarks(args.benchmarks)
     methods = parse_methods(args.methods)
     budgets = parse_budgets(args.budgets)
@@ -172,62 +303,106 @@ def run_sweep(args: argparse.Namespace) -> dict:
         raise ValueError("--budgets is empty but pruning methods were requested")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num_chunks < 1:
+        raise ValueError(f"--num-chunks must be >= 1, got {args.num_chunks}")
+    if args.vision_cache_gb < 0:
+        raise ValueError(f"--vision-cache-gb must be >= 0 (0: no cache), got {args.vision_cache_gb}")
     missing = {b.name: b.missing_files(args.eval_root) for b in benches}
     missing = {k: v for k, v in missing.items() if v}
     if missing:
         listed = "; ".join(f"{k}: {', '.join(v)}" for k, v in missing.items())
         raise FileNotFoundError(f"benchmark data missing under --eval-root {args.eval_root}: {listed} (see docs/evaluation.md)")
     combos = ([("none", None)] if "none" in methods else []) + [(m, b) for b in budgets for m in methods if m != "none"]
-    # flag errors (e.g. --method-option) before loading
-    configs = {(m, b): pruning_config_from_args(args, method=m, budget=b) for m, b in combos}
-    generation = GenerationSettings(temperature=0.0, max_new_tokens=args.max_new_tokens)  # greedy, as the scripts
-    tasks = {bench.name: _task(bench, args.eval_root) for bench in benches}  # question-file errors, too
+    for m, b in combos:  # flag errors (e.g. --method-option) before loading
+        pruning_config_from_args(args, method=m, budget=b)
+    for bench in benches:  # question-file errors, too
+        _task(bench, args.eval_root)
+    jobs = [Job(m, b, bench.name, k, args.num_chunks) for m, b in combos for bench in benches
+            for k in range(args.num_chunks)]  # fmt: skip
+    return combos, jobs, benches
 
-    from ..model.builder import image_pixels_for, load_pretrained_model
 
-    import torch
+def pending_jobs(args: argparse.Namespace, jobs: list[Job]) -> list[Job]:
+    """The jobs whose answers file is not complete (read without the model; a file of another run is refused)."""
+    model_id, tasks, out = get_model_name_from_path(args.model_path), {}, []
+    for job in jobs:
+        if job.bench not in tasks:
+            tasks[job.bench] = _task(B.BENCHMARKS[job.bench], args.eval_root)
+        task = replace(tasks[job.bench], items=answer_loop.get_chunk(tasks[job.bench].items, job.num_chunks, job.chunk))
+        config = with_shipped_lpm(pruning_config_from_args(args, method=job.method, budget=job.budget), args.model_path)
+        _, _, todo = answer_loop.resume_state(task, job.answers_file(args.out, model_id), config, _generation(args),
+                                              conv_mode=args.conv_mode, model_path=args.model_path,
+                                              min_pixels=args.min_pixels, max_pixels=args.max_pixels)  # fmt: skip
+        if todo:
+            out.append(job)
+    return out
 
-    pixels = image_pixels_for(args.model_path, args.min_pixels, args.max_pixels)  # Qwen2.5-VL's resolution range
-    tokenizer, model, processor, _ = load_pretrained_model(args.model_path, args.model_base, device=args.device,
-                                                           dtype=args.dtype, image_pixels=pixels)  # fmt: skip
+
+def run_serial(args: argparse.Namespace, combos: list[tuple], jobs: list[Job]) -> tuple[dict, list[dict]]:
+    """Every job on one local worker, (method, budget) by (method, budget) -> (plans, job records)."""
+    worker = SweepWorker(args)
+    todo, plans, records = set(pending_jobs(args, jobs)), {}, []
+    for combo in combos:
+        plans[combo] = worker.attach(*combo)
+        run = run_name(worker.model_id, *combo)
+        if "infeasible" in plans[combo]:
+            print(f"[sweep] {run}: infeasible: {plans[combo]['infeasible']}", file=sys.stderr)
+            continue
+        for job in (j for j in jobs if (j.method, j.budget) == combo and j in todo):
+            print(f"[sweep] {run} on {job.bench}" + (f" (chunk {job.chunk + 1}/{job.num_chunks})"
+                                                    if job.num_chunks > 1 else ""), file=sys.stderr)  # fmt: skip
+            records.append(worker.run(job))
+    return plans, records
+
+
+def run_sweep(args: argparse.Namespace) -> dict:
+    combos, jobs, benches = plan_jobs(args)  # everything that can be checked without the model, first
+    if args.ray:
+        from .sweep_ray import run_on_ray
+
+        plans, records = run_on_ray(args, combos, jobs)
+    else:
+        plans, records = run_serial(args, combos, jobs)
     model_id = get_model_name_from_path(args.model_path)
-    n_vision = model.num_vision_tokens
     rows = []
     for method, budget in combos:
-        run = run_name(model_id, method, budget)
-        config = configs[(method, budget)]
-        try:
-            torch.manual_seed(config.seed)  # an untrained LPM is reproducible
-            plan = apply_pruning(model, config).plan  # once per (method, budget), for every benchmark
-        except (BudgetError, UnsupportedMethodError) as err:  # recorded, the sweep goes on with the next run
-            note = str(err) if isinstance(err, BudgetError) else f"not defined on {model.model.adapter.family}: {err}"
-            print(f"[sweep] {run}: infeasible: {note}", file=sys.stderr)
-            rows += [_row(method, budget, b, "infeasible", note=note) for b in benches]
+        plan = plans[(method, budget)]
+        if "infeasible" in plan:
+            rows += [_row(method, budget, b, "infeasible", note=plan["infeasible"]) for b in benches]
             continue
         for bench in benches:
-            run_dir = os.path.join(args.out, "answers", bench.name, run)
-            answers = os.path.join(run_dir, "answers.jsonl")
-            print(f"[sweep] {run} on {bench.name}", file=sys.stderr)
-            answer_loop.answer(
-                tasks[bench.name], answers, config, generation, conv_mode=args.conv_mode, model_path=args.model_path,
-                loaded=(tokenizer, model, processor), batch_size=args.batch_size, progress=not args.no_progress,
-                min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-            )  # fmt: skip
-            metrics = B.score(bench, args.eval_root, answers, run_dir, run, args.vqav2_annotation)
+            mine = [j for j in jobs if (j.method, j.budget, j.bench) == (method, budget, bench.name)]
+            answers = Job(method, budget, bench.name).answers_file(args.out, model_id)
+            if args.num_chunks > 1:  # the chunks in order, refusing duplicates and mixed runs
+                records_ = merge_answers.merge([j.answers_file(args.out, model_id) for j in mine])
+                write_atomic(answers, "".join(json.dumps(clean(r), ensure_ascii=False) + "\n" for r in records_))
+            run_dir = os.path.dirname(answers)
+            metrics = B.score(bench, args.eval_root, answers, run_dir, run_name(model_id, method, budget),
+                              args.vqav2_annotation)  # fmt: skip
             write_json(os.path.join(run_dir, "metrics.json"), metrics)
-            rows.append(_row(
-                method, budget, bench, "ok", metrics=metrics, plan=plan, answers=answers,
-                avg=_measured_tokens(answers),
-            ))  # fmt: skip
+            rows.append(_row(method, budget, bench, "ok", metrics=metrics, plan=plan, answers=answers,
+                             avg=_measured_tokens(answers)))  # fmt: skip
+    table = family_table(args.model_path)
     results = {
-        "model_path": args.model_path, "model_id": model_id, "num_vision_tokens": n_vision,
-        "methods": methods, "budgets": budgets, "benchmarks": [b.name for b in benches],
-        "metrics": {b.name: b.metric_label for b in benches}, "rows": rows, "paper_table": table.table,
-        "conv_mode": args.conv_mode,
+        "model_path": args.model_path, "model_id": model_id, "num_vision_tokens": _num_vision_tokens(args.model_path),
+        "methods": parse_methods(args.methods), "budgets": parse_budgets(args.budgets),
+        "benchmarks": [b.name for b in benches], "metrics": {b.name: b.metric_label for b in benches}, "rows": rows,
+        "paper_table": table.table, "conv_mode": args.conv_mode,
     }  # fmt: skip
     results["relacc"] = relative_accuracy(rows, benches)
+    write_json(os.path.join(args.out, "jobs.json"), {"executor": "ray" if args.ray else "serial", "jobs": records})
     write_outputs(args.out, results, benches)
     return results
+
+
+def _num_vision_tokens(model_path: str) -> int:
+    """N, the reference vision tokens of the checkpoint (read from its config, without the weights)."""
+    from transformers import AutoConfig
+
+    from learnpruner_ext.adapters import adapter_for
+
+    config = AutoConfig.from_pretrained(model_path)
+    return adapter_for(config).reference_tokens(config)
 
 
 def _row(method, budget, bench, status, metrics=None, plan=None, answers=None, avg=None, note=""):
@@ -241,8 +416,9 @@ def _row(method, budget, bench, status, metrics=None, plan=None, answers=None, a
     return {
         "method": method, "budget": budget, "benchmark": bench.name, "status": status, "metric": bench.metric,
         "value": value, "n": n, "missing": metrics.get("missing"),
-        "r1": plan.r1 if plan else None, "r2": plan.r2 if plan else None, "layer": plan.layer if plan else None,
-        "avg_vision_tokens": avg if avg is not None else (plan.average if plan else None),
+        "r1": plan["r1"] if plan else None, "r2": plan["r2"] if plan else None,
+        "layer": plan["layer"] if plan else None,
+        "avg_vision_tokens": avg if avg is not None else (plan["average"] if plan else None),
         "extra": {k: metrics[k] for k in EXTRA_METRICS.get(bench.name, ()) if k in metrics},
         "note": note, "answers_file": answers,
     }  # fmt: skip
@@ -389,7 +565,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from .sweep_ray import SweepClusterError
+
     try:
         main()
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, SweepClusterError) as err:
         sys.exit(f"error: {err}")

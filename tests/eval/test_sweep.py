@@ -208,3 +208,25 @@ def test_relacc_reproduces_paper_table2():
     rel = sweep.relative_accuracy(rows, benches)
     for (m, b), (_, printed) in PAPER_TABLE2.items():
         assert rel[f"{m}@{b}"] == pytest.approx(printed, abs=0.06), (m, b)  # 94.053 vs 94.0: the one gap
+
+
+def test_vision_cache_gives_the_uncached_answers(tiny_ckpt, tiny_lpm, eval_root, tmp_path):
+    """The same sweep with the vision cache off and on: every answer line (less the random answer_id) is
+    identical; the cached sweep's later runs hit the cache (jobs.json), the uncached one records none."""
+    def run(out, cache_gb):
+        sweep.main(["--model-path", str(tiny_ckpt), "--methods", "none,learnpruner,random,vispruner", "--budgets", "8",
+                    "--benchmarks", "pope,sqa", "--eval-root", str(eval_root), "--out", str(out), "--lpm-path",
+                    str(tiny_lpm), "--max-new-tokens", "3", "--batch-size", "4", "--device", "cpu", "--no-progress",
+                    "--vision-cache-gb", cache_gb])  # fmt: skip
+        lines = {str(p.relative_to(out)): [{k: v for k, v in json.loads(x).items() if k != "answer_id"}
+                                           for x in p.read_text().splitlines()]
+                 for p in sorted((out / "answers").rglob("answers.jsonl"))}  # fmt: skip
+        return lines, json.loads((out / "jobs.json").read_text())["jobs"]
+
+    plain, plain_jobs = run(tmp_path / "plain", "0")
+    cached, cached_jobs = run(tmp_path / "cached", "2")
+    assert cached == plain and len(plain) == 8 and all(plain.values())
+    assert all("vision_cache" not in j for j in plain_jobs)
+    hits = {(j["method"], j["bench"]): j["vision_cache"]["hits"] for j in cached_jobs}
+    assert hits[("none", "pope")] == 0 and hits[("none", "sqa")] == 0  # the first run computes the tower
+    assert all(h > 0 for (m, _), h in hits.items() if m != "none")
