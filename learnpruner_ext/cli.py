@@ -2,7 +2,7 @@
 
 The flags are generated from the fields of :class:`~learnpruner_ext.config.PruningConfig`: each field's
 ``metadata`` names its flag (``--pruning-method --visual-token-budget --pruning-layer --pruning-ratio
---diversity-ratio --position-mode --lpm-path --pruning-seed --method-option``) and help; the type and
+--diversity-ratio --position-mode --lpm-path --atp-path --pruning-seed --method-option``) and help; the type and
 default come from the field itself. A new field therefore gets its flag, its parsing and its place in the
 run identity (``dataclasses.asdict``) with no list to update.
 """

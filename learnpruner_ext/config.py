@@ -48,6 +48,7 @@ class PruningConfig:
         video_stage1: the vision stage on videos (Video-LLaVA): ``"joint"`` (default; top-R1 over all frames'
             candidates) or ``"per_frame"`` (each frame an image with R1/F of the plan). Images ignore it.
         lpm_path: trained LPM (folder with ``lpm.safetensors`` + ``lpm_config.json``), LearnPruner only.
+        atp_path: trained ATP modules (folder with ``atp.safetensors`` + ``atp_config.json``), ``atp`` only.
         seed: seed for stochastic methods (``random``).
         options: method hyper-parameters, e.g. ``{"important_ratio": 0.5}`` for VisPruner.
     """
@@ -68,6 +69,8 @@ class PruningConfig:
     video_stage1: str = field(default="joint", metadata={
         "flag": "--video-stage1", "choices": VIDEO_STAGE1_MODES, "help": "vision stage on videos: all frames together or per frame"})
     lpm_path: str | None = field(default=None, metadata={"flag": "--lpm-path", "help": "trained LPM folder (LearnPruner)"})
+    atp_path: str | None = field(default=None, metadata={
+        "flag": "--atp-path", "help": "trained ATP modules folder (ATP-LLaVA; default: the checkpoint's atp/)"})
     seed: int = field(default=0, metadata={"flag": "--pruning-seed", "help": "seed of stochastic methods (random)"})
     options: dict[str, Any] = field(default_factory=dict, metadata={
         "flag": "--method-option", "metavar": "KEY=VALUE",
@@ -111,7 +114,9 @@ class TokenPlan:
     r1: int
     r2: int | None = None
     layer: int | None = None
-    convention: str = "average"  # how the budget was mapped; recorded in every answers line
+    # how the budget was mapped; recorded in every answers line. "adaptive" (ATP): the counts are decided per sample
+    # at run time, ``stages`` list the cut layers with the upper bound N, and only the trace's counts are measured
+    convention: str = "average"
     scope: str = "absolute"  # PruningConfig.budget_scope: how T became this image's budget
     stages: tuple[tuple[int, int], ...] = ()  # (layer, count) of every in-LLM cut; empty: the one cut (layer, r2)
 
@@ -138,6 +143,10 @@ def budget_notice(plan: TokenPlan, budget: int | None, method: str) -> str | Non
     Token counts are whole numbers, so e.g. LearnPruner's ``R2 = ceil(...)``, ``R1 = rho * R2`` can give a
     little more than ``T`` (a budget of 1 keeps R1 = 3, R2 = 1).
     """
+    if plan.convention == "adaptive":  # nothing to compare: the thresholds decide each sample's count
+        target = "no target budget given" if budget is None else f"the budget {budget} is the target average"
+        return (f"{method}: adaptive pruning, the learned thresholds decide each sample's vision tokens per layer "
+                f"({target}); the achieved average is measured and reported per answer")
     if budget is None or math.isclose(plan.average, budget):
         return None
     stage2 = f", R2={plan.r2} from layer {plan.layer}" if plan.layer is not None else ""

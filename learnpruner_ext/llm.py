@@ -156,7 +156,7 @@ class PrunableDecoderMixin:
         else:
             rows, score_rows, merged_rows = [], [], []
             for b, (plan, n) in enumerate(zip(plans, counts)):
-                if plan is None or plan.r2 >= n:
+                if plan is None or (plan.r2 is not None and plan.r2 >= n):  # r2 None: adaptive counts (ATP)
                     rows.append(torch.arange(n, device=vision_mask.device))
                     score_rows.append(torch.full((n,), float("nan"), device=vision_mask.device))
                     continue

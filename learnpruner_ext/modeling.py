@@ -59,6 +59,7 @@ from .adapters import ImageGroup, adapter_for, strips_cls
 from .config import POSITION_MODES, PruningConfig, TokenPlan, UnsupportedMethodError, candidate_plan
 from .cut import SequenceCut, SequenceState, gather_seq, right_pad
 from .llm import PrunableLlamaModel, PrunableQwen2_5_VLTextModel
+from .atp import shipped_atp_path
 from .lpm import shipped_lpm_path
 from .methods import PruningMethod, VisionContext, create_method, get_method_class
 from .timing import StageTimer, section
@@ -738,11 +739,17 @@ PRUNABLE_MODELS = (PrunableLlavaForConditionalGeneration, PrunableLlavaNextForCo
 
 def with_shipped_lpm(config: PruningConfig, model_dir) -> PruningConfig:
     """``config`` with ``lpm_path`` = the checkpoint's own LPM (``<model_dir>/lpm``) when its method uses an LPM
-    and none is given: what :func:`apply_pruning` attaches (so a run's identity can be known without a model)."""
-    if get_method_class(config.method).uses_lpm and not config.lpm_path:
+    and none is given, and likewise ``atp_path`` = ``<model_dir>/atp`` for ATP: what :func:`apply_pruning` attaches
+    (so a run's identity can be known without a model)."""
+    method = get_method_class(config.method)
+    if method.uses_lpm and not config.lpm_path:
         shipped = shipped_lpm_path(model_dir)
         if shipped:
             return replace(config, lpm_path=shipped)
+    if method.uses_atp and not config.atp_path:
+        shipped = shipped_atp_path(model_dir)
+        if shipped:
+            return replace(config, atp_path=shipped)
     return config
 
 
@@ -750,7 +757,8 @@ def apply_pruning(model, config: PruningConfig) -> PruningMethod:
     """Attach the method described by ``config`` to ``model`` (replacing any previous one).
 
     LearnPruner without ``config.lpm_path`` uses the LPM shipped with the checkpoint, ``<model folder>/lpm/``
-    (as the built-in toy default ``checkpoints/toy-llava`` does), when there is one.
+    (as the built-in toy default ``checkpoints/toy-llava`` does), when there is one; ATP without
+    ``config.atp_path`` likewise uses ``<model folder>/atp/``.
     """
     if not isinstance(model, PRUNABLE_MODELS):
         raise TypeError(
@@ -770,7 +778,10 @@ def apply_pruning(model, config: PruningConfig) -> PruningMethod:
     if resolved.lpm_path != config.lpm_path:
         logging.getLogger(__name__).warning("learnpruner: no --lpm-path given; using the checkpoint's LPM %s",
                                             resolved.lpm_path)  # fmt: skip
-        config = resolved
+    if resolved.atp_path != config.atp_path:
+        logging.getLogger(__name__).warning("atp: no --atp-path given; using the checkpoint's ATP modules %s",
+                                            resolved.atp_path)  # fmt: skip
+    config = resolved
     method = create_method(
         config,
         num_vision_tokens=model.num_vision_tokens,

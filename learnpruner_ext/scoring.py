@@ -119,6 +119,32 @@ def text_to_vision_attention(
     return received.gather(1, vision_index)
 
 
+def vision_self_logits(
+    layer: nn.Module,
+    hidden_in: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    vision_index: torch.Tensor,
+) -> torch.Tensor:
+    """ATP-LLaVA Eq. 3: the attention logits ``q_m . k_n * scaling`` (before the causal mask is added) that each
+    vision token ``n`` receives from the vision queries ``m``, averaged over those queries and over the heads.
+
+    The mean over queries is taken on ``q`` first (``mean_m(q_m) . k_n``: the logits are linear in ``q``), so the
+    cost is ``O(Nv d)`` per head instead of ``O(Nv^2 d)``; exact up to rounding. ``vision_index`` [B, Nv] (no
+    padding slots) -> [B, Nv] fp32."""
+    attn = layer.self_attn
+    normed = layer.input_layernorm(hidden_in)
+    batch = normed.shape[0]
+    cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
+    rows = vision_index[..., None]
+    x = normed.gather(1, rows.expand(-1, -1, normed.shape[-1]))
+    cos, sin = cos.gather(1, rows.expand(-1, -1, cos.shape[-1])), sin.gather(1, rows.expand(-1, -1, sin.shape[-1]))
+    q = apply_rope(_heads(attn.q_proj(x), attn.head_dim), cos, sin).float()  # [B, H, Nv, d]
+    k = apply_rope(_heads(attn.k_proj(x), attn.head_dim), cos, sin).float()  # [B, Hkv, Nv, d]
+    k = k.repeat_interleave(attn.num_key_value_groups, dim=1)
+    mean_q = q.mean(2, keepdim=True)  # [B, H, 1, d]
+    return ((mean_q @ k.transpose(-1, -2))[:, :, 0] * attn.scaling).mean(1)  # [B, Nv]
+
+
 def key_states(layer: nn.Module, hidden_in: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Post-RoPE key states of a decoder layer, [B, Hkv, S, d] (DART's K-norm signal)."""
     attn = layer.self_attn

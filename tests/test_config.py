@@ -65,7 +65,7 @@ def test_unknown_method_lists_valid():
 FLAGS = {"method": "--pruning-method", "budget": "--visual-token-budget", "layer": "--pruning-layer",
          "ratio": "--pruning-ratio", "diversity": "--diversity-ratio", "position_mode": "--position-mode",
          "lpm_path": "--lpm-path", "seed": "--pruning-seed", "options": "--method-option",
-         "budget_scope": "--budget-scope", "video_stage1": "--video-stage1"}  # what scripts and docs use
+         "budget_scope": "--budget-scope", "video_stage1": "--video-stage1", "atp_path": "--atp-path"}  # what scripts and docs use
 
 
 def _pruning_parser(**kw):
@@ -99,12 +99,12 @@ def test_flags_round_trip_every_field():
     from learnpruner_ext.cli import pruning_config_from_args
 
     want = PruningConfig(method="vispruner", budget=48, budget_scope="scaled", layer=5, ratio=2.5, diversity=0.25, position_mode="original",
-                         video_stage1="per_frame", lpm_path="some/lpm", seed=7, options={"important_ratio": 0.5, "tag": "x", "flags": [1, 2]})
+                         video_stage1="per_frame", lpm_path="some/lpm", atp_path="some/atp", seed=7, options={"important_ratio": 0.5, "tag": "x", "flags": [1, 2]})
     defaults = PruningConfig()
     assert all(getattr(want, f.name) != getattr(defaults, f.name) for f in fields(PruningConfig))
     argv = ["--pruning-method", "vispruner", "--visual-token-budget", "48", "--budget-scope", "scaled", "--pruning-layer", "5", "--pruning-ratio",
             "2.5", "--diversity-ratio", "0.25", "--position-mode", "original", "--video-stage1", "per_frame", "--lpm-path", "some/lpm",
-            "--pruning-seed", "7", "--method-option", "important_ratio=0.5", "--method-option", "tag=x",
+            "--atp-path", "some/atp", "--pruning-seed", "7", "--method-option", "important_ratio=0.5", "--method-option", "tag=x",
             "--method-option", "flags=[1, 2]"]
     got = pruning_config_from_args(_pruning_parser().parse_args(argv))
     assert asdict(got) == asdict(want)

@@ -270,6 +270,7 @@ class PruningMethod(nn.Module):
     signals: ClassVar[tuple[str, ...]] = ()
     defaults: ClassVar[dict[str, Any]] = {}
     uses_lpm: ClassVar[bool] = False  # reads PruningConfig.lpm_path (a trained pruning module)
+    uses_atp: ClassVar[bool] = False  # reads PruningConfig.atp_path (trained ATP modules, ATP-LLaVA)
     # what the family adapter must provide (adapters' ``provides``), e.g. "single_grid": the candidates are one
     # raster grid; apply_pruning refuses the method on a family without it
     requires: ClassVar[tuple[str, ...]] = ()

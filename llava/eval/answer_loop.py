@@ -187,11 +187,17 @@ def run_identity(pruning: PruningConfig, generation: GenerationSettings, conv_mo
 
 def pruning_identity(pruning: PruningConfig) -> dict:
     """``dataclasses.asdict(pruning)``, with the LPM folder made absolute and fingerprinted (its weights, not its
-    path, define the run) and the method options sorted."""
+    path, define the run) and the method options sorted; ``atp_path`` likewise (with ``atp_fingerprint``) when
+    set, and left out when not (earlier answer files, written before the field existed, still resume)."""
     out = asdict(pruning)
     out["options"] = dict(sorted(out["options"].items()))
     out["lpm_path"] = os.path.abspath(pruning.lpm_path) if pruning.lpm_path else None
     out["lpm_fingerprint"] = _lpm_fingerprint(pruning.lpm_path)
+    if pruning.atp_path:  # ATP's modules, like the LPM: their weights define the run
+        out["atp_path"] = os.path.abspath(pruning.atp_path)
+        out["atp_fingerprint"] = _lpm_fingerprint(pruning.atp_path)
+    else:  # a field added later is left out at its default, so earlier answer files still resume
+        del out["atp_path"]
     return out
 
 
@@ -490,11 +496,11 @@ def answer(
 
 
 def _check_attached(model, pruning: PruningConfig) -> None:
-    """A loaded model must already carry ``pruning`` (the LPM path aside: a checkpoint's own LPM fills it in)."""
+    """A loaded model must already carry ``pruning`` (the LPM / ATP paths aside: a checkpoint's own fill them in)."""
     attached = model.pruner.config if model.pruner is not None else PruningConfig()
     if attached.method == pruning.method == "none":  # nothing is pruned: its hyper-parameters do not matter
         return
-    if replace(attached, lpm_path=None) != replace(pruning, lpm_path=None):
+    if replace(attached, lpm_path=None, atp_path=None) != replace(pruning, lpm_path=None, atp_path=None):
         raise ValueError(f"the loaded model carries pruning {attached} but this run asks for {pruning}; "
                          "call learnpruner_ext.apply_pruning(model, config) before answer()")  # fmt: skip
 

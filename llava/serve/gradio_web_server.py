@@ -1,6 +1,6 @@
 """Single-process Gradio demo: ask a question about an image and see which patches a pruning method keeps.
 
-    python -m llava.serve.gradio_web_server [--model-path P] [--lpm-path L] [--host 127.0.0.1] [--port 7860]
+    python -m llava.serve.gradio_web_server [--model-path P] [--lpm-path L] [--atp-path A] [--host 127.0.0.1] [--port 7860]
 
 Unlike upstream LLaVA's controller/worker/web-server trio, the model lives in this process. Requests go
 through Gradio's queue (several users at once); model calls are serialised by a lock because the model
@@ -35,6 +35,7 @@ from learnpruner_ext import BudgetError, PruningConfig, apply_pruning, available
 from learnpruner_ext.adapters import patch_grid_tokens  # noqa: E402
 from learnpruner_ext.config import BUDGET_SCOPES, budget_notice, check_budget, image_budget  # noqa: E402
 from learnpruner_ext.flops import count_flops  # noqa: E402
+from learnpruner_ext.atp import shipped_atp_path  # noqa: E402
 from learnpruner_ext.lpm import shipped_lpm_path  # noqa: E402
 from learnpruner_ext.methods import get_method_class, plan_method  # noqa: E402
 from learnpruner_ext.visualize import PatchMarks, base_crop_patches, draw_overlay, model_grid  # noqa: E402
@@ -128,11 +129,12 @@ def tokens_chart(tokens: list[int], unpruned: list[int], method: str) -> Figure:
 class DemoBackend:
     """The model and everything one request needs; ``answer`` is thread-safe (a lock around the model)."""
 
-    def __init__(self, model_path=None, lpm_path=None, device="auto", max_new_tokens=64):
+    def __init__(self, model_path=None, lpm_path=None, device="auto", max_new_tokens=64, atp_path=None):
         self.tokenizer, self.model, self.processor, _ = load_pretrained_model(model_path, device=device)
         self.model_path = model_path
         # apply_pruning falls back to the checkpoint's own lpm/ folder; say which LPM really runs
         self.lpm_path = lpm_path or shipped_lpm_path(getattr(self.model.config, "_name_or_path", None))
+        self.atp_path = atp_path or shipped_atp_path(getattr(self.model.config, "_name_or_path", None))  # likewise
         self.max_new_tokens = max_new_tokens
         self.lock = threading.Lock()
         self.num_vision_tokens = self.model.num_vision_tokens  # N: the reference count budgets refer to
@@ -225,6 +227,7 @@ class DemoBackend:
         try:
             config = PruningConfig(method=method, budget=None if method == "none" else budget, layer=k,
                                    lpm_path=self.lpm_path if get_method_class(method).uses_lpm else None,
+                                   atp_path=self.atp_path if get_method_class(method).uses_atp else None,
                                    budget_scope=budget_scope)  # fmt: skip
             check_budget(config.budget, self.num_vision_tokens)  # T refers to the model's N (LLaVA-NeXT: not N_i)
         except BudgetError as err:
@@ -299,9 +302,10 @@ def plan_budget(config: PruningConfig, num_tokens: int, reference_tokens: int) -
 
 
 def build_demo(model_path=None, lpm_path=None, device="auto", max_new_tokens=64, concurrency_limit=4,
-               backend: DemoBackend | None = None) -> gr.Blocks:  # fmt: skip
+               backend: DemoBackend | None = None, atp_path=None) -> gr.Blocks:  # fmt: skip
     """The Gradio app (queue configured); call ``.launch()`` on it."""
-    backend = backend or DemoBackend(model_path, lpm_path, device=device, max_new_tokens=max_new_tokens)
+    backend = backend or DemoBackend(model_path, lpm_path, device=device, max_new_tokens=max_new_tokens,
+                                     atp_path=atp_path)  # fmt: skip
     n = backend.num_vision_tokens
     default_method = "learnpruner" if "learnpruner" in backend.methods else backend.methods[0]
     default_budget = max(1, round(n * 64 / 576))
@@ -373,6 +377,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="LearnPruner LLaVA demo (single process)")
     parser.add_argument("--model-path", default=None, help="checkpoint (default: the built-in toy checkpoint)")
     parser.add_argument("--lpm-path", default=None, help="trained LPM for learnpruner")
+    parser.add_argument("--atp-path", default=None, help="trained ATP modules for atp (default: the checkpoint's atp/)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--device", default="auto")
@@ -381,7 +386,7 @@ def main(argv=None):
     parser.add_argument("--share", action="store_true")
     args = parser.parse_args(argv)
     demo = build_demo(args.model_path, args.lpm_path, device=args.device, max_new_tokens=args.max_new_tokens,
-                      concurrency_limit=args.concurrency_limit)  # fmt: skip
+                      concurrency_limit=args.concurrency_limit, atp_path=args.atp_path)  # fmt: skip
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
 
 

@@ -23,11 +23,12 @@ def _no_grad():
 QUESTIONS = ["What color is the circle?", "How many shapes are there in this picture?", "Is there a red square?"]
 ZOO = ["vispruner", "fastv", "visionzip", "divprune", "dart", "random", "cls"]
 IN_LLM = {"fastv", "dart"}
-METHODS = ZOO + ["learnpruner", "pyramiddrop", "sparsevlm"]
+METHODS = ZOO + ["learnpruner", "pyramiddrop", "sparsevlm", "atp"]
+ADAPTIVE = {"atp"}  # the thresholds decide each sample's count: the plan holds only the target (tests/methods/test_atp.py)
 
 
 def use(model, name, budget=None, **kw):
-    if name == "learnpruner":
+    if name in ("learnpruner", "atp"):  # an untrained LPM / untrained ATP modules
         with pytest.warns(UserWarning, match="UNTRAINED"):
             return apply_pruning(model, PruningConfig(name, budget, **kw))
     return apply_pruning(model, PruningConfig(name, budget, **kw))
@@ -87,6 +88,9 @@ def test_planned_learnpruner_follows_spec(budget, expected):
 @pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize("budget", [10, 6])
 def test_measured_average_tiny(loaded, images, name, budget):
+    if name in ADAPTIVE:
+        pytest.skip("adaptive counts: the plan carries only the target T, so plan = measured does not hold; ATP's "
+                    "measured per-sample counts are checked in test_atp.py")
     _, model, _ = loaded
     method = use(model, name, budget)
     model(**batch_for(loaded, images, QUESTIONS))

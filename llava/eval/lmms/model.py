@@ -3,7 +3,7 @@
 ``--model_args`` takes the model's own options (``pretrained``, ``model_base``, ``conv_mode``, ``dtype``,
 ``attn_implementation``) and every :class:`~learnpruner_ext.PruningConfig` option under the name of its CLI flag
 (``pruning_method``, ``visual_token_budget``, ``pruning_layer``, ``pruning_ratio``, ``diversity_ratio``,
-``budget_scope``, ``position_mode``, ``lpm_path``, ``pruning_seed``, ``method_option``); the pruning options are
+``budget_scope``, ``position_mode``, ``lpm_path``, ``atp_path``, ``pruning_seed``, ``method_option``); the pruning options are
 parsed by the same argparse group as the toolkit's CLIs (``learnpruner_ext.cli.add_pruning_args``), so a new field
 of ``PruningConfig`` is reachable here with no change. ``method_option=KEY=VALUE`` takes several options joined
 by ``;`` (``method_option=important_ratio=0.5;foo=1``), since lmms-eval splits ``--model_args`` on commas.
