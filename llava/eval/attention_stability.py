@@ -100,6 +100,7 @@ def plot(summary: list[dict], path: str) -> None:
     for stage1 in dict.fromkeys(s["stage1"] for s in summary):
         points = [(s["layer"], s["spearman"]) for s in summary if s["stage1"] == stage1]
         ax.plot(*zip(*points), marker="o", label=f"stage 1 = {stage1}")
+    ax.set_xticks(sorted({s["layer"] for s in summary}))
     ax.set_xlabel("layer k")
     ax.set_ylabel("Spearman rho, pruned vs full")
     ax.set_ylim(-0.05, 1.05)
