@@ -97,18 +97,30 @@ def test_ray_sweep_equals_the_serial_sweep_and_skips_finished_jobs(ray_local, to
     assert csv_text(out, serial) == (serial / "results.csv").read_text()
 
 
+def _writer_of(path: Path) -> int | None:
+    """The pid of the SweepWorker process that has ``path`` open (the job answering into it), if any."""
+    busy = subprocess.run(["pgrep", "-f", "^ray::SweepWorker"], capture_output=True, text=True).stdout.split()
+    for pid in map(int, busy):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(path) for fd in fds):
+                return pid
+        except OSError:  # the process or the descriptor went away meanwhile
+            continue
+    return None
+
+
 def _kill_a_worker_mid_job(out: Path, state: dict) -> None:
-    """SIGKILL the first busy SweepWorker process once some chunk file has 2..total-2 answers."""
+    """SIGKILL the SweepWorker that is writing a chunk file once that file has 2..total-2 answers."""
     deadline = time.time() + 120
     while time.time() < deadline and not state.get("stop"):
         for chunk in out.glob("answers/toy/*/chunks/*.jsonl"):
             n = chunk.read_bytes().count(b"\n")
             if 2 <= n <= QUESTIONS // 2 - 2:
-                busy = subprocess.run(["pgrep", "-f", "^ray::SweepWorker.run"], capture_output=True, text=True)
-                pids = [int(p) for p in busy.stdout.split()]
-                if pids:
-                    os.kill(pids[0], signal.SIGKILL)
-                    state["killed"] = (pids[0], str(chunk), n)
+                pid = _writer_of(chunk.resolve())
+                if pid is not None:
+                    os.kill(pid, signal.SIGKILL)
+                    state["killed"] = (pid, str(chunk), n)
                     return
         time.sleep(0.01)
 
@@ -128,6 +140,9 @@ def test_a_killed_worker_loses_no_answers_and_duplicates_none(ray_local, toy_roo
     assert "killed" in state, "no worker was killed mid-job (the jobs finished too fast?)"
     resumed = [r for r in jobs(out) if r.get("already", 0) > 0]
     assert resumed and all(r["already"] + r["generated"] == r["total"] for r in resumed)
+    killed_chunk = Path(state["killed"][1])  # the killed job itself resumed from at least the lines seen
+    assert any(f"{r['method']}-{r['budget'] or 'full'}" in str(killed_chunk) and killed_chunk.name ==
+               f"{r['num_chunks']}_{r['chunk']}.jsonl" and r["already"] >= state["killed"][2] for r in resumed)
     assert not any(r["worker"].endswith(f":{state['killed'][0]}") for r in resumed)  # a new process finished it
     assert answer_lines(out) == answer_lines(serial)  # none lost, none twice (merge refuses duplicates anyway)
     assert csv_text(out, serial) == (serial / "results.csv").read_text()
