@@ -241,6 +241,10 @@ class SweepWorker:
         self.tasks: dict[str, answer_loop.Task] = {}
         self.jobs_done = 0
 
+    def describe(self) -> dict:
+        """What the results need from the loaded model: N, the reference vision tokens."""
+        return {"num_vision_tokens": self.model.num_vision_tokens}
+
     def attach(self, method: str, budget: int | None) -> dict:
         """Attach (method, budget) unless it is attached -> its plan summary, or ``{"infeasible": reason}``."""
         import torch
@@ -338,8 +342,8 @@ def pending_jobs(args: argparse.Namespace, jobs: list[Job]) -> list[Job]:
     return out
 
 
-def run_serial(args: argparse.Namespace, combos: list[tuple], jobs: list[Job]) -> tuple[dict, list[dict]]:
-    """Every job on one local worker, (method, budget) by (method, budget) -> (plans, job records)."""
+def run_serial(args: argparse.Namespace, combos: list[tuple], jobs: list[Job]) -> tuple[dict, list[dict], dict]:
+    """Every job on one local worker, (method, budget) by (method, budget) -> (plans, job records, model info)."""
     worker = SweepWorker(args)
     todo, plans, records = set(pending_jobs(args, jobs)), {}, []
     for combo in combos:
@@ -352,7 +356,7 @@ def run_serial(args: argparse.Namespace, combos: list[tuple], jobs: list[Job]) -
             print(f"[sweep] {run} on {job.bench}" + (f" (chunk {job.chunk + 1}/{job.num_chunks})"
                                                     if job.num_chunks > 1 else ""), file=sys.stderr)  # fmt: skip
             records.append(worker.run(job))
-    return plans, records
+    return plans, records, worker.describe()
 
 
 def run_sweep(args: argparse.Namespace) -> dict:
@@ -360,9 +364,9 @@ def run_sweep(args: argparse.Namespace) -> dict:
     if args.ray:
         from .sweep_ray import run_on_ray
 
-        plans, records = run_on_ray(args, combos, jobs)
+        plans, records, info = run_on_ray(args, combos, jobs)
     else:
-        plans, records = run_serial(args, combos, jobs)
+        plans, records, info = run_serial(args, combos, jobs)
     model_id = get_model_name_from_path(args.model_path)
     rows = []
     for method, budget in combos:
@@ -384,7 +388,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
                              avg=_measured_tokens(answers)))  # fmt: skip
     table = family_table(args.model_path)
     results = {
-        "model_path": args.model_path, "model_id": model_id, "num_vision_tokens": _num_vision_tokens(args.model_path),
+        "model_path": args.model_path, "model_id": model_id, "num_vision_tokens": info["num_vision_tokens"],
         "methods": parse_methods(args.methods), "budgets": parse_budgets(args.budgets),
         "benchmarks": [b.name for b in benches], "metrics": {b.name: b.metric_label for b in benches}, "rows": rows,
         "paper_table": table.table, "conv_mode": args.conv_mode,
@@ -393,16 +397,6 @@ def run_sweep(args: argparse.Namespace) -> dict:
     write_json(os.path.join(args.out, "jobs.json"), {"executor": "ray" if args.ray else "serial", "jobs": records})
     write_outputs(args.out, results, benches)
     return results
-
-
-def _num_vision_tokens(model_path: str) -> int:
-    """N, the reference vision tokens of the checkpoint (read from its config, without the weights)."""
-    from transformers import AutoConfig
-
-    from learnpruner_ext.adapters import adapter_for
-
-    config = AutoConfig.from_pretrained(model_path)
-    return adapter_for(config).reference_tokens(config)
 
 
 def _row(method, budget, bench, status, metrics=None, plan=None, answers=None, avg=None, note=""):

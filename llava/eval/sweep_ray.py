@@ -70,8 +70,8 @@ def worker_shape(args: argparse.Namespace, resources: dict, jobs: int) -> tuple[
     return cpus, gpus, max(1, min(count, jobs))
 
 
-def run_on_ray(args: argparse.Namespace, combos: list[tuple], jobs: list[Job]) -> tuple[dict, list[dict]]:
-    """The pending jobs on Ray workers -> (plan summary per (method, budget), job records)."""
+def run_on_ray(args: argparse.Namespace, combos: list[tuple], jobs: list[Job]) -> tuple[dict, list[dict], dict]:
+    """The pending jobs on Ray workers -> (plan summary per (method, budget), job records, model info)."""
     ray = connect(args.ray)
     from ray.util import ActorPool
 
@@ -93,6 +93,7 @@ def run_on_ray(args: argparse.Namespace, combos: list[tuple], jobs: list[Job]) -
         bar.close()
         for combo in (c for c in combos if c not in plans):  # finished (or never sent): only its plan is needed
             plans[combo] = ray.get(workers[0].attach.remote(*combo))
+        info = ray.get(workers[0].describe.remote())
     except ray.exceptions.RayTaskError as err:  # an input error inside a job: the job's own message
         raise err.cause if isinstance(err.cause, (ValueError, FileNotFoundError)) else err
     except ray.exceptions.RayActorError as err:
@@ -101,4 +102,4 @@ def run_on_ray(args: argparse.Namespace, combos: list[tuple], jobs: list[Job]) -
     finally:
         for w in workers:
             ray.kill(w)
-    return plans, records
+    return plans, records, info

@@ -230,3 +230,18 @@ def test_vision_cache_gives_the_uncached_answers(tiny_ckpt, tiny_lpm, eval_root,
     hits = {(j["method"], j["bench"]): j["vision_cache"]["hits"] for j in cached_jobs}
     assert hits[("none", "pope")] == 0 and hits[("none", "sqa")] == 0  # the first run computes the tower
     assert all(h > 0 for (m, _), h in hits.items() if m != "none")
+
+
+def test_sweep_on_an_original_llava_folder_reads_n_from_the_model(eval_root, tmp_path):
+    """An original-format (liuhaotian-style) folder: the table's N is the loaded model's 16 vision tokens (a
+    config-only reading gave CLIP's default 576 for this layout)."""
+    from learnpruner_ext.tiny import save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny-orig", "llava", seed=0, text_layers=4, image_size=56, patch_size=14)
+    out = tmp_path / "sweep"
+    results = sweep.main(["--model-path", str(ckpt), "--methods", "none,random", "--budgets", "8", "--benchmarks", "pope",
+                          "--eval-root", str(eval_root), "--out", str(out), "--max-new-tokens", "2", "--device", "cpu",
+                          "--no-progress"])  # fmt: skip
+    assert results["num_vision_tokens"] == 16
+    assert "Upper Bound, 16 Tokens" in (out / "table.md").read_text()
+    assert "Retain Averaged 8 Tokens (↓ 50.0%)" in (out / "table.md").read_text()
