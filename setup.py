@@ -41,6 +41,8 @@ setup(
     description="Two-stage visual-token pruning (LearnPruner) and baselines for LLaVA-family VLMs",
     packages=find_packages(include=["llava", "llava.*", "learnpruner_ext", "learnpruner_ext.*", "toyworld", "toyworld.*"]),
     python_requires=">=3.10",
+    # the demo's example scenes (llava.serve.examples reads them next to the module)
+    package_data={"llava.serve": ["demo_examples/*.json", "demo_examples/*.png"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     # lmms-eval >= 0.7 finds plugin models through this group (MODEL_REGISTRY_V2.load_entrypoint_manifests)
