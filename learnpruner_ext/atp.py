@@ -31,6 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .lpm import shipped_module_path
+
 ATP_WEIGHTS = "atp.safetensors"
 ATP_CONFIG = "atp_config.json"
 SHIPPED_ATP_DIR = "atp"  # a checkpoint folder may ship its trained ATP modules here (like lpm/ for LearnPruner)
@@ -47,12 +49,7 @@ SELF_SCORES = ("logits", "attention")
 
 def shipped_atp_path(model_dir: str | os.PathLike | None) -> str | None:
     """``model_dir/atp`` when it holds ATP modules (``atp.safetensors`` + ``atp_config.json``), else None."""
-    if not model_dir:
-        return None
-    folder = Path(model_dir) / SHIPPED_ATP_DIR
-    if (folder / ATP_WEIGHTS).is_file() and (folder / ATP_CONFIG).is_file():
-        return str(folder)
-    return None
+    return shipped_module_path(model_dir, SHIPPED_ATP_DIR, ATP_WEIGHTS, ATP_CONFIG)
 
 
 def check_strides(strides, lambda_sample: float) -> tuple[int, ...]:

@@ -21,14 +21,17 @@ KEEP = 1  # logit index of the "keep" class
 SHIPPED_LPM_DIR = "lpm"  # a checkpoint folder may ship its trained LPM here (the toy default does)
 
 
-def shipped_lpm_path(model_dir: str | os.PathLike | None) -> str | None:
-    """``model_dir/lpm`` when it holds a trained LPM (``lpm.safetensors`` + ``lpm_config.json``), else None."""
+def shipped_module_path(model_dir: str | os.PathLike | None, name: str, *files: str) -> str | None:
+    """``model_dir/name`` when it holds every one of ``files`` (a trained module shipped with a checkpoint), else None."""
     if not model_dir:
         return None
-    folder = Path(model_dir) / SHIPPED_LPM_DIR
-    if (folder / LPM_WEIGHTS).is_file() and (folder / LPM_CONFIG).is_file():
-        return str(folder)
-    return None
+    folder = Path(model_dir) / name
+    return str(folder) if all((folder / f).is_file() for f in files) else None
+
+
+def shipped_lpm_path(model_dir: str | os.PathLike | None) -> str | None:
+    """``model_dir/lpm`` when it holds a trained LPM (``lpm.safetensors`` + ``lpm_config.json``), else None."""
+    return shipped_module_path(model_dir, SHIPPED_LPM_DIR, LPM_WEIGHTS, LPM_CONFIG)
 
 
 class LearnablePruningModule(nn.Module):

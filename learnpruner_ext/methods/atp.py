@@ -50,12 +50,11 @@ from ..atp import (
     redundant_scores,
     spatial_scores,
 )
-from ..config import TokenPlan, UnsupportedMethodError, check_budget, check_layer
+from ..config import TokenPlan, UnsupportedMethodError, check_budget
 from ..cut import right_pad
-from ._common import check_choice
+from ._common import check_choice, resolve_layers, scaled_layers
 from .base import DecoderContext, PruningMethod, register_method
 
-REFERENCE_DEPTH = 32  # LLaVA-1.5-7B's decoder layers
 REFERENCE_LAYERS = (4, 14, 24)  # the paper's module layers (Table 2: pruning before the input of these layers)
 # recorded in atp_config.json: a loaded module's values win, an option that contradicts them is an error
 MODULE_OPTIONS = ("layers", "hidden_features", "temperature", "lambda_sample", "strides", "self_score")
@@ -66,11 +65,10 @@ UNTRAINED_NOTICE = ("ATP is running with UNTRAINED (randomly initialised) ATP mo
 
 def default_layers(num_layers: int) -> tuple[int, ...]:
     """The paper's layers 4/14/24 of 32 at the same relative depth: 1/4/6 of 8, 2/3 of 4."""
-    scaled = sorted({round(num_layers * k / REFERENCE_DEPTH) for k in REFERENCE_LAYERS})
-    return tuple(k for k in scaled if 0 < k < num_layers)
+    return scaled_layers(REFERENCE_LAYERS, num_layers)
 
 
-def resolve_layers(spec, num_layers: int) -> tuple[int, ...]:
+def module_layers(spec, num_layers: int) -> tuple[int, ...]:
     """The module layers: option ``layers``, else the ATP folder's recorded layers, else :func:`default_layers`;
     ``--pruning-layer k`` replaces the first one (the later ones above ``k`` stay). Every layer must be in
     ``(0, L)``."""
@@ -78,14 +76,7 @@ def resolve_layers(spec, num_layers: int) -> tuple[int, ...]:
     if layers is None and spec.config.atp_path:
         layers = ATPModules.read_config(spec.config.atp_path).get("layers")
     layers = tuple(layers) if layers is not None else default_layers(num_layers)
-    first = spec.config.layer
-    if first is not None:
-        layers = (check_layer(first, num_layers, "atp module layer"),) + tuple(k for k in layers[1:] if k > first)
-    if not layers:
-        raise ValueError(f"atp needs at least 2 LLM layers to place a module, the LLM has {num_layers}")
-    for k in layers:
-        check_layer(k, num_layers, "atp module layer")
-    return layers
+    return resolve_layers("atp", "module layer", layers, num_layers, spec.config.layer, explicit=False)
 
 
 def adaptive_plan(num_vision_tokens: int, num_layers: int, layers: tuple[int, ...]) -> TokenPlan:
@@ -126,7 +117,7 @@ class ATP(PruningMethod):
 
     @classmethod
     def make_plan(cls, spec, num_vision_tokens: int, num_layers: int) -> TokenPlan:
-        layers = resolve_layers(spec, num_layers)
+        layers = module_layers(spec, num_layers)
         if spec.config.budget is not None and check_budget(spec.config.budget, num_vision_tokens) == num_vision_tokens:
             return TokenPlan(num_vision_tokens, num_layers, r1=num_vision_tokens)  # T = N: no pruning
         return adaptive_plan(num_vision_tokens, num_layers, layers)
@@ -137,7 +128,7 @@ class ATP(PruningMethod):
         if side * side != num_vision_tokens:
             raise UnsupportedMethodError(f"atp samples one square grid of patches; this model has {num_vision_tokens} "
                                          "vision tokens per image, not a square grid")  # fmt: skip
-        layers, options = resolve_layers(self.spec, num_layers), self.options
+        layers, options = module_layers(self.spec, num_layers), self.options
         if config.atp_path:
             self.atp = ATPModules.from_pretrained(config.atp_path)
             self._check_loaded(config, num_vision_tokens, layers)

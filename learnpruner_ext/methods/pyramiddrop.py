@@ -35,19 +35,18 @@ import math
 
 import torch
 
-from ..config import BudgetError, TokenPlan, check_budget, check_layer
+from ..config import BudgetError, TokenPlan, check_budget
 from ..selection import topk_indices
+from ._common import resolve_layers, scaled_layers
 from .base import DecoderContext, PruningMethod, register_method
 
-REFERENCE_DEPTH = 32  # LLaVA-1.5-7B's decoder layers
 REFERENCE_LAYERS = (8, 16, 24)  # its stage boundaries (the reference scripts' --layer_list)
 SOLVE_STEPS = 64  # bisection steps on lambda: below float resolution, so the smallest lambda is found
 
 
 def default_layers(num_layers: int) -> tuple[int, ...]:
     """The reference boundaries at the same relative depth: 8/16/24 of 32 -> 2/4/6 of 8, 1/2/3 of 4."""
-    scaled = sorted({round(num_layers * k / REFERENCE_DEPTH) for k in REFERENCE_LAYERS})
-    return tuple(k for k in scaled if 0 < k < num_layers)
+    return scaled_layers(REFERENCE_LAYERS, num_layers)
 
 
 def stage_counts(num_vision_tokens: int, ratio: float, stages: int) -> tuple[int, ...]:
@@ -77,17 +76,8 @@ def resolve_stages(spec, num_vision_tokens: int, num_layers: int) -> tuple[tuple
     """(boundaries, lambda, counts) of ``spec`` for an image of ``num_vision_tokens``; raises for a budget it cannot
     meet. ``lambda`` is the option's value or the one solved from ``spec.config.budget``."""
     n, big_l = num_vision_tokens, num_layers
-    layers = tuple(spec.options["layers"] or default_layers(big_l))
-    first = spec.config.layer  # --pruning-layer: replaces the first boundary (the later ones above it stay)
-    if first is not None and spec.options["layers"] is not None and first != layers[0]:
-        raise ValueError(f"pyramiddrop: --pruning-layer {first} contradicts layers={list(layers)} (its first boundary); "
-                         "give one of them")  # fmt: skip
-    if first is not None:
-        layers = (check_layer(first, big_l, "pyramiddrop stage boundary"),) + tuple(k for k in layers[1:] if k > first)
-    if not layers:
-        raise ValueError(f"pyramiddrop needs at least 2 LLM layers to place a stage boundary, the LLM has {big_l}")
-    for k in layers:
-        check_layer(k, big_l, "pyramiddrop stage boundary")
+    layers = resolve_layers("pyramiddrop", "stage boundary", tuple(spec.options["layers"] or default_layers(big_l)),
+                            big_l, spec.config.layer, spec.options["layers"] is not None)  # fmt: skip
     t = check_budget(spec.config.budget, n)
     ratio = spec.options["lambda"]
     if ratio is None:

@@ -36,12 +36,12 @@ import math
 
 import torch
 
-from ..config import BudgetError, TokenPlan, check_budget, check_layer
+from ..config import BudgetError, TokenPlan, check_budget
 from ..cut import gather_seq, right_pad
 from ..selection import topk_indices
+from ._common import resolve_layers, scaled_layers
 from .base import DecoderContext, PruningMethod, register_method
 
-REFERENCE_DEPTH = 32  # LLaVA-1.5-7B's decoder layers
 REFERENCE_PRUNING_LAYERS = (2, 6, 15)  # the reference's pruning_loc: these layers score, tokens drop after them
 REFERENCE_BOUNDARIES = tuple(k + 1 for k in REFERENCE_PRUNING_LAYERS)  # our cut boundaries: 3, 7, 16
 # score.py's sparse_token_dict (USE_VERSION=1_0): the top-c kept at each pruning layer, per "retained" budget
@@ -53,8 +53,7 @@ SOLVE_STEPS = 64
 
 def default_layers(num_layers: int) -> tuple[int, ...]:
     """The reference's boundaries 3/7/16 of 32 at the same relative depth (1/2/4 of 8, 1/2 of 4)."""
-    scaled = sorted({round(num_layers * k / REFERENCE_DEPTH) for k in REFERENCE_BOUNDARIES})
-    return tuple(k for k in scaled if 0 < k < num_layers)
+    return scaled_layers(REFERENCE_BOUNDARIES, num_layers)
 
 
 def recycle_candidates(deleted: int) -> int:
@@ -128,17 +127,8 @@ def solve_ratio(budget: int, num_vision_tokens: int, num_layers: int, layers: tu
 def resolve_stages(spec, num_vision_tokens: int, num_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(boundaries, totals) of ``spec`` for an image of ``num_vision_tokens``; raises for a budget it cannot meet."""
     n, big_l, recycle = num_vision_tokens, num_layers, spec.options["recycle"]
-    layers = tuple(spec.options["layers"] or default_layers(big_l))
-    first = spec.config.layer  # --pruning-layer: replaces the first boundary (the later ones above it stay)
-    if first is not None and spec.options["layers"] is not None and first != layers[0]:
-        raise ValueError(f"sparsevlm: --pruning-layer {first} contradicts layers={list(layers)} (its first boundary); "
-                         "give one of them")  # fmt: skip
-    if first is not None:
-        layers = (check_layer(first, big_l, "sparsevlm cut boundary"),) + tuple(k for k in layers[1:] if k > first)
-    if not layers:
-        raise ValueError(f"sparsevlm needs at least 2 LLM layers to place a cut boundary, the LLM has {big_l}")
-    for k in layers:
-        check_layer(k, big_l, "sparsevlm cut boundary")
+    layers = resolve_layers("sparsevlm", "cut boundary", tuple(spec.options["layers"] or default_layers(big_l)),
+                            big_l, spec.config.layer, spec.options["layers"] is not None)  # fmt: skip
     keep = spec.options["keep"]
     if keep is not None and len(keep) != len(layers):
         raise ValueError(f"sparsevlm: keep={list(keep)} needs one count per cut boundary {list(layers)}")

@@ -201,6 +201,10 @@ class Job:
     chunk: int = 0
     num_chunks: int = 1
 
+    def chunk_of(self, task: answer_loop.Task) -> answer_loop.Task:
+        """The benchmark's task restricted to this job's chunk of its questions."""
+        return replace(task, items=answer_loop.get_chunk(task.items, self.num_chunks, self.chunk))
+
     def answers_file(self, out: str, model_id: str) -> str:
         """The run's ``answers.jsonl``, or with several chunks ``chunks/<num_chunks>_<chunk>.jsonl`` beside it
         (upstream's chunk naming), merged into ``answers.jsonl`` when every chunk is done."""
@@ -271,8 +275,7 @@ class SweepWorker:
             return record
         if job.bench not in self.tasks:
             self.tasks[job.bench] = _task(B.BENCHMARKS[job.bench], self.args.eval_root)
-        task = self.tasks[job.bench]
-        task = replace(task, items=answer_loop.get_chunk(task.items, job.num_chunks, job.chunk))
+        task = job.chunk_of(self.tasks[job.bench])
         summary = answer_loop.answer(
             task, job.answers_file(self.args.out, self.model_id), self.attached_config(), _generation(self.args),
             conv_mode=self.args.conv_mode, model_path=self.args.model_path,
@@ -332,7 +335,7 @@ def pending_jobs(args: argparse.Namespace, jobs: list[Job]) -> list[Job]:
     for job in jobs:
         if job.bench not in tasks:
             tasks[job.bench] = _task(B.BENCHMARKS[job.bench], args.eval_root)
-        task = replace(tasks[job.bench], items=answer_loop.get_chunk(tasks[job.bench].items, job.num_chunks, job.chunk))
+        task = job.chunk_of(tasks[job.bench])
         config = with_shipped_lpm(pruning_config_from_args(args, method=job.method, budget=job.budget), args.model_path)
         _, _, todo = answer_loop.resume_state(task, job.answers_file(args.out, model_id), config, _generation(args),
                                               conv_mode=args.conv_mode, model_path=args.model_path,
