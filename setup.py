@@ -19,7 +19,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "train": ["deepspeed==0.19.8", "accelerate==1.15.0"],
+    "train": ["deepspeed==0.19.8", "accelerate==1.15.0", "peft==0.21.2"],  # peft: LoRA for ATP training (train_atp)
     "demo": ["gradio==6.31.0", "gradio_client==2.7.2"],
     "eval": ["openpyxl==3.1.5"],  # MMBench submission .xlsx
     "video": ["av==18.1.0"],  # PyAV: video decoding (llava.video), Video-LLaVA inputs and the toy video clips

@@ -109,25 +109,31 @@ class ATPLayerModule(nn.Module):
         self.head_s = nn.Linear(hidden_features, 1)  # Eq. 8
 
     def thresholds(self, s_self: torch.Tensor, s_cross: torch.Tensor, slots: torch.Tensor,
-                   valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                   valid: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """(theta_r [B], theta_s [B]) from the scores [B, Nv] of the vision tokens present, ``slots`` [B, Nv] their
         patch indices in ``[0, N)``; ``valid`` [B, Nv] marks real tokens (padding slots are ignored). Each score is
-        written at its patch's slot of a width-N vector; slots of pruned (or padding) tokens stay 0."""
+        written at its patch's slot of a width-N vector; slots of pruned (or padding) tokens stay 0. ``weights``
+        [B, Nv] (training: each token's soft presence, the product of the earlier modules' masks) scales each score
+        written, so a token with weight 0 reads exactly as a pruned one."""
         batch = s_self.shape[0]
         if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= self.num_tokens):
             raise ValueError(f"atp: vision token slots must be in [0, {self.num_tokens}), got {slots.min()}..{slots.max()}")
         ok = torch.ones_like(slots, dtype=torch.bool) if valid is None else valid
         dtype = self.proj.weight.dtype
+        if weights is not None:
+            s_self, s_cross = s_self * weights, s_cross * weights
         x = torch.zeros(batch, 2, self.num_tokens, dtype=dtype, device=s_self.device)
         rows = torch.arange(batch, device=slots.device)[:, None].expand_as(slots)
-        x[rows[ok], 0, slots[ok]] = s_self[ok].to(dtype)
-        x[rows[ok], 1, slots[ok]] = s_cross[ok].to(dtype)
+        x = x.index_put((rows[ok], torch.zeros_like(slots[ok]), slots[ok]), s_self[ok].to(dtype))
+        x = x.index_put((rows[ok], torch.ones_like(slots[ok]), slots[ok]), s_cross[ok].to(dtype))
         z = self.proj(x.flatten(1))  # cat(S_self, S_cross): [B, 2N]
         return torch.sigmoid(self.head_r(z)).squeeze(-1).float(), torch.sigmoid(self.head_s(z)).squeeze(-1).float()
 
-    def soft_mask(self, s_self, s_cross, s_spatial, slots, temperature: float, valid=None) -> torch.Tensor:
-        """Eqs. 9-11, differentiable (training): [B, Nv] in (0, 1)."""
-        theta_r, theta_s = self.thresholds(s_self, s_cross, slots, valid)
+    def soft_mask(self, s_self, s_cross, s_spatial, slots, temperature: float, valid=None, weights=None) -> torch.Tensor:
+        """Eqs. 9-11, differentiable (training): [B, Nv] in [0, 1]; ``weights`` as in :meth:`thresholds` (they scale
+        the thresholds' input only; each token's own mask compares its unscaled scores)."""
+        theta_r, theta_s = self.thresholds(s_self, s_cross, slots, valid, weights)
         s_r = redundant_scores(s_self.float(), s_cross.float())
         mask_r = torch.sigmoid((s_r - theta_r[:, None]) * temperature)
         mask_s = torch.sigmoid((s_spatial.float() - theta_s[:, None]) * temperature)

@@ -121,8 +121,9 @@ def _resolved(path: str | None) -> str | None:
     return None if path is None else str(Path(path).resolve())
 
 
-def run_args(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments) -> dict:
-    """The :data:`RESUME_ARGS` of this run (paths resolved, the effective data seed and batch size)."""
+def run_args(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments,
+             keys: tuple[str, ...] = RESUME_ARGS) -> dict:  # fmt: skip
+    """The ``keys`` (:data:`RESUME_ARGS`) of this run (paths resolved, the effective data seed and batch size)."""
     values = {**vars(model_args), **vars(data_args), **args.to_dict(), "world_size": args.world_size}
     values.update(
         model_name_or_path=_resolved(model_args.model_name_or_path), model_base=_resolved(model_args.model_base),
@@ -130,7 +131,7 @@ def run_args(model_args: ModelArguments, data_args: DataArguments, args: Trainin
         data_seed=args.data_seed if args.data_seed is not None else args.seed,
         effective_batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
     )  # fmt: skip
-    return {key: values[key] for key in RESUME_ARGS}
+    return {key: values[key] for key in keys}
 
 
 def check_changed_args(checkpoint: str, current: dict, allow: bool) -> None:
@@ -193,31 +194,42 @@ def _init_deepspeed_comm(args: TrainingArguments) -> None:
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
 
 
-def build(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments):
-    """Load the base, build data and the training module -> (trainer, resume checkpoint or None)."""
+def start_run(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments,
+              keys: tuple[str, ...] = RESUME_ARGS) -> tuple[RecordFilter, str | None, dict]:  # fmt: skip
+    """The checks that need no weights, the process group and the resume decision ->
+    (record filter, resume checkpoint or None, this run's ``keys`` values)."""
     check_fraction(data_args.data_fraction)
     if data_args.data_path is None:
         raise ValueError("--data_path is required")
-    LPMTrainingModel.check_objective(args.prune_loss_weight, args.prune_target_ratio)  # before loading 7B weights
     _check_version(model_args.version)  # an unknown template fails here, before the weights load
     record_filter = RecordFilter(data_args.question_types, data_args.exclude_question_types, data_args.data_sources)
     if record_filter.active():  # a filter that matches nothing stops here, before the weights load
         with open(data_args.data_path) as f:
             record_filter.apply(json.load(f), f"--data_path {data_args.data_path}")
-    base_model = str(Path(model_args.model_name_or_path).resolve())
-    device = str(args.device)  # also sets up torch.distributed, which world_size needs
+    _ = str(args.device)  # also sets up torch.distributed, which world_size needs
     _init_deepspeed_comm(args)
     resume = resolve_resume(args)
-    current = run_args(model_args, data_args, args)
+    current = run_args(model_args, data_args, args, keys)
     if resume is not None:
         check_changed_args(resume, current, args.allow_changed_args)
         logger.warning("resuming from %s", resume)
+    return record_filter, resume, current
+
+
+def load_base(model_args: ModelArguments, args: TrainingArguments):
+    """-> (tokenizer, model, image processor) of the frozen base, in the run's dtype, on its device."""
     transformers.set_seed(args.seed)
     tokenizer, vlm, image_processor, _ = load_pretrained_model(
-        model_args.model_name_or_path, model_args.model_base, device=device, dtype=_dtype(args)
+        model_args.model_name_or_path, model_args.model_base, device=str(args.device), dtype=_dtype(args)
     )
     _check_version(model_args.version, vlm.family)  # e.g. a Qwen2.5-VL base needs --version qwen2_5_vl
     tokenizer.model_max_length = args.model_max_length
+    return tokenizer, vlm, image_processor
+
+
+def make_dataset(model_args, data_args, args, vlm, tokenizer, image_processor, record_filter, resume, what="the LPM"):
+    """The lazily tokenised training samples (-> dataset, their identity ``{num_samples, samples_sha256}``); a
+    resumed run must read the same samples as its checkpoint."""
     data_seed = args.data_seed if args.data_seed is not None else args.seed
     dataset = LazySupervisedDataset(
         data_args.data_path,
@@ -239,12 +251,31 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
     skipped = f", {dataset.num_skipped} skipped: image missing or undecodable" if dataset.num_skipped else ""
     matching = f", {dataset.num_matching} match {record_filter.describe()}" if record_filter.active() else ""
     logger.warning(
-        "training the LPM on %d of %d samples (fraction %s, seed %d%s%s)", len(dataset), dataset.total_entries,
+        "training %s on %d of %d samples (fraction %s, seed %d%s%s)", what, len(dataset), dataset.total_entries,
         data_args.data_fraction, data_seed, matching, skipped,
     )  # fmt: skip
     samples = {"num_samples": len(dataset), "samples_sha256": dataset.fingerprint()}
     if resume is not None:  # the data as read now, after skips: a changed file or skip set changes the order
         check_changed_args(resume, samples, args.allow_changed_args)
+    return dataset, samples
+
+
+def data_metadata(data_args: DataArguments, args: TrainingArguments, record_filter: RecordFilter) -> dict:
+    return {
+        "data_path": str(Path(data_args.data_path).resolve()),
+        "data_fraction": data_args.data_fraction,
+        "data_seed": args.data_seed if args.data_seed is not None else args.seed,
+        "data_filter": record_filter.metadata(),  # None: all samples; else the types / sources trained on
+    }
+
+
+def build(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments):
+    """Load the base, build data and the training module -> (trainer, resume checkpoint or None)."""
+    LPMTrainingModel.check_objective(args.prune_loss_weight, args.prune_target_ratio)  # before loading 7B weights
+    record_filter, resume, current = start_run(model_args, data_args, args)
+    base_model = str(Path(model_args.model_name_or_path).resolve())
+    tokenizer, vlm, image_processor = load_base(model_args, args)
+    dataset, samples = make_dataset(model_args, data_args, args, vlm, tokenizer, image_processor, record_filter, resume)
     # the LPM's init from --seed alone: loading the base under ZeRO-3 (deepspeed.zero.Init) moves the global RNG, so
     # without this the ZeRO-3 LPM started from other weights than the ZeRO-2 / plain one (those loads draw nothing)
     torch.manual_seed(args.seed)
@@ -259,10 +290,7 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
         "conv_version": model_args.version,
         "prune_loss_weight": args.prune_loss_weight,
         "prune_target_ratio": args.prune_target_ratio,
-        "data_path": str(Path(data_args.data_path).resolve()),
-        "data_fraction": data_args.data_fraction,
-        "data_seed": data_seed,
-        "data_filter": record_filter.metadata(),  # None: all samples; else the types / sources trained on
+        **data_metadata(data_args, args, record_filter),
     }
     trainer = LPMTrainer(
         model=model,

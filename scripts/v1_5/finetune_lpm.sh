@@ -62,43 +62,7 @@ CHECK_IMAGES="${CHECK_IMAGES:-True}"
 SKIP_MISSING_IMAGES="${SKIP_MISSING_IMAGES:-False}"
 ALLOW_CHANGED_ARGS="${ALLOW_CHANGED_ARGS:-False}"
 DS_CONFIG="${DS_CONFIG:-$ROOT/scripts/zero2.json}"
-if [ -z "${PYTHON:-}" ]; then
-    if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
-fi
-LAUNCHER="${LAUNCHER:-deepspeed}"
-MASTER_PORT="${MASTER_PORT:-29500}"
-NUM_NODES="${NUM_NODES:-1}"
-for tool in DEEPSPEED TORCHRUN; do
-    name=$(tr '[:upper:]' '[:lower:]' <<< "$tool")
-    if [ -z "${!tool:-}" ]; then
-        if [ -x "$ROOT/.venv/bin/$name" ]; then printf -v "$tool" '%s' "$ROOT/.venv/bin/$name"; else printf -v "$tool" '%s' "$name"; fi
-    fi
-done
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-if [ -z "${NUM_GPUS:-}" ]; then
-    if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
-        NUM_GPUS=$(awk -F, '{print NF}' <<< "$CUDA_VISIBLE_DEVICES")
-    elif command -v nvidia-smi > /dev/null 2>&1; then
-        NUM_GPUS=$(nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true)
-    fi
-    NUM_GPUS=${NUM_GPUS:-0}
-fi
-if [ "$NUM_GPUS" -lt 1 ]; then
-    echo "error: no GPU found (set NUM_GPUS, or see docs/training.md for a CPU smoke run)" >&2
-    exit 1
-fi
-if [ "$LAUNCHER" = deepspeed ] && [ "$NUM_NODES" -gt 1 ] && [ -z "${HOSTFILE:-}" ]; then
-    echo "error: NUM_NODES=$NUM_NODES with the deepspeed launcher needs HOSTFILE (or LAUNCHER=torchrun and NODE_RANK)" >&2
-    exit 1
-fi
-WORLD=$((NUM_GPUS * NUM_NODES))
-if [ $((GLOBAL_BATCH % (PER_DEVICE_BATCH * WORLD))) -ne 0 ]; then
-    echo "error: GLOBAL_BATCH=$GLOBAL_BATCH is not a multiple of PER_DEVICE_BATCH=$PER_DEVICE_BATCH x NUM_GPUS=$NUM_GPUS" \
-        "x NUM_NODES=$NUM_NODES" >&2
-    exit 1
-fi
-GRAD_ACC=$((GLOBAL_BATCH / (PER_DEVICE_BATCH * WORLD)))
 for path in "$BASE/config.json" "$DATA"; do
     if [ ! -e "$path" ]; then echo "error: $path not found (see docs/training.md, 'Data and base model')" >&2; exit 1; fi
 done
@@ -111,22 +75,9 @@ FILTER=()
 [ -n "${EXCLUDE_QUESTION_TYPES:-}" ] && FILTER+=(--exclude_question_types "$EXCLUDE_QUESTION_TYPES")
 [ -n "${DATA_SOURCES:-}" ] && FILTER+=(--data_sources "$DATA_SOURCES")
 
-NODES=""
-[ "$NUM_NODES" -gt 1 ] && NODES="${NUM_NODES} nodes x "
-echo "[finetune_lpm] $BASE -> $OUTPUT_DIR: ${NODES}${NUM_GPUS} GPU(s) x ${PER_DEVICE_BATCH} x ${GRAD_ACC} accumulation = ${GLOBAL_BATCH}, lr ${LR}" >&2
-case "$LAUNCHER" in
-    deepspeed)
-        LAUNCH=("$DEEPSPEED" --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT")
-        [ -n "${HOSTFILE:-}" ] && LAUNCH+=(--hostfile "$HOSTFILE" --num_nodes "$NUM_NODES")
-        [ -n "${HOSTFILE:-}" ] && [ -n "${NODE_RANK:-}" ] && LAUNCH+=(--no_ssh --node_rank "$NODE_RANK")
-        [ -n "${MASTER_ADDR:-}" ] && LAUNCH+=(--master_addr "$MASTER_ADDR")
-        ;;
-    torchrun)
-        LAUNCH=("$TORCHRUN" --nproc_per_node "$NUM_GPUS" --nnodes "$NUM_NODES" --node_rank "${NODE_RANK:-0}"
-            --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$MASTER_PORT")
-        ;;
-    *) echo "error: LAUNCHER must be deepspeed or torchrun, got '$LAUNCHER'" >&2; exit 1 ;;
-esac
+TAG=finetune_lpm
+# shellcheck source=scripts/v1_5/launch_common.sh
+source "$ROOT/scripts/v1_5/launch_common.sh"
 "${LAUNCH[@]}" "$ROOT/llava/train/train_lpm.py" \
     --deepspeed "$DS_CONFIG" \
     --model_name_or_path "$BASE" \
