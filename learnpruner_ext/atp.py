@@ -17,8 +17,8 @@ reads three per-token scores of the vision tokens still in the sequence and pred
   nor rounding near 0.5 changes which tokens are kept.
 
 :class:`ATPModules` holds one module per layer and saves/loads them as ``atp.safetensors`` + ``atp_config.json``
-(layers, N, hidden width, temperature, lambda_sample, spatial strides, the S_self kind, whether trained, the
-training target).
+(layers, N, hidden width, temperature, lambda_sample, spatial strides, the S_self kind, the S_redundant
+normalisation, whether trained, the training target).
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ TEMPERATURE = 100.0  # T of Eqs. 9-10 (the paper gives no value; only the soft m
 HIDDEN_FEATURES = 256  # width of z (Eq. 6; the paper gives none, "lightweight")
 # S_self from the attention logits (Eq. 3 as written) or from the softmax probabilities (as S_cross, Eq. 4)
 SELF_SCORES = ("logits", "attention")
+# what theta_r = sigmoid(.) in (0, 1) is compared with: S_redundant as it is (the paper), or divided by its largest
+# value among the sample's present tokens ("max": in (0, 1], the range of S_spatial; needs positive scores, i.e.
+# self_score="attention"); only the comparison changes, the thresholds' input stays the raw scores (Eq. 6)
+SCORE_NORMS = ("none", "max")
 
 
 def shipped_atp_path(model_dir: str | os.PathLike | None) -> str | None:
@@ -98,12 +102,23 @@ def redundant_scores(s_self: torch.Tensor, s_cross: torch.Tensor) -> torch.Tenso
     return (s_self + s_cross) / 2
 
 
+def normalized_redundant(s_self: torch.Tensor, s_cross: torch.Tensor, score_norm: str = "none",
+                         present: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """[B, Nv] fp32 ``S_redundant`` as the threshold sees it (:data:`SCORE_NORMS`); ``present`` [B, Nv] bool marks the
+    tokens the per-sample maximum is taken over (inference: the non-padding slots; training: mask > 0.5)."""
+    s_r = redundant_scores(s_self.float(), s_cross.float())
+    if score_norm == "none":
+        return s_r
+    top = s_r if present is None else s_r.masked_fill(~present, float("-inf"))
+    return s_r / top.amax(-1, keepdim=True).clamp(min=torch.finfo(s_r.dtype).tiny)
+
+
 class ATPLayerModule(nn.Module):
     """The threshold predictor of one ATP module (Eqs. 6-8) and its masks (Eqs. 9-11)."""
 
-    def __init__(self, num_tokens: int, hidden_features: int = HIDDEN_FEATURES):
+    def __init__(self, num_tokens: int, hidden_features: int = HIDDEN_FEATURES, score_norm: str = "none"):
         super().__init__()
-        self.num_tokens = num_tokens
+        self.num_tokens, self.score_norm = num_tokens, score_norm
         self.proj = nn.Linear(2 * num_tokens, hidden_features)  # Eq. 6
         self.head_r = nn.Linear(hidden_features, 1)  # Eq. 7
         self.head_s = nn.Linear(hidden_features, 1)  # Eq. 8
@@ -134,7 +149,8 @@ class ATPLayerModule(nn.Module):
         """Eqs. 9-11, differentiable (training): [B, Nv] in [0, 1]; ``weights`` as in :meth:`thresholds` (they scale
         the thresholds' input only; each token's own mask compares its unscaled scores)."""
         theta_r, theta_s = self.thresholds(s_self, s_cross, slots, valid, weights)
-        s_r = redundant_scores(s_self.float(), s_cross.float())
+        present = valid if weights is None else (weights > 0.5) if valid is None else valid & (weights > 0.5)
+        s_r = normalized_redundant(s_self, s_cross, self.score_norm, present)
         mask_r = torch.sigmoid((s_r - theta_r[:, None]) * temperature)
         mask_s = torch.sigmoid((s_spatial.float() - theta_s[:, None]) * temperature)
         return torch.maximum(mask_r, mask_s)
@@ -142,7 +158,7 @@ class ATPLayerModule(nn.Module):
     def keep_mask(self, s_self, s_cross, s_spatial, slots, valid=None) -> torch.Tensor:
         """The hard decision at inference: [B, Nv] bool, ``S_r >= theta_r or S_s >= theta_s`` (= soft mask >= 0.5)."""
         theta_r, theta_s = self.thresholds(s_self, s_cross, slots, valid)
-        s_r = redundant_scores(s_self.float(), s_cross.float())
+        s_r = normalized_redundant(s_self, s_cross, self.score_norm, valid)
         return (s_r >= theta_r[:, None]) | (s_spatial.float() >= theta_s[:, None])
 
 
@@ -151,7 +167,8 @@ class ATPModules(nn.Module):
 
     def __init__(self, layers, num_tokens: int, hidden_features: int = HIDDEN_FEATURES,
                  temperature: float = TEMPERATURE, lambda_sample: float = LAMBDA_SAMPLE, strides=SPATIAL_STRIDES,
-                 num_layers: int | None = None, target_tokens: int | None = None, self_score: str = "logits"):  # fmt: skip
+                 num_layers: int | None = None, target_tokens: int | None = None, self_score: str = "logits",
+                 score_norm: str = "none"):  # fmt: skip
         super().__init__()
         layers = tuple(int(k) for k in layers)
         if not layers or any(a >= b for a, b in zip(layers, layers[1:])) or layers[0] < 1:
@@ -165,8 +182,14 @@ class ATPModules(nn.Module):
         self.strides = check_strides(tuple(strides), lambda_sample)
         if self_score not in SELF_SCORES:
             raise ValueError(f"atp: self_score must be one of {list(SELF_SCORES)}, got {self_score!r}")
+        if score_norm not in SCORE_NORMS:
+            raise ValueError(f"atp: score_norm must be one of {list(SCORE_NORMS)}, got {score_norm!r}")
+        if score_norm == "max" and self_score != "attention":
+            raise ValueError("atp: score_norm='max' needs positive scores: use self_score='attention' (attention "
+                             "logits can be negative)")  # fmt: skip
         self.num_layers, self.target_tokens, self.self_score = num_layers, target_tokens, self_score
-        self.blocks = nn.ModuleDict({str(k): ATPLayerModule(num_tokens, self.hidden_features) for k in layers})
+        self.score_norm = score_norm
+        self.blocks = nn.ModuleDict({str(k): ATPLayerModule(num_tokens, self.hidden_features, score_norm) for k in layers})
         self.trained = False  # set by from_pretrained / a trainer; an untrained module is warned about
 
     def __getitem__(self, layer: int) -> ATPLayerModule:
@@ -175,8 +198,8 @@ class ATPModules(nn.Module):
     def config_dict(self) -> dict:
         return {"layers": list(self.layers), "num_tokens": self.num_tokens, "hidden_features": self.hidden_features,
                 "temperature": self.temperature, "lambda_sample": self.lambda_sample, "strides": list(self.strides),
-                "self_score": self.self_score, "num_layers": self.num_layers, "target_tokens": self.target_tokens,
-                "trained": self.trained}  # fmt: skip
+                "self_score": self.self_score, "score_norm": self.score_norm, "num_layers": self.num_layers,
+                "target_tokens": self.target_tokens, "trained": self.trained}  # fmt: skip
 
     def save_pretrained(self, path: str | os.PathLike, **metadata) -> None:
         path = Path(path)
@@ -214,7 +237,8 @@ class ATPModules(nn.Module):
             modules = cls(config["layers"], int(config["num_tokens"]), int(config.get("hidden_features", HIDDEN_FEATURES)),
                           float(config.get("temperature", TEMPERATURE)), float(config.get("lambda_sample", LAMBDA_SAMPLE)),
                           tuple(config.get("strides", SPATIAL_STRIDES)), config.get("num_layers"),
-                          config.get("target_tokens"), config.get("self_score", "logits"))  # fmt: skip
+                          config.get("target_tokens"), config.get("self_score", "logits"),
+                          config.get("score_norm", "none"))  # fmt: skip
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"bad ATP config {folder / ATP_CONFIG}: {type(err).__name__}: {err}; it needs 'layers' "
                              "(ascending decoder layers) and an integer 'num_tokens'") from None  # fmt: skip

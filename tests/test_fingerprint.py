@@ -48,3 +48,29 @@ def test_shipped_lpm_and_local_tower_are_included(tiny_llava, tmp_path):
 def test_not_a_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a folder"):
         folder_fingerprint(tmp_path / "missing")
+
+
+def test_module_fingerprint_reads_only_the_module_files(tmp_path):
+    """A training output folder (modules + trainer_state.json, training_args.bin, run_args.json) fingerprints as the
+    bare module folder, and re-saving the trainer files does not change it; the weights and config do. The answer
+    lines' identity uses it for --lpm-path / --atp-path."""
+    from learnpruner_ext.atp import ATP_CONFIG, ATP_WEIGHTS, ATPModules
+    from llava.eval.answer_loop import pruning_identity
+    from learnpruner_ext import PruningConfig
+    from llava.model.fingerprint import module_fingerprint
+
+    ATPModules((1,), 4, hidden_features=2).save_pretrained(tmp_path / "bare")
+    out = shutil.copytree(tmp_path / "bare", tmp_path / "out")
+    (out / "trainer_state.json").write_text('{"global_step": 4}')
+    (out / "training_args.bin").write_bytes(b"x")
+    names = (ATP_WEIGHTS, ATP_CONFIG)
+    base = module_fingerprint(out, names)
+    assert base == module_fingerprint(tmp_path / "bare", names) == folder_fingerprint(tmp_path / "bare")
+    (out / "training_args.bin").write_bytes(b"yy")
+    assert module_fingerprint(out, names) == base
+    identity = pruning_identity(PruningConfig("atp", 8, atp_path=str(out)))
+    assert identity["atp_fingerprint"] == base
+    config = json.loads((out / ATP_CONFIG).read_text())
+    config["step"] = 5
+    (out / ATP_CONFIG).write_text(json.dumps(config))
+    assert module_fingerprint(out, names) != base

@@ -21,7 +21,7 @@ QUESTIONS = ["What color is the circle?", "How many shapes are there in this pic
 SIZES = [(64, 48), (40, 120), (112, 112)]  # (width, height)
 N_I = [44, 76, 88]
 METHODS = [m for m in available_methods() if m != "none" and not get_method_class(m).requires]  # see the refusal test
-BUDGET = {"learnpruner": 40, "fastv": 60, "dart": 60, "sparsevlm": 40}  # pruning budgets of T (in-LLM methods need T > K*N/L)
+BUDGET = {"learnpruner": 40, "fastv": 60, "dart": 60, "sparsevlm": 40, "atp_fixed": 56}  # pruning budgets of T (in-LLM methods need T > K*N/L)
 GEN = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
 
 

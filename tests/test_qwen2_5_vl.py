@@ -22,7 +22,7 @@ QUESTIONS = ["What color is the circle?", "How many shapes are there in this pic
 SIZES = [(112, 112), (200, 30), (112, 84)]  # (width, height)
 N_I = [16, 7, 12]
 METHODS = [m for m in available_methods() if m != "none" and not get_method_class(m).requires]
-BUDGET = {"learnpruner": 12, "fastv": 16, "dart": 16, "sparsevlm": 16}  # in-LLM methods need T > K*N/L (N = 24, K = 1 here)
+BUDGET = {"learnpruner": 12, "fastv": 16, "dart": 16, "sparsevlm": 16, "atp_fixed": 12}  # in-LLM methods need T > K*N/L (N = 24, K = 1 here)
 LAYER = 1  # the stage-2 layer of the 4-layer tiny LLM for every method that has one
 GEN = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
 

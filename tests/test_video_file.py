@@ -54,7 +54,8 @@ def test_run_llava_answers_a_video_with_every_method(video_ckpt, method):
     from llava.eval import run_llava
 
     model, clip = video_ckpt
-    budget = {"none": [], "fastv": ["--visual-token-budget", "80"], "dart": ["--visual-token-budget", "80"]}
+    budget = {"none": [], "fastv": ["--visual-token-budget", "80"], "dart": ["--visual-token-budget", "80"],
+              "atp_fixed": ["--visual-token-budget", "80"]}  # rate 2/3 at 2/3 of 4 layers: 68 <= T <= 113 on 136
     args = budget.get(method, ["--visual-token-budget", "40"])
     result = run_llava.main(["--model-path", str(model), "--video-file", str(clip), "--query", "What moves?",
                              "--pruning-method", method, *args, "--max_new_tokens", "3", "--device", "cpu", "--json"])  # fmt: skip

@@ -22,7 +22,7 @@ N_VIDEO, N_IMAGE = FRAMES * (P + 1), P
 QUESTIONS = ["Which way does the red circle move?", "What appears in the video?", "What color is the square?"]
 METHODS = [m for m in available_methods() if m != "none" and not get_method_class(m).requires]
 MODES = ["joint", "per_frame"]
-BUDGET = {"learnpruner": 40, "fastv": 80, "dart": 80, "pyramiddrop": 40, "sparsevlm": 40}  # in-LLM methods need T > K*N_i/L
+BUDGET = {"learnpruner": 40, "fastv": 80, "dart": 80, "pyramiddrop": 40, "sparsevlm": 40, "atp_fixed": 80}  # in-LLM methods need T > K*N_i/L
 GEN = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
 
 pytestmark = pytest.mark.usefixtures("no_grad")

@@ -9,7 +9,8 @@ the scorer's per-type accuracies) and writes into the sweep folder:
 * ``table_toy.md``: rows = methods grouped by budget (the paper's Table 1 layout), columns = the seven
   question types, overall accuracy and RelAcc (overall / unpruned overall); infeasible (method, budget)
   pairs stay in the table as "infeasible"; an optional second sweep with FastV/DART's ``after_layer``
-  budget convention is appended as separately labelled rows;
+  budget convention is appended as separately labelled rows; a row whose vision tokens vary per instance (an
+  adaptive method such as ATP) shows its budget and achieved average, "T (achieved A)", when they differ by > 0.5;
 * ``verdict`` lines: at each budget, does LearnPruner beat every feasible baseline on overall accuracy?
   With ``--answer-key``, each verdict line is followed by LearnPruner's paired difference to every baseline
   (same questions) with a 95 % paired-bootstrap interval, so a 0.5-point "win" on 1000 questions is not
@@ -33,6 +34,14 @@ from pathlib import Path
 TYPES = ("existence", "color", "shape", "count", "position", "background", "text")
 
 
+def adaptive(row: dict) -> bool:
+    """A row whose vision-token count varies across instances (the sweep's ``tokens_std`` > 0, e.g. ATP) and whose
+    achieved average is more than 0.5 from its budget: its Avg. tokens cell reads ``"T (achieved A)"``, as the
+    sweep's table.md. Fixed-budget rows (std 0, or a results.json without the field) keep the plain average."""
+    return (bool(row.get("tokens_std")) and row["budget"] is not None and row["avg"] is not None
+            and abs(row["avg"] - row["budget"]) > 0.5)  # fmt: skip
+
+
 def load_rows(sweep_dir: str | Path, label_suffix: str = "") -> tuple[dict, list[dict]]:
     results = json.loads((Path(sweep_dir) / "results.json").read_text())
     rows = []
@@ -41,15 +50,16 @@ def load_rows(sweep_dir: str | Path, label_suffix: str = "") -> tuple[dict, list
             continue
         rows.append({"method": r["method"] + label_suffix, "budget": r["budget"], "status": r["status"],
                      "overall": r["value"], "by_type": (r.get("extra") or {}).get("by_type", {}),
-                     "avg": r["avg_vision_tokens"], "note": r["note"], "answers_file": r.get("answers_file")})
+                     "avg": r["avg_vision_tokens"], "note": r["note"], "answers_file": r.get("answers_file"),
+                     "tokens_std": r.get("tokens_std")})  # per-instance spread (sweeps before it: absent)
     return results, rows
 
 
-def _contenders(rows: list[dict], budget: int) -> tuple[dict | None, list[dict]]:
-    """(LearnPruner's row, the feasible baselines' rows) at one budget."""
+def _contenders(rows: list[dict], budget: int, reference: str = "learnpruner") -> tuple[dict | None, list[dict]]:
+    """(the reference method's row, the other feasible methods' rows) at one budget."""
     ok = [r for r in rows if r["budget"] == budget and r["status"] == "ok"]
-    mine = next((r for r in ok if r["method"] == "learnpruner"), None)
-    return mine, [r for r in ok if r["method"] not in ("learnpruner", "none")]
+    mine = next((r for r in ok if r["method"] == reference), None)
+    return mine, [r for r in ok if r["method"] not in (reference, "none")]
 
 
 def verdicts(rows: list[dict], budgets: list[int]) -> list[str]:
@@ -73,9 +83,10 @@ def verdicts(rows: list[dict], budgets: list[int]) -> list[str]:
 
 
 def paired_differences(rows: list[dict], budgets: list[int], answer_key: str | Path, n_boot: int = 2000,
-                       seed: int = 0) -> list[str]:
-    """LearnPruner minus each feasible baseline in overall accuracy (points), on the same questions, with a
-    95 % paired-bootstrap interval (questions resampled with replacement, ``n_boot`` times, fixed seed)."""
+                       seed: int = 0, reference: str = "learnpruner", label: str = "LearnPruner") -> list[str]:
+    """``reference`` (LearnPruner) minus each other feasible method in overall accuracy (points), on the same
+    questions, with a 95 % paired-bootstrap interval (questions resampled with replacement, ``n_boot`` times, fixed
+    seed)."""
     import numpy as np
 
     from llava.eval._io import read_jsonl
@@ -90,7 +101,7 @@ def paired_differences(rows: list[dict], budgets: list[int], answer_key: str | P
     resample = np.random.default_rng(seed).integers(0, len(answers), (n_boot, len(answers)))
     out = []
     for b in budgets:
-        mine, others = _contenders(rows, b)
+        mine, others = _contenders(rows, b, reference)
         if mine is None or not mine.get("answers_file") or not others:
             continue
         ours = correct(mine["answers_file"])
@@ -100,7 +111,7 @@ def paired_differences(rows: list[dict], budgets: list[int], answer_key: str | P
             lo, hi = np.percentile(diff[resample].mean(1), [2.5, 97.5])
             sign = "" if lo > 0 or hi < 0 else ", within noise"
             parts.append(f"{r['method']} {diff.mean():+.1f} [{lo:+.1f}, {hi:+.1f}{sign}]")
-        out.append(f"T={b}: LearnPruner minus baseline, points [95% paired-bootstrap CI]: " + "; ".join(parts))
+        out.append(f"T={b}: {label} minus baseline, points [95% paired-bootstrap CI]: " + "; ".join(parts))
     return out
 
 
@@ -185,6 +196,8 @@ def markdown(results: dict, rows: list[dict], extra_rows: list[dict]) -> str:
         cells = [f"{r['by_type'].get(t, float('nan')):.1f}" for t in TYPES]
         rel = f"{100 * r['overall'] / vanilla['overall']:.1f}%" if vanilla and vanilla["overall"] else "–"
         avg = "–" if r["avg"] is None else f"{r['avg']:.1f}"
+        if adaptive(r):  # the counts vary per instance: the target beside the achieved average
+            avg = f"{r['budget']} (achieved {r['avg']:.1f})"
         loyal = r.get("loyalty")
         tail = ([f"{loyal['loyalty']:.1f}", f"{loyal['right_to_wrong']:.1f}", f"{loyal['wrong_to_right']:.1f}"]
                 if loyal else ["–"] * len(LOYALTY)) if with_loyalty else []  # fmt: skip

@@ -14,7 +14,7 @@ from .base import (
     register_method,
 )
 from . import none, learnpruner  # noqa: F401  (registration side effect)
-from . import atp, cls_attention, dart, divprune, downsample, fastv, pyramiddrop, random_pruning, sparsevlm, vispruner, visionzip  # noqa: F401
+from . import atp, atp_fixed, cls_attention, dart, divprune, downsample, fastv, pyramiddrop, random_pruning, sparsevlm, vispruner, visionzip  # noqa: F401
 
 __all__ = [
     "DecoderContext",

@@ -1,6 +1,6 @@
 """ATP-LLaVA (Ye et al., "ATP-LLaVA: Adaptive Token Pruning for Large Vision Language Models", CVPR 2025; paper:
-atp-llava.txt, SPEC §3; no public code, so the paper's equations are the reference). Inference only: the modules'
-training (soft masks in the softmax, the ATP and target losses) is a later step.
+atp-llava.txt, SPEC §3; no public code, so the paper's equations are the reference). This is inference; the modules
+train with :mod:`learnpruner_ext.training.atp_model` (``scripts/v1_5/finetune_atp.sh``).
 
 An ATP module sits before each decoder layer ``k`` of ``layers`` (LLaVA-1.5-7B: 4, 14, 24 of 32; other depths: the
 same relative depth, e.g. 1, 4, 6 of 8). At ``k`` it scores the vision tokens still in the sequence with the
@@ -42,6 +42,7 @@ from .. import scoring
 from ..atp import (
     HIDDEN_FEATURES,
     LAMBDA_SAMPLE,
+    SCORE_NORMS,
     SELF_SCORES,
     SPATIAL_STRIDES,
     TEMPERATURE,
@@ -57,10 +58,10 @@ from .base import DecoderContext, PruningMethod, register_method
 
 REFERENCE_LAYERS = (4, 14, 24)  # the paper's module layers (Table 2: pruning before the input of these layers)
 # recorded in atp_config.json: a loaded module's values win, an option that contradicts them is an error
-MODULE_OPTIONS = ("layers", "hidden_features", "temperature", "lambda_sample", "strides", "self_score")
+MODULE_OPTIONS = ("layers", "hidden_features", "temperature", "lambda_sample", "strides", "self_score", "score_norm")
 
 UNTRAINED_NOTICE = ("ATP is running with UNTRAINED (randomly initialised) ATP modules, so its thresholds are "
-                    "arbitrary; pass --atp-path to trained modules (training: a later step)")  # fmt: skip
+                    "arbitrary; pass --atp-path to trained modules (train them with scripts/v1_5/finetune_atp.sh)")  # fmt: skip
 
 
 def default_layers(num_layers: int) -> tuple[int, ...]:
@@ -92,7 +93,8 @@ class ATP(PruningMethod):
     acts_at = "decoder"
     signals = ("text_attention", "hidden_states")
     defaults = {"layers": None, "hidden_features": HIDDEN_FEATURES, "temperature": TEMPERATURE,
-                "lambda_sample": LAMBDA_SAMPLE, "strides": list(SPATIAL_STRIDES), "self_score": "logits"}  # fmt: skip
+                "lambda_sample": LAMBDA_SAMPLE, "strides": list(SPATIAL_STRIDES), "self_score": "logits",
+                "score_norm": "none"}  # fmt: skip
     requires = ("single_grid",)  # the spatial samples live on one raster grid
     uses_atp = True
 
@@ -114,6 +116,7 @@ class ATP(PruningMethod):
             raise ValueError(f"atp: option temperature must be a positive number, got {temperature!r}")
         check_strides(options["strides"], options["lambda_sample"])
         check_choice(cls.name, "self_score", options["self_score"], SELF_SCORES)
+        check_choice(cls.name, "score_norm", options["score_norm"], SCORE_NORMS)
 
     @classmethod
     def make_plan(cls, spec, num_vision_tokens: int, num_layers: int) -> TokenPlan:
@@ -137,7 +140,7 @@ class ATP(PruningMethod):
                 torch.manual_seed(config.seed)
                 self.atp = ATPModules(layers, num_vision_tokens, options["hidden_features"], options["temperature"],
                                       options["lambda_sample"], tuple(options["strides"]), num_layers,
-                                      self_score=options["self_score"])  # fmt: skip
+                                      self_score=options["self_score"], score_norm=options["score_norm"])  # fmt: skip
         if self.atp.layers != layers:
             raise ValueError(f"atp: the modules at {config.atp_path} sit before layers {list(self.atp.layers)}, but this "
                              f"run places them before {list(layers)}; drop --pruning-layer / the layers option")  # fmt: skip

@@ -41,12 +41,14 @@ import torch
 from tqdm import tqdm
 
 from learnpruner_ext import PruningConfig
+from learnpruner_ext.atp import ATP_CONFIG, ATP_WEIGHTS
 from learnpruner_ext.cli import add_pruning_args, pruning_config_from_args, run_main
 from learnpruner_ext.config import budget_notice
+from learnpruner_ext.lpm import LPM_CONFIG, LPM_WEIGHTS
 
 from ..inference import GenerationSettings, build_prompt, generate_answers, is_video, left_padded
 from ..mm_utils import get_model_name_from_path, load_image, tokenizer_image_token
-from ..model.fingerprint import folder_fingerprint
+from ..model.fingerprint import folder_fingerprint, module_fingerprint
 from ._io import RUN_KEYS  # the top-level fields of every answer line that name its run (scorers check them too)
 
 
@@ -192,10 +194,10 @@ def pruning_identity(pruning: PruningConfig) -> dict:
     out = asdict(pruning)
     out["options"] = dict(sorted(out["options"].items()))
     out["lpm_path"] = os.path.abspath(pruning.lpm_path) if pruning.lpm_path else None
-    out["lpm_fingerprint"] = _lpm_fingerprint(pruning.lpm_path)
+    out["lpm_fingerprint"] = _module_fingerprint(pruning.lpm_path, (LPM_WEIGHTS, LPM_CONFIG))
     if pruning.atp_path:  # ATP's modules, like the LPM: their weights define the run
         out["atp_path"] = os.path.abspath(pruning.atp_path)
-        out["atp_fingerprint"] = _lpm_fingerprint(pruning.atp_path)
+        out["atp_fingerprint"] = _module_fingerprint(pruning.atp_path, (ATP_WEIGHTS, ATP_CONFIG))
     else:  # a field added later is left out at its default, so earlier answer files still resume
         del out["atp_path"]
     return out
@@ -205,11 +207,12 @@ def _model_fingerprint(model_path: str) -> str | None:
     return folder_fingerprint(model_path) if os.path.isdir(model_path) else None  # missing: the loader says so
 
 
-def _lpm_fingerprint(lpm_path: str | None) -> str | None:
-    if not lpm_path:
+def _module_fingerprint(path: str | None, names: tuple[str, ...]) -> str | None:
+    """The trained module's weights and config (not the trainer files beside them in a training output folder)."""
+    if not path:
         return None
-    folder = os.path.dirname(lpm_path) if lpm_path.endswith(".safetensors") else lpm_path
-    return folder_fingerprint(folder) if os.path.isdir(folder) else None
+    folder = os.path.dirname(path) if path.endswith(".safetensors") else path
+    return module_fingerprint(folder, names) if os.path.isdir(folder) else None
 
 
 def _default_model_path() -> str:

@@ -21,12 +21,20 @@ model) and resumes the others from the answers they wrote. A worker keeps the vi
 images it has seen (``--vision-cache-gb``, :mod:`learnpruner_ext.vision_cache`): the next method on the same
 batch reuses it, with identical answers.
 
+Trained modules per budget: ``{budget}`` in ``--atp-path`` or ``--lpm-path`` is replaced by each job's budget
+(``--methods atp --budgets 96,72,48 --atp-path 'outputs/atp/t{budget}'`` runs each budget with the modules trained
+for that target); a substituted path that does not exist is an error before the model loads. The resolved path is
+part of each job's run identity (answers files, resume) and is recorded in jobs.json and results.csv.
+
 Writes to ``--out``:
   answers/<bench>/<model>-<method>-<budget>/{answers.jsonl, metrics.json, scorer side files}
       (with --num-chunks N: chunks/N_<k>.jsonl there, merged into answers.jsonl)
-  results.csv, results.json   one row per (method, budget, benchmark): status, headline metric, tokens
-  table.md                    rows = methods grouped by budget, columns = benchmarks + RelAcc
+  results.csv, results.json   one row per (method, budget, benchmark): status, headline metric, tokens (the achieved
+                              average and, per instance, its percentiles and std), the trained modules used
+  table.md                    rows = methods grouped by budget, columns = benchmarks + RelAcc; a section with the
+                              per-instance token percentiles of the runs whose counts vary (adaptive methods)
   accuracy_vs_budget.png      headline metric per benchmark and RelAcc against the budget
+  tokens_histogram.png        per benchmark, the per-instance token counts of the runs whose counts vary (only then)
   jobs.json                   what this invocation ran: one record per job (worker, seconds, answers resumed and
                               generated, vision-cache hits; with --profile the seconds per pruning section)
 
@@ -40,13 +48,15 @@ import csv
 from dataclasses import asdict, dataclass, replace
 import io
 import json
+import math
 import os
 import socket
 import sys
 import time
 
-from learnpruner_ext import BudgetError, UnsupportedMethodError, apply_pruning, available_methods
+from learnpruner_ext import BudgetError, PruningConfig, UnsupportedMethodError, apply_pruning, available_methods
 from learnpruner_ext.cli import add_pruning_args, pruning_config_from_args
+from learnpruner_ext.methods.base import get_method_class
 from learnpruner_ext.modeling import with_shipped_lpm
 
 from . import answer_loop, merge_answers
@@ -55,8 +65,16 @@ from ._io import clean, write_atomic, write_json
 from ..inference import GenerationSettings
 from ..mm_utils import get_model_name_from_path
 
+# per-instance vision tokens (each image prompt's mean over the LLM layers of its measured count): these percentiles
+# (linear interpolation between the sorted values, numpy's default) and the population std (ddof 0)
+TOKEN_PERCENTILES = (5, 25, 50, 75, 95)
+TOKEN_FIELDS = tuple(f"tokens_p{q}" for q in TOKEN_PERCENTILES) + ("tokens_std",)
+# trained-module folders: (PruningConfig field, flag, the method class attribute saying the method loads one)
+MODULE_PATHS = (("atp_path", "--atp-path", "uses_atp"), ("lpm_path", "--lpm-path", "uses_lpm"))
+BUDGET_PLACEHOLDER = "{budget}"  # in --atp-path / --lpm-path: replaced by each job's budget
+# columns appended after answers_file (older readers index the first ones by name or position)
 CSV_FIELDS = ("method", "budget", "benchmark", "status", "metric", "value", "n", "missing", "r1", "r2", "layer",
-              "avg_vision_tokens", "extra", "note", "answers_file")  # fmt: skip
+              "avg_vision_tokens", "extra", "note", "answers_file", *TOKEN_FIELDS, "atp_path", "lpm_path")  # fmt: skip
 EXTRA_METRICS = {"mme": ("perception", "cognition", "other"), "pope": ("accuracy_mean",), "sqa": ("accuracy", "failed"),
                  "toy": ("by_type",), "mmbench": ("accuracy_single", "no_match"),
                  "mmbench_cn": ("accuracy_single", "no_match")}  # fmt: skip
@@ -98,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "from the answers it wrote")  # fmt: skip
     answer_loop.add_image_pixel_args(p)
     add_pruning_args(p, exclude=("method", "budget"))  # those come from --methods / --budgets
+    for action in p._actions:
+        if action.dest in ("atp_path", "lpm_path"):
+            action.help += f"; {BUDGET_PLACEHOLDER} in the path is replaced by each job's budget"
     p.set_defaults(position_mode=None)  # the family's (apply_family_defaults)
     return p
 
@@ -170,8 +191,45 @@ def run_name(model_id: str, method: str, budget: int | None) -> str:
     return f"{model_id}-{method}-{budget if budget is not None else 'full'}"
 
 
-def _measured_tokens(answers_file: str) -> float | None:
-    """Mean over image prompts of the measured vision tokens per LLM layer."""
+def job_config(args: argparse.Namespace, method: str, budget: int | None) -> PruningConfig:
+    """The job's ``PruningConfig`` from the sweep's flags, with ``{budget}`` in ``--atp-path`` / ``--lpm-path``
+    replaced by ``budget`` (left as given for ``none``, which has no budget and loads no module)."""
+    config = pruning_config_from_args(args, method=method, budget=budget)
+    if budget is None:
+        return config
+    subs = {name: getattr(config, name).replace(BUDGET_PLACEHOLDER, str(budget)) for name, _, _ in MODULE_PATHS
+            if getattr(config, name) and BUDGET_PLACEHOLDER in getattr(config, name)}  # fmt: skip
+    return replace(config, **subs) if subs else config
+
+
+def check_module_paths(args: argparse.Namespace, combos: list[tuple]) -> None:
+    """Every trained-module folder a (method, budget) will load exists (before the model loads): one error naming
+    the flag, the budget and the path."""
+    for method, budget in combos:
+        config, method_class = job_config(args, method, budget), get_method_class(method)
+        for name, flag, uses in MODULE_PATHS:
+            path = getattr(config, name)
+            if not getattr(method_class, uses, False) or not path or os.path.exists(path):
+                continue
+            given = getattr(args, name, None) or ""
+            if BUDGET_PLACEHOLDER in given:
+                raise FileNotFoundError(f"{flag} {given!r} at budget {budget} ({method}): {path} does not exist; "
+                                        f"put the modules trained for a target of {budget} there, or drop that "
+                                        "budget from --budgets")  # fmt: skip
+            raise FileNotFoundError(f"{flag} {path} ({method} at budget {budget}): no such file or folder")
+
+
+def module_paths(config: PruningConfig) -> dict:
+    """``{"atp_path": ..., "lpm_path": ...}``: the absolute trained-module folders ``config``'s method loads (None:
+    the method loads none of that kind, or runs untrained modules). ``config`` as attached (``with_shipped_lpm``)."""
+    method_class = get_method_class(config.method)
+    return {name: os.path.abspath(getattr(config, name)) if getattr(method_class, uses, False) and getattr(config, name)
+            else None for name, _, uses in MODULE_PATHS}  # fmt: skip
+
+
+def instance_tokens(answers_file: str) -> list[float]:
+    """Per image prompt (answers file order), its measured vision tokens per LLM layer averaged over the layers;
+    text-only prompts and lines without ``vision_tokens_per_layer`` are left out."""
     values = []
     with open(answers_file, encoding="utf-8") as f:
         for line in f:
@@ -179,7 +237,34 @@ def _measured_tokens(answers_file: str) -> float | None:
             per_layer = rec.get("vision_tokens_per_layer")
             if per_layer and not (rec.get("metadata") or {}).get("text_only"):
                 values.append(sum(per_layer) / len(per_layer))
-    return sum(values) / len(values) if values else None
+    return values
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) by linear interpolation between the sorted values (numpy's default,
+    ``method="linear"``): position ``(n - 1) * q / 100`` in the sorted list."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def token_stats(values: list[float]) -> dict:
+    """:data:`TOKEN_FIELDS` of per-instance token counts: the percentiles and the population std (exactly 0 when
+    every instance has the same count); None each without values."""
+    if not values:
+        return dict.fromkeys(TOKEN_FIELDS)
+    out = {f"tokens_p{q}": percentile(values, q) for q in TOKEN_PERCENTILES}
+    mean = sum(values) / len(values)
+    spread = min(values) != max(values)
+    out["tokens_std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)) if spread else 0.0
+    return out
+
+
+def varies(row: dict) -> bool:
+    """Whether a results row's per-instance token counts vary (std > 0: an adaptive method)."""
+    return row.get("status") == "ok" and (row.get("tokens_std") or 0) > 0
 
 
 def _task(bench: B.Benchmark, eval_root: str) -> answer_loop.Task:
@@ -254,7 +339,7 @@ class SweepWorker:
         import torch
 
         if (method, budget) != self.attached:
-            config = pruning_config_from_args(self.args, method=method, budget=budget)
+            config = job_config(self.args, method, budget)
             self.attached = None
             try:
                 torch.manual_seed(config.seed)  # an untrained LPM is reproducible
@@ -273,6 +358,7 @@ class SweepWorker:
         record = {**asdict(job), "plan": plan, "worker": f"{socket.gethostname()}:{os.getpid()}"}
         if "infeasible" in plan:
             return record
+        record["modules"] = module_paths(self.attached_config())  # the trained modules this job's answers used
         if job.bench not in self.tasks:
             self.tasks[job.bench] = _task(B.BENCHMARKS[job.bench], self.args.eval_root)
         task = job.chunk_of(self.tasks[job.bench])
@@ -292,8 +378,7 @@ class SweepWorker:
         return record
 
     def attached_config(self):
-        return self.model.pruner.config if self.model.pruner is not None else pruning_config_from_args(
-            self.args, method="none", budget=None)
+        return self.model.pruner.config if self.model.pruner is not None else job_config(self.args, "none", None)
 
 
 def _generation(args: argparse.Namespace) -> GenerationSettings:
@@ -321,7 +406,8 @@ def plan_jobs(args: argparse.Namespace) -> tuple[list[tuple], list[Job], list]:
         raise FileNotFoundError(f"benchmark data missing under --eval-root {args.eval_root}: {listed} (see docs/evaluation.md)")
     combos = ([("none", None)] if "none" in methods else []) + [(m, b) for b in budgets for m in methods if m != "none"]
     for m, b in combos:  # flag errors (e.g. --method-option) before loading
-        pruning_config_from_args(args, method=m, budget=b)
+        job_config(args, m, b)
+    check_module_paths(args, combos)  # e.g. --atp-path 'outputs/atp/t{budget}' with no folder for one budget
     for bench in benches:  # question-file errors, too
         _task(bench, args.eval_root)
     jobs = [Job(m, b, bench.name, k, args.num_chunks) for m, b in combos for bench in benches
@@ -336,7 +422,7 @@ def pending_jobs(args: argparse.Namespace, jobs: list[Job]) -> list[Job]:
         if job.bench not in tasks:
             tasks[job.bench] = _task(B.BENCHMARKS[job.bench], args.eval_root)
         task = job.chunk_of(tasks[job.bench])
-        config = with_shipped_lpm(pruning_config_from_args(args, method=job.method, budget=job.budget), args.model_path)
+        config = with_shipped_lpm(job_config(args, job.method, job.budget), args.model_path)
         _, _, todo = answer_loop.resume_state(task, job.answers_file(args.out, model_id), config, _generation(args),
                                               conv_mode=args.conv_mode, model_path=args.model_path,
                                               min_pixels=args.min_pixels, max_pixels=args.max_pixels)  # fmt: skip
@@ -374,8 +460,9 @@ def run_sweep(args: argparse.Namespace) -> dict:
     rows = []
     for method, budget in combos:
         plan = plans[(method, budget)]
+        modules = module_paths(with_shipped_lpm(job_config(args, method, budget), args.model_path))
         if "infeasible" in plan:
-            rows += [_row(method, budget, b, "infeasible", note=plan["infeasible"]) for b in benches]
+            rows += [_row(method, budget, b, "infeasible", note=plan["infeasible"], modules=modules) for b in benches]
             continue
         for bench in benches:
             mine = [j for j in jobs if (j.method, j.budget, j.bench) == (method, budget, bench.name)]
@@ -387,8 +474,10 @@ def run_sweep(args: argparse.Namespace) -> dict:
             metrics = B.score(bench, args.eval_root, answers, run_dir, run_name(model_id, method, budget),
                               args.vqav2_annotation)  # fmt: skip
             write_json(os.path.join(run_dir, "metrics.json"), metrics)
+            values = instance_tokens(answers)
             rows.append(_row(method, budget, bench, "ok", metrics=metrics, plan=plan, answers=answers,
-                             avg=_measured_tokens(answers)))  # fmt: skip
+                             avg=sum(values) / len(values) if values else None, stats=token_stats(values),
+                             modules=modules))  # fmt: skip
     table = family_table(args.model_path)
     results = {
         "model_path": args.model_path, "model_id": model_id, "num_vision_tokens": info["num_vision_tokens"],
@@ -402,7 +491,8 @@ def run_sweep(args: argparse.Namespace) -> dict:
     return results
 
 
-def _row(method, budget, bench, status, metrics=None, plan=None, answers=None, avg=None, note=""):
+def _row(method, budget, bench, status, metrics=None, plan=None, answers=None, avg=None, note="", stats=None,
+         modules=None):
     metrics = metrics or {}
     value = bench.headline(metrics) if status == "ok" else None
     if status == "ok" and value is None:
@@ -418,6 +508,7 @@ def _row(method, budget, bench, status, metrics=None, plan=None, answers=None, a
         "avg_vision_tokens": avg if avg is not None else (plan["average"] if plan else None),
         "extra": {k: metrics[k] for k in EXTRA_METRICS.get(bench.name, ()) if k in metrics},
         "note": note, "answers_file": answers,
+        **(stats or dict.fromkeys(TOKEN_FIELDS)), **(modules or dict.fromkeys(name for name, _, _ in MODULE_PATHS)),
     }  # fmt: skip
 
 
@@ -443,6 +534,50 @@ def _fmt(bench: str, value) -> str:
     return f"{value:.0f}" if bench == "mme" else f"{value:.1f}"
 
 
+ACHIEVED_TOLERANCE = 0.5  # table.md shows "T (achieved A)" where the measured average is further than this from T
+
+
+def _avg_cell(budget: int | None, avg: float | None) -> str:
+    """The table's Avg. tokens cell: the measured average, or ``"72 (achieved 70.4)"`` when it differs from the
+    requested budget by more than :data:`ACHIEVED_TOLERANCE`."""
+    if avg is None:
+        return "–"
+    if budget is not None and abs(avg - budget) > ACHIEVED_TOLERANCE:
+        return f"{budget} (achieved {avg:.1f})"
+    return f"{avg:.1f}"
+
+
+def _run_average(rows: list[dict]) -> float | None:
+    """A run's achieved average in the table: the mean over its benchmarks of their measured averages (they differ
+    only for adaptive methods, whose counts depend on the images and prompts)."""
+    values = [r["avg_vision_tokens"] for r in rows if r and r.get("avg_vision_tokens") is not None]
+    return sum(values) / len(values) if values else None
+
+
+def token_distribution_section(results: dict, benches) -> list[str]:
+    """table.md's lines for the runs whose per-instance counts vary (std > 0), one table per benchmark: the
+    requested budget, the achieved average, the std and the percentiles; [] when no run varies."""
+    rows = [r for r in results["rows"] if varies(r)]
+    if not rows:
+        return []
+    pcts = [f"p{q}" for q in TOKEN_PERCENTILES]
+    lines = ["", "## Vision tokens per instance (runs whose counts vary)", "",
+             "Each image prompt's vision tokens per LLM layer (its `vision_tokens_per_layer` averaged over the layers); "
+             "percentiles by linear interpolation between the sorted values (numpy's default), std over the prompts "
+             "(population). Histogram: `tokens_histogram.png`."]  # fmt: skip
+    for bench in benches:
+        mine = [r for r in rows if r["benchmark"] == bench.name]
+        if not mine:
+            continue
+        lines += ["", f"### {bench.title}", "", "| Method | Budget | Achieved | Std | " + " | ".join(pcts) + " |",
+                  "|:--|" + "--:|" * (3 + len(pcts))]  # fmt: skip
+        for r in mine:
+            cells = [r["method"], "–" if r["budget"] is None else str(r["budget"]), f"{r['avg_vision_tokens']:.1f}",
+                     f"{r['tokens_std']:.2f}", *(f"{r[f'tokens_{p}']:.1f}" for p in pcts)]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown_table(results: dict, benches) -> str:
     n = results["num_vision_tokens"]
     rows, rel = results["rows"], results["relacc"]
@@ -453,8 +588,9 @@ def markdown_table(results: dict, benches) -> str:
         + (f" (the layout of the paper's {results['paper_table']})" if results.get("paper_table") else ""),
         "",
         "Headline metrics: " + "; ".join(f"{b.title} = {b.metric_label}" for b in benches)
-        + ". Avg. tokens = measured mean vision tokens per LLM layer. RelAcc. = mean over benchmarks of "
-        "method / vanilla.",
+        + ". Avg. tokens = measured mean vision tokens per LLM layer, over the benchmarks; where it differs from "
+        f'the budget T by more than {ACHIEVED_TOLERANCE}, the cell reads "T (achieved A)". RelAcc. = mean over '
+        "benchmarks of method / vanilla.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join([":--", "--:"] + ["--:"] * (len(benches) + 1)) + "|",
@@ -476,18 +612,18 @@ def markdown_table(results: dict, benches) -> str:
                     row_cells.append("infeasible" if r else "–")
                 else:
                     row_cells.append(_fmt(b.name, r["value"]))
-            avg = next((r["avg_vision_tokens"] for r in mine if r and r["avg_vision_tokens"] is not None), None)
+            avg = _run_average(mine)
             relacc = rel.get(f"{method}@{budget}")
             relacc = relacc if isinstance(relacc, str) else ("–" if relacc is None else f"{relacc:.1f}%")
             label = "Vanilla (none)" if method == "none" else method
-            avg_s = "–" if avg is None else f"{avg:.1f}"
-            lines.append("| " + " | ".join([label, avg_s, *row_cells, relacc]) + " |")
+            lines.append("| " + " | ".join([label, _avg_cell(budget, avg), *row_cells, relacc]) + " |")
     notes = sorted({f"{r['benchmark']}: {r['note']}" for r in rows if r["status"] == "no_metric"})
     infeasible = sorted({f"{r['method']} @ {r['budget']}: {r['note']}" for r in rows if r["status"] == "infeasible"})
     if "none" not in results["methods"]:
         notes.append("RelAcc needs the vanilla model: add `none` to --methods")
     if notes or infeasible:
         lines += ["", "Notes:"] + [f"- {x}" for x in notes] + [f"- infeasible: {x}" for x in infeasible]
+    lines += token_distribution_section(results, benches)
     return "\n".join(lines) + "\n"
 
 
@@ -529,6 +665,12 @@ def plot(results: dict, benches, path: str) -> None:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle(f"Accuracy vs. visual-token budget: {results['model_id']}")
+    _save_png(fig, path)
+
+
+def _save_png(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -538,6 +680,50 @@ def plot(results: dict, benches, path: str) -> None:
     with open(tmp, "wb") as f:
         f.write(buf.getvalue())
     os.replace(tmp, path)
+
+
+def token_histogram(results: dict, benches, path: str) -> bool:
+    """``tokens_histogram.png``: one panel per benchmark with a run whose per-instance counts vary (std > 0), the
+    histogram of its per-prompt average vision tokens per layer (:func:`instance_tokens`, read from the run's
+    answers file) overlaid per (method, budget), a dashed line at each requested budget. Returns False (and
+    writes nothing, removing a stale file) when no run varies."""
+    runs = [r for r in results["rows"] if varies(r) and r.get("answers_file") and os.path.isfile(r["answers_file"])]
+    panels = [(b, [r for r in runs if r["benchmark"] == b.name]) for b in benches]
+    panels = [(b, mine) for b, mine in panels if mine]
+    if not panels:
+        if os.path.exists(path):
+            os.remove(path)
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False)
+    for ax, (bench, mine) in zip(axes.flat, panels):
+        values = [instance_tokens(r["answers_file"]) for r in mine]
+        budgets = [r["budget"] for r in mine if r["budget"] is not None]
+        lo, hi = min(min(v) for v in values), max(max(v) for v in values)
+        lo, hi = min([lo, *budgets]), max([hi, *budgets])
+        edges = [lo + (hi - lo) * i / 30 for i in range(31)] if hi > lo else 30
+        for i, (r, v) in enumerate(zip(mine, values)):
+            color = f"C{i % 10}"
+            label = f"{r['method']} @ {r['budget'] if r['budget'] is not None else 'full'} (mean {sum(v) / len(v):.1f})"
+            ax.hist(v, bins=edges, alpha=0.45, color=color, label=label)
+            if r["budget"] is not None:
+                ax.axvline(r["budget"], color=color, linestyle="--", linewidth=1.2)
+        ax.set_title(bench.title)
+        ax.set_xlabel("vision tokens per layer (per prompt; dashed: budget)")
+        ax.set_ylabel("prompts")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"Per-instance vision tokens of the adaptive runs: {results['model_id']}")
+    _save_png(fig, path)
+    return True
 
 
 def write_outputs(out: str, results: dict, benches) -> None:
@@ -550,11 +736,17 @@ def write_outputs(out: str, results: dict, benches) -> None:
     write_atomic(os.path.join(out, "results.csv"), buf.getvalue())
     results["files"] = {k: os.path.join(out, v) for k, v in
                         (("csv", "results.csv"), ("table", "table.md"), ("plot", "accuracy_vs_budget.png"))}  # fmt: skip
+    histogram = os.path.join(out, "tokens_histogram.png")
+    if token_histogram(results, benches, histogram):  # only when some run's counts vary
+        results["files"]["histogram"] = histogram
     write_json(os.path.join(out, "results.json"), results)
     table = markdown_table(results, benches)
     write_atomic(os.path.join(out, "table.md"), table)
-    plot(results, benches, os.path.join(out, "accuracy_vs_budget.png"))
+    plot(results, benches, results["files"]["plot"])
     print(table)
+    print(f"[sweep] plot: {results['files']['plot']}", file=sys.stderr)
+    if "histogram" in results["files"]:
+        print(f"[sweep] token histogram: {histogram}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> dict:

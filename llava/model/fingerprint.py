@@ -37,8 +37,9 @@ def _hash_file(h: "hashlib._Hash", path: Path) -> None:
             h.update(f.read(CHUNK))
 
 
-def _hash_folder(h: "hashlib._Hash", folder: Path, tag: str) -> None:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _SUFFIXES)
+def _hash_folder(h: "hashlib._Hash", folder: Path, tag: str, names: tuple[str, ...] | None = None) -> None:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _SUFFIXES
+                   and (names is None or p.name in names))  # fmt: skip
     h.update(f"[{tag}] {len(files)}\0".encode())
     for path in files:
         _hash_file(h, path)
@@ -67,4 +68,13 @@ def folder_fingerprint(folder: str | os.PathLike, length: int = 16) -> str:
     for tag, extra in (("lpm", folder / "lpm"), ("tower", _local_tower(folder))):
         if extra is not None and extra.is_dir():
             _hash_folder(h, extra, tag)
+    return h.hexdigest()[:length]
+
+
+def module_fingerprint(folder: str | os.PathLike, names: tuple[str, ...], length: int = 16) -> str:
+    """The fingerprint of a trained-module folder (an LPM's or ATP modules'): only the files ``names`` (weights and
+    config), so a training output folder, which also holds trainer state, arguments and ``checkpoint-N/``, keeps its
+    fingerprint when only those change. A folder holding just ``names`` has its :func:`folder_fingerprint`."""
+    h = hashlib.sha256()
+    _hash_folder(h, Path(folder), "model", names)
     return h.hexdigest()[:length]

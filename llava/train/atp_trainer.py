@@ -95,7 +95,7 @@ class ATPTrainer(LPMTrainer):
         source = model.atp
         atp = ATPModules(source.layers, source.num_tokens, source.hidden_features, source.temperature,
                          source.lambda_sample, source.strides, source.num_layers, source.target_tokens,
-                         source.self_score)  # fmt: skip
+                         source.self_score, source.score_norm)  # fmt: skip
         atp.load_state_dict({n[len("atp."):]: v for n, v in state.items() if n.startswith("atp.")})
         atp.trained = True
         atp.save_pretrained(output_dir, **self.lpm_metadata, step=self.state.global_step)

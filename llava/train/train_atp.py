@@ -36,7 +36,16 @@ if __package__ in (None, ""):  # launched as a script (deepspeed / torchrun llav
 import torch
 import transformers
 
-from learnpruner_ext.atp import ATP_CONFIG, ATP_WEIGHTS, HIDDEN_FEATURES, SELF_SCORES, SHIPPED_ATP_DIR, TEMPERATURE, ATPModules
+from learnpruner_ext.atp import (
+    ATP_CONFIG,
+    ATP_WEIGHTS,
+    HIDDEN_FEATURES,
+    SCORE_NORMS,
+    SELF_SCORES,
+    SHIPPED_ATP_DIR,
+    TEMPERATURE,
+    ATPModules,
+)
 from learnpruner_ext.methods.atp import default_layers
 from learnpruner_ext.training.atp_model import ATPTrainingModel
 from learnpruner_ext.training.masked_attention import restore_attention
@@ -70,8 +79,10 @@ class TrainingArguments(transformers.TrainingArguments):
                                    "before (default: the paper's 4,14,24 of 32 at the same relative depth)"})  # fmt: skip
     atp_hidden: int = field(default=HIDDEN_FEATURES, metadata={"help": "width of z (Eq. 6)"})
     atp_temperature: float = field(default=TEMPERATURE, metadata={"help": "T of the soft masks (Eqs. 9-10)"})
-    atp_self_score: str = field(default="logits", metadata={"help": "S_self from the attention logits (Eq. 3) or "
-                                f"probabilities: one of {', '.join(SELF_SCORES)}"})  # fmt: skip
+    atp_self_score: str = field(default="attention", metadata={"help": "S_self from the attention probabilities or "
+                                f"the logits (Eq. 3 as written): one of {', '.join(SELF_SCORES)} (docs/training.md)"})  # fmt: skip
+    atp_score_norm: str = field(default="max", metadata={"help": "what theta_r is compared with: S_redundant divided "
+                                f"by its per-sample maximum (max) or as it is (none): one of {', '.join(SCORE_NORMS)}"})  # fmt: skip
     freeze_llm: bool = field(default=True, metadata={"help": "train only the ATP modules (the paper's 'Frozen' row)"})
     llm_tuning: str = field(default="full", metadata={"help": "with --freeze_llm False: full (every LLM weight) or "
                             "lora (peft adapters)"})  # fmt: skip
@@ -93,7 +104,7 @@ RESUME_ARGS = (
     "model_max_length", "learning_rate", "llm_learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
     "per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "effective_batch_size",
     "target_tokens", "lambda_atp", "lambda_target", "atp_layers", "atp_hidden", "atp_temperature", "atp_self_score",
-    "freeze_llm", "llm_tuning", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+    "atp_score_norm", "freeze_llm", "llm_tuning", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
     "question_types", "exclude_question_types", "data_sources",
 )  # fmt: skip
 
@@ -119,6 +130,10 @@ def check_args(args: TrainingArguments) -> None:
         raise ValueError(f"--llm_tuning must be full or lora, got {args.llm_tuning!r}")
     if args.atp_self_score not in SELF_SCORES:
         raise ValueError(f"--atp_self_score must be one of {', '.join(SELF_SCORES)}, got {args.atp_self_score!r}")
+    if args.atp_score_norm not in SCORE_NORMS:
+        raise ValueError(f"--atp_score_norm must be one of {', '.join(SCORE_NORMS)}, got {args.atp_score_norm!r}")
+    if args.atp_score_norm == "max" and args.atp_self_score != "attention":
+        raise ValueError("--atp_score_norm max needs --atp_self_score attention (logits can be negative)")
     ATPTrainingModel.check_objective(args.lambda_atp, args.lambda_target, args.target_tokens, 10**9, args.train_llm)
     if args.train_llm == "lora":
         if importlib.util.find_spec("peft") is None:
@@ -157,7 +172,8 @@ def build(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
                                     resume, what="the ATP modules")  # fmt: skip
     torch.manual_seed(args.seed)  # the modules' init from --seed alone (see train_lpm)
     atp = ATPModules(layers, vlm.num_vision_tokens, args.atp_hidden, args.atp_temperature, num_layers=num_layers,
-                     target_tokens=args.target_tokens, self_score=args.atp_self_score).to(args.device)  # fmt: skip
+                     target_tokens=args.target_tokens, self_score=args.atp_self_score,
+                     score_norm=args.atp_score_norm).to(args.device)  # fmt: skip
     if args.train_llm == "lora":
         inject_lora(vlm, args)
     model = ATPTrainingModel(vlm, atp, args.lambda_atp, args.lambda_target, args.target_tokens, args.train_llm)

@@ -124,6 +124,24 @@ def test_masks_by_hand():
     assert keep.tolist() == (soft >= 0.5).tolist()
 
 
+def test_max_normalised_redundant_score_by_hand():
+    """score_norm="max": S_r / max(S_r over the valid tokens) is compared with theta_r. S_r = .1 .4 .3 .1 (max .4)
+    -> .25 1 .75 .25; theta_r = 0.5, theta_s = 1 (no spatial token): keeps tokens 1 and 2. A padding slot (valid
+    False) with a larger S_r is left out of the maximum. The thresholds' input is the raw scores either way."""
+    modules = ATPModules((1,), 4, hidden_features=3, temperature=10.0, self_score="attention", score_norm="max")
+    block = modules[1]
+    set_thresholds(block, 0.5, 1.0)
+    s_self, s_cross = torch.tensor([[0.1, 0.5, 0.2, 0.0, 0.9]]), torch.tensor([[0.1, 0.3, 0.4, 0.2, 0.9]])
+    s_spatial, slots = torch.zeros(1, 5), torch.tensor([[0, 1, 2, 3, 0]])
+    valid = torch.tensor([[True, True, True, True, False]])
+    assert block.keep_mask(s_self, s_cross, s_spatial, slots, valid)[0, :4].tolist() == [False, True, True, False]
+    soft = block.soft_mask(s_self, s_cross, s_spatial, slots, modules.temperature, valid)
+    want = torch.sigmoid((torch.tensor([0.25, 1.0, 0.75, 0.25]) - 0.5) * 10)
+    assert torch.allclose(soft[0, :4], torch.maximum(want, torch.sigmoid(torch.tensor(-10.0))), atol=1e-6)
+    with pytest.raises(ValueError, match="score_norm='max' needs positive scores"):
+        ATPModules((1,), 4, score_norm="max")  # the default self_score="logits"
+
+
 def test_threshold_input_pads_pruned_slots_with_zeros():
     """A layer with fewer tokens writes each score at its patch's slot of the width-2N input, zeros elsewhere."""
     modules = ATPModules((1,), 4, hidden_features=2)
@@ -261,7 +279,7 @@ def test_save_load_round_trip(tmp_path):
     modules.save_pretrained(tmp_path / "atp")
     config = json.loads((tmp_path / "atp" / ATP_CONFIG).read_text())
     assert config == {"layers": list(LAYERS), "num_tokens": N, "hidden_features": 8, "temperature": 50.0,
-                      "lambda_sample": 3.0, "strides": [2, 4], "self_score": "logits", "num_layers": DEPTH,
+                      "lambda_sample": 3.0, "strides": [2, 4], "self_score": "logits", "score_norm": "none", "num_layers": DEPTH,
                       "target_tokens": 6, "trained": True}  # fmt: skip
     loaded = ATPModules.from_pretrained(tmp_path / "atp")
     assert loaded.config_dict() == modules.config_dict()

@@ -23,11 +23,13 @@ def _no_grad():
 QUESTIONS = ["What color is the circle?", "How many shapes are there in this picture?", "Is there a red square?"]
 ZOO = ["vispruner", "fastv", "visionzip", "divprune", "dart", "random", "cls"]
 IN_LLM = {"fastv", "dart"}
-METHODS = ZOO + ["learnpruner", "pyramiddrop", "sparsevlm", "atp"]
+METHODS = ZOO + ["learnpruner", "pyramiddrop", "sparsevlm", "atp", "atp_fixed"]
 ADAPTIVE = {"atp"}  # the thresholds decide each sample's count: the plan holds only the target (tests/methods/test_atp.py)
 
 
 def use(model, name, budget=None, **kw):
+    if name == "atp_fixed":  # its default rate 2/3 keeps at most 9.75 of 16 tokens at 1/4/6 of 8 (T = 10 infeasible)
+        kw.setdefault("options", {"rate": 0.5})
     if name in ("learnpruner", "atp"):  # an untrained LPM / untrained ATP modules
         with pytest.warns(UserWarning, match="UNTRAINED"):
             return apply_pruning(model, PruningConfig(name, budget, **kw))

@@ -59,13 +59,14 @@ def sequence(models, images):
                    "pixel_values": batch["pixel_values"]}  # fmt: skip
 
 
-def calibrate(models, images, tmp_path):
+def calibrate(models, images, tmp_path, score_norm="none"):
     """Random ATP modules with constant thresholds theta_r midway in the widest gap of the S_r values near their
     median at each module (found module by module on inference), theta_s = 0.7 (keeps the stride-4 patch only);
     saved as trained modules at a huge temperature, so the training masks are exactly 0 or 1."""
     tokenizer, infer, processor, _ = models
     torch.manual_seed(3)
-    modules = ATPModules(LAYERS, N, hidden_features=8, temperature=1e7, num_layers=DEPTH, self_score="attention")
+    modules = ATPModules(LAYERS, N, hidden_features=8, temperature=1e7, num_layers=DEPTH, self_score="attention",
+                         score_norm=score_norm)  # fmt: skip
     modules.trained = True
     values = {k: (1e-6, 1e-6) for k in LAYERS}  # keep everything while calibrating
     batch, _ = sequence(models, images)
@@ -76,7 +77,8 @@ def calibrate(models, images, tmp_path):
         log, _ = record_inference(method)
         with torch.no_grad():
             infer(**batch)
-        s_r = ((log[k]["s_self"] + log[k]["s_cross"]) / 2)[0].sort().values
+        s_r = ((log[k]["s_self"] + log[k]["s_cross"]) / 2)[0]
+        s_r = (s_r / s_r.max() if score_norm == "max" else s_r).sort().values
         mid = len(s_r) // 2
         gaps = [(float(s_r[i + 1] - s_r[i]), i) for i in range(max(mid - 3, 0), min(mid + 3, len(s_r) - 1))]
         gap, i = max(gaps)
@@ -87,12 +89,13 @@ def calibrate(models, images, tmp_path):
     return modules
 
 
-def test_masked_forward_equals_physical_removal(models, images, tmp_path):
-    """With 0/1 masks, the training forward equals inference: per module the scores S_self and S_cross of the
+@pytest.mark.parametrize("score_norm", ["none", "max"])
+def test_masked_forward_equals_physical_removal(models, images, tmp_path, score_norm):
+    """With 0/1 masks (S_redundant as it is, or divided by its maximum over the tokens present), the training forward equals inference: per module the scores S_self and S_cross of the
     tokens present and the thresholds' width-2N input (<= 1e-5), the kept set, and the logits at every text
     position of the prompt and at the 4 teacher-forced answer steps (prefill + 3 decode steps, <= 1e-5)."""
     tokenizer, infer, processor, base = models
-    modules = calibrate(models, images, tmp_path)
+    modules = calibrate(models, images, tmp_path, score_norm)
     batch, train_batch = sequence(models, images)
     method = apply_pruning(infer, PruningConfig("atp", 8, atp_path=str(tmp_path / "atp")))
     log, _ = record_inference(method)
@@ -177,7 +180,7 @@ def test_gradients_reach_both_threshold_heads_and_only_them(models, images):
         atp_loss, target, mean_tokens = train.budget_losses(masks)
         by_hand = sum(float(masks[k].detach().sum()) / N * k for k in LAYERS)
         assert float(atp_loss.detach()) == pytest.approx(by_hand, rel=1e-5)
-        assert float(target.detach()) == pytest.approx(abs(float(mean_tokens) - 8), rel=1e-5)
+        assert float(target.detach()) == pytest.approx(abs(float(mean_tokens.detach()) - 8), rel=1e-5)
         assert float(out["loss"]) == pytest.approx(float(out["ntp_loss"]) + 0.05 * by_hand + 0.2 * float(target), rel=1e-5)
         for k in LAYERS:
             for name in ("head_r", "head_s", "proj"):
