@@ -228,17 +228,22 @@ class ATPModules(nn.Module):
         return config
 
     @classmethod
+    def from_config(cls, config: dict) -> "ATPModules":
+        """Fresh (untrained) modules of the shape ``config`` (:meth:`config_dict` or an ``atp_config.json``) records."""
+        return cls(config["layers"], int(config["num_tokens"]), int(config.get("hidden_features", HIDDEN_FEATURES)),
+                   float(config.get("temperature", TEMPERATURE)), float(config.get("lambda_sample", LAMBDA_SAMPLE)),
+                   tuple(config.get("strides", SPATIAL_STRIDES)), config.get("num_layers"),
+                   config.get("target_tokens"), config.get("self_score", "logits"),
+                   config.get("score_norm", "none"))  # fmt: skip
+
+    @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "ATPModules":
         path = Path(path)
         folder = path.parent if path.suffix == ".safetensors" else path
         weights = path if path.suffix == ".safetensors" else path / ATP_WEIGHTS
         config = cls.read_config(path)
         try:
-            modules = cls(config["layers"], int(config["num_tokens"]), int(config.get("hidden_features", HIDDEN_FEATURES)),
-                          float(config.get("temperature", TEMPERATURE)), float(config.get("lambda_sample", LAMBDA_SAMPLE)),
-                          tuple(config.get("strides", SPATIAL_STRIDES)), config.get("num_layers"),
-                          config.get("target_tokens"), config.get("self_score", "logits"),
-                          config.get("score_norm", "none"))  # fmt: skip
+            modules = cls.from_config(config)
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"bad ATP config {folder / ATP_CONFIG}: {type(err).__name__}: {err}; it needs 'layers' "
                              "(ascending decoder layers) and an integer 'num_tokens'") from None  # fmt: skip

@@ -34,14 +34,18 @@ def _value_type(f: Field) -> type:
     return typing.get_origin(hint) or hint
 
 
-def add_pruning_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+def add_pruning_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = (),
+                     help_notes: dict[str, str] | None = None) -> None:  # fmt: skip
     """One flag per ``PruningConfig`` field, except the fields named in ``exclude`` (the sweep and the efficiency
-    tool take lists of methods and budgets instead of ``--pruning-method`` / ``--visual-token-budget``)."""
+    tool take lists of methods and budgets instead of ``--pruning-method`` / ``--visual-token-budget``);
+    ``help_notes`` {field: text} appends a tool's own note to a flag's help."""
     group = parser.add_argument_group("visual-token pruning")
     for f in fields(PruningConfig):
         if f.name in exclude:
             continue
         kind, help_text = _value_type(f), f.metadata["help"]
+        if help_notes and f.name in help_notes:
+            help_text += f"; {help_notes[f.name]}"
         if f.name == "method":
             help_text += f"; one of: {', '.join(available_methods())}"
         if kind is dict:  # KEY=VALUE, repeatable

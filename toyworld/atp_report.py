@@ -8,7 +8,7 @@ Reads a sweep with ``atp`` and the methods to compare (``scripts/toy/train_atp.s
 ``atp_report.md`` and ``atp_tokens_by_type.png`` into the sweep folder:
 
 * per budget: each method's achieved average (measured), overall and per-type accuracy, and ATP minus each method
-  with a 95 % paired-bootstrap interval (:func:`toyworld.report.paired_differences`); a method whose achieved
+  with a 95 % paired-bootstrap interval (:func:`toyworld.report.paired_stats`); a method whose achieved
   average is more than ``--match-tol`` tokens from ATP's is flagged as not matched; ``--matched SWEEP`` adds the
   rows of a sweep run at ATP's achieved averages (e.g. budget 69 where ATP's target 72 achieved 68.9), each under
   the ATP budget it matches, labelled ``method@budget``;
@@ -25,7 +25,7 @@ from pathlib import Path
 from llava.eval._io import read_jsonl
 from llava.eval.sweep import percentile
 
-from .report import TYPES, load_rows, paired_differences
+from .report import TYPES, format_difference, load_rows, paired_stats
 
 
 def tokens_by_type(answers_file: str, categories: dict) -> dict[str, dict]:
@@ -78,12 +78,9 @@ def report(sweep: str | Path, data: str | Path, match_tol: float = 1.5, extra_sw
     lines += ["| T | Method | Avg. | Overall | " + " | ".join(types) + " | ATP − X |",
               "|--:|:--|--:|--:|" + "--:|" * len(types) + ":--|"]
     budgets = [r["budget"] for r in atp_rows]
-    diffs = {}
-    for line in paired_differences(rows, budgets, data / "test_answers.jsonl", reference="atp", label="ATP"):
-        budget, _, rest = line.partition(":")
-        for part in rest.split("]: ", 1)[-1].split("; "):
-            method, _, value = part.strip().partition(" ")
-            diffs[(int(budget[2:]), method)] = value
+    diffs = {(b, method): format_difference(*stats)
+             for b, rows_b in paired_stats(rows, budgets, data / "test_answers.jsonl", reference="atp").items()
+             for method, *stats in rows_b}  # fmt: skip
     for atp in atp_rows:
         b = atp["budget"]
         for r in sorted((r for r in rows if r["budget"] == b), key=lambda r: r["method"] != "atp"):

@@ -82,11 +82,11 @@ def verdicts(rows: list[dict], budgets: list[int]) -> list[str]:
     return out
 
 
-def paired_differences(rows: list[dict], budgets: list[int], answer_key: str | Path, n_boot: int = 2000,
-                       seed: int = 0, reference: str = "learnpruner", label: str = "LearnPruner") -> list[str]:
-    """``reference`` (LearnPruner) minus each other feasible method in overall accuracy (points), on the same
-    questions, with a 95 % paired-bootstrap interval (questions resampled with replacement, ``n_boot`` times, fixed
-    seed)."""
+def paired_stats(rows: list[dict], budgets: list[int], answer_key: str | Path, n_boot: int = 2000, seed: int = 0,
+                 reference: str = "learnpruner") -> dict[int, list[tuple[str, float, float, float]]]:
+    """``{budget: [(method, mean, low, high), ...]}``: ``reference`` minus each other feasible method in overall
+    accuracy (points), on the same questions, with a 95 % paired-bootstrap interval (questions resampled with
+    replacement, ``n_boot`` times, fixed seed). Budgets without the reference or other methods are left out."""
     import numpy as np
 
     from llava.eval._io import read_jsonl
@@ -99,20 +99,32 @@ def paired_differences(rows: list[dict], budgets: list[int], answer_key: str | P
         return np.array([by_key[k] for k in sorted(by_key)], dtype=np.float64)
 
     resample = np.random.default_rng(seed).integers(0, len(answers), (n_boot, len(answers)))
-    out = []
+    out = {}
     for b in budgets:
         mine, others = _contenders(rows, b, reference)
         if mine is None or not mine.get("answers_file") or not others:
             continue
         ours = correct(mine["answers_file"])
-        parts = []
+        out[b] = []
         for r in others:
             diff = 100 * (ours - correct(r["answers_file"]))
             lo, hi = np.percentile(diff[resample].mean(1), [2.5, 97.5])
-            sign = "" if lo > 0 or hi < 0 else ", within noise"
-            parts.append(f"{r['method']} {diff.mean():+.1f} [{lo:+.1f}, {hi:+.1f}{sign}]")
-        out.append(f"T={b}: {label} minus baseline, points [95% paired-bootstrap CI]: " + "; ".join(parts))
+            out[b].append((r["method"], float(diff.mean()), float(lo), float(hi)))
     return out
+
+
+def format_difference(mean: float, lo: float, hi: float) -> str:
+    """``+1.0 [+0.2, +1.9]``, with ", within noise" when the interval holds 0."""
+    sign = "" if lo > 0 or hi < 0 else ", within noise"
+    return f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}{sign}]"
+
+
+def paired_differences(rows: list[dict], budgets: list[int], answer_key: str | Path, n_boot: int = 2000,
+                       seed: int = 0) -> list[str]:
+    """One line per budget: LearnPruner minus each feasible baseline (:func:`paired_stats`)."""
+    return [f"T={b}: LearnPruner minus baseline, points [95% paired-bootstrap CI]: "
+            + "; ".join(f"{method} {format_difference(*stats)}" for method, *stats in diffs)
+            for b, diffs in paired_stats(rows, budgets, answer_key, n_boot, seed).items()]  # fmt: skip
 
 
 LOYALTY = ("Loyalty", "R→W", "W→R")

@@ -36,6 +36,7 @@ from ..atp import ATPModules, spatial_scores
 from ..cut import right_pad
 from ..modeling import PrunableLlavaForConditionalGeneration
 from ..scoring import _heads, apply_rope
+from .base import FrozenVLMTraining
 from .losses import IGNORE_INDEX, next_token_loss
 from .masked_attention import KEEP_KWARG, use_masked_attention
 
@@ -121,7 +122,9 @@ def text_query_rows(vision_index: torch.Tensor, attention_mask: torch.Tensor,
     return index, valid
 
 
-class ATPTrainingModel(nn.Module):
+class ATPTrainingModel(FrozenVLMTraining):
+    what = "ATP training"
+
     def __init__(self, vlm: nn.Module, atp: ATPModules, lambda_atp: float = 0.05, lambda_target: float = 0.2,
                  target_tokens: float | None = None, train_llm: str = "none"):  # fmt: skip
         super().__init__()
@@ -144,17 +147,16 @@ class ATPTrainingModel(nn.Module):
         self.lambda_atp, self.lambda_target, self.target_tokens = float(lambda_atp), float(lambda_target), target_tokens
         self.num_layers = num_layers
         self.register_buffer("spatial", spatial_scores(side, side, atp.strides, atp.lambda_sample), persistent=False)
-        vlm.requires_grad_(False)
+        trainable = [f"atp.{n}" for n, _ in atp.named_parameters()]
+        llm = [f"vlm.model.language_model.{n}" for n, _ in vlm.model.language_model.named_parameters()]
         if train_llm == "full":
-            vlm.model.language_model.requires_grad_(True)
+            trainable += llm
         elif train_llm == "lora":
-            lora = [p for n, p in vlm.model.language_model.named_parameters() if "lora_" in n]
+            lora = [n for n in llm if "lora_" in n]
             if not lora:
                 raise ValueError("train_llm='lora' needs LoRA adapters injected into the language model first")
-            for p in lora:
-                p.requires_grad_(True)
-        vlm.zero_grad(set_to_none=True)
-        atp.requires_grad_(True)
+            trainable += lora
+        self.set_trainable(trainable)
         self.previous_attn_implementation = use_masked_attention(vlm)
         self.train()
 
@@ -168,47 +170,6 @@ class ATPTrainingModel(nn.Module):
             raise ValueError(f"the target average N_target must be in (0, {num_tokens}], got {target_tokens}")
         if train_llm not in TRAIN_LLM_MODES:
             raise ValueError(f"train_llm must be one of {list(TRAIN_LLM_MODES)}, got {train_llm!r}")
-
-    @property
-    def config(self):
-        """The language model's config (DeepSpeed's ``"auto"`` sizes)."""
-        return self.vlm.config.text_config
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.vlm.model.vision_tower.eval()
-        return self
-
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers=1, offload=False):
-        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
-        language_model = self.vlm.model.language_model
-        language_model.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
-        language_model.disable_input_require_grads()
-
-    def trained_parameters(self) -> dict[str, nn.Parameter]:
-        """What this run trains (and its checkpoints hold): ``atp.*`` and, when the LLM trains, its parameters."""
-        return {n: p for n, p in self.named_parameters() if p.requires_grad}
-
-    def frozen_parameters_with_grad(self) -> list[str]:
-        """Frozen parameters that became trainable or hold a gradient (must be empty)."""
-        trained = set(self.trained_parameters())
-        out = []
-        for n, p in self.named_parameters():
-            frozen = n not in trained or (self.train_llm == "none" and n.startswith("vlm."))
-            if frozen and (p.requires_grad or p.grad is not None):
-                out.append(n)
-        return out
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Accept state dicts of the trained parameters only (what checkpoints hold)."""
-        result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        if strict:
-            trained = set(self.trained_parameters())
-            missing = [k for k in result.missing_keys if k in trained]
-            if missing or result.unexpected_keys:
-                raise RuntimeError(f"ATP training state does not match: missing {missing[:5]}, "
-                                   f"unexpected {result.unexpected_keys[:5]}")  # fmt: skip
-        return result
 
     # -- forward ----------------------------------------------------------------------------------
     def _embeddings(self, input_ids, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:

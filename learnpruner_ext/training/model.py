@@ -26,11 +26,14 @@ from ..adapters import feature_dim
 from ..config import POSITION_MODES, PruningConfig
 from ..lpm import LearnablePruningModule
 from ..modeling import PRUNABLE_MODELS
+from .base import FrozenVLMTraining
 from .losses import next_token_loss, pruning_loss
 from .masked_attention import KEEP_KWARG, contiguous_positions, use_masked_attention
 
 
-class LPMTrainingModel(nn.Module):
+class LPMTrainingModel(FrozenVLMTraining):
+    what = "LPM training"
+
     def __init__(
         self,
         vlm: nn.Module,  # one of learnpruner_ext.modeling.PRUNABLE_MODELS, unpruned
@@ -55,9 +58,7 @@ class LPMTrainingModel(nn.Module):
         modes = getattr(vlm.model.adapter, "position_modes", POSITION_MODES)
         default = PruningConfig.__dataclass_fields__["position_mode"].default
         self.position_mode = default if default in modes else modes[0]
-        vlm.requires_grad_(False)
-        vlm.zero_grad(set_to_none=True)
-        lpm.requires_grad_(True)
+        self.set_trainable(f"lpm.{name}" for name, _ in lpm.named_parameters())
         self.previous_attn_implementation = use_masked_attention(vlm)
         self.train()
 
@@ -67,41 +68,6 @@ class LPMTrainingModel(nn.Module):
             raise ValueError(f"the pruning-loss weight λ_p must be >= 0, got {prune_loss_weight}")
         if not 0.0 <= prune_target_ratio <= 1.0:
             raise ValueError(f"the target keep ratio τ must be in [0, 1], got {prune_target_ratio}")
-
-    @property
-    def config(self):
-        """The language model's config: what DeepSpeed's ``"auto"`` bucket sizes are derived from."""
-        return self.vlm.config.text_config
-
-    # -- modes and bookkeeping ------------------------------------------------------------------
-    def train(self, mode: bool = True):
-        super().train(mode)
-        inner = self.vlm.model
-        tower = inner.vision_tower if hasattr(inner, "vision_tower") else inner.visual  # Qwen2.5-VL: ``visual``
-        tower.eval()  # frozen and under no_grad; the LLMs have no dropout to switch (attention dropout 0)
-        return self
-
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers=1, offload=False):
-        """Recompute the decoder layers in backward (what ``--gradient_checkpointing`` asks the Trainer for)."""
-        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
-        language_model = self.vlm.model.language_model
-        language_model.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
-        language_model.disable_input_require_grads()  # the keep mask carries the graph; inputs need no grad
-
-    def frozen_parameters_with_grad(self) -> list[str]:
-        """Names of base-model parameters that are trainable or hold a gradient (must be empty)."""
-        return [n for n, p in self.vlm.named_parameters() if p.requires_grad or p.grad is not None]
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Accept LPM-only state dicts (what checkpoints hold); the frozen base comes from its own checkpoint."""
-        result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        if strict:
-            missing = [k for k in result.missing_keys if not k.startswith("vlm.")]
-            if missing or result.unexpected_keys:
-                raise RuntimeError(
-                    f"LPM training state does not match: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
-                )
-        return result
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(

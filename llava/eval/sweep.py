@@ -115,10 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--ray-max-retries", type=int, default=3, help="restarts of a killed worker; its job resumes "
                      "from the answers it wrote")  # fmt: skip
     answer_loop.add_image_pixel_args(p)
-    add_pruning_args(p, exclude=("method", "budget"))  # those come from --methods / --budgets
-    for action in p._actions:
-        if action.dest in ("atp_path", "lpm_path"):
-            action.help += f"; {BUDGET_PLACEHOLDER} in the path is replaced by each job's budget"
+    note = f"{BUDGET_PLACEHOLDER} in the path is replaced by each job's budget"
+    add_pruning_args(p, exclude=("method", "budget"), help_notes={name: note for name, _, _ in MODULE_PATHS})
     p.set_defaults(position_mode=None)  # the family's (apply_family_defaults)
     return p
 

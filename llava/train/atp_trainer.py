@@ -40,13 +40,17 @@ class ATPTrainer(LPMTrainer):
             model = self.training_model
             atp = [p for p in model.atp.parameters() if p.requires_grad]
             llm = [p for n, p in model.trained_parameters().items() if not n.startswith("atp.")]
-            groups = [{"params": atp, "lr": self.args.learning_rate, "weight_decay": self.args.weight_decay}]
-            if llm:
-                groups.append({"params": llm, "lr": self.args.llm_learning_rate, "weight_decay": self.args.weight_decay})
+            params = [atp, llm] if llm else [atp]
+            groups = [{"params": group, "lr": lr, "weight_decay": self.args.weight_decay}
+                      for group, lr in zip(params, self.group_learning_rates(len(params)))]  # fmt: skip
             optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
             optimizer_kwargs.pop("lr", None)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def group_learning_rates(self, num_groups: int) -> list[float]:
+        """``--learning_rate`` for the ATP modules, then ``--llm_learning_rate`` for the language model's group."""
+        return [self.args.learning_rate, self.args.llm_learning_rate][:num_groups]
 
     # -- loss and metrics ----------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -59,43 +63,21 @@ class ATPTrainer(LPMTrainer):
 
     def log(self, logs: dict, start_time=None) -> None:
         if "loss" in logs:
-            sums = self._sums.clone()
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                sums = sums.to(self.args.device)
-                torch.distributed.all_reduce(sums)
-                sums = sums.cpu()
-            *terms, batches, tokens, images = sums.tolist()
+            *terms, batches, tokens, images = self._reduced_sums()
             if batches:
                 logs.update({name: round(value / batches, 4) for name, value in zip(ATP_METRICS, terms)})
             if images:
                 logs["mean_tokens"] = round(tokens / images, 2)  # soft average vision tokens per layer (N̄)
-            self._sums.zero_()
         Trainer.log(self, logs, start_time)
 
     # -- saving: the trained parts only --------------------------------------------------------------------
-    def _trained_fp32_state(self) -> dict[str, torch.Tensor]:
-        """Every trained parameter in fp32 (DeepSpeed's master copy when it keeps one); call on every rank."""
-        params = self.training_model.trained_parameters()
-        if self.is_deepspeed_enabled:
-            from deepspeed.utils import safe_get_full_fp32_param
-
-            out = {}
-            for name, param in params.items():
-                full = safe_get_full_fp32_param(param)
-                out[name] = (full if full is not None else param.detach()).float().cpu().clone()
-            return out
-        return {n: p.detach().float().cpu().clone() for n, p in params.items()}
-
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         output_dir = output_dir or self.args.output_dir
         state = self._trained_fp32_state()
         if not self.args.should_save:
             return
         model = self.training_model
-        source = model.atp
-        atp = ATPModules(source.layers, source.num_tokens, source.hidden_features, source.temperature,
-                         source.lambda_sample, source.strides, source.num_layers, source.target_tokens,
-                         source.self_score, source.score_norm)  # fmt: skip
+        atp = ATPModules.from_config(model.atp.config_dict())
         atp.load_state_dict({n[len("atp."):]: v for n, v in state.items() if n.startswith("atp.")})
         atp.trained = True
         atp.save_pretrained(output_dir, **self.lpm_metadata, step=self.state.global_step)

@@ -70,37 +70,42 @@ class LPMTrainer(Trainer):
 
     def log(self, logs: dict, start_time=None) -> None:
         if "loss" in logs:  # a training log: every rank gets here together
-            sums = self._sums.clone()
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                sums = sums.to(self.args.device)
-                torch.distributed.all_reduce(sums)
-                sums = sums.cpu()
-            ntp, prune, batches, kept, images = sums.tolist()
+            ntp, prune, batches, kept, images = self._reduced_sums()
             if batches:
                 logs["ntp_loss"] = round(ntp / batches, 4)
                 logs["prune_loss"] = round(prune / batches, 4)
             if images:
                 logs["kept_ratio"] = round(kept / images, 4)
-            self._sums.zero_()
         super().log(logs, start_time)
 
+    def _reduced_sums(self) -> list[float]:
+        """The metric sums since the last log, summed over the ranks; resets them."""
+        sums = self._sums.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            sums = sums.to(self.args.device)
+            torch.distributed.all_reduce(sums)
+            sums = sums.cpu()
+        self._sums.zero_()
+        return sums.tolist()
+
     # -- saving: the LPM only ------------------------------------------------------------------------
-    def _lpm_fp32_state(self) -> dict[str, torch.Tensor]:
-        """The LPM's weights in fp32 (DeepSpeed's master copy when it keeps one); call on every rank."""
-        lpm = self.training_model.lpm
+    def _trained_fp32_state(self) -> dict[str, torch.Tensor]:
+        """Every trained parameter (``training_model.trained_parameters()``, full names) in fp32: DeepSpeed's master
+        copy when it keeps one. Call on every rank."""
+        params = self.training_model.trained_parameters()
         if self.is_deepspeed_enabled:
             from deepspeed.utils import safe_get_full_fp32_param
 
             state = {}
-            for name, param in lpm.named_parameters():
+            for name, param in params.items():
                 full = safe_get_full_fp32_param(param)
                 state[name] = (full if full is not None else param.detach()).float().cpu().clone()
             return state
-        return {k: v.detach().float().cpu().clone() for k, v in lpm.state_dict().items()}
+        return {n: p.detach().float().cpu().clone() for n, p in params.items()}
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         output_dir = output_dir or self.args.output_dir
-        state = self._lpm_fp32_state()
+        state = {n.removeprefix("lpm."): v for n, v in self._trained_fp32_state().items()}
         if self.args.should_save:
             source = self.training_model.lpm
             lpm = LearnablePruningModule(source.in_features, source.hidden_features)
@@ -123,19 +128,24 @@ class LPMTrainer(Trainer):
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """Resume the schedule from ``checkpoint`` at this run's ``--learning_rate``.
 
-        The saved scheduler carries the old peak lr (``base_lrs``); when ``--allow_changed_args`` let a new one
-        through, every group's base and current lr are rescaled to it, so the schedule continues at its step
-        with the new peak instead of silently keeping the old one.
+        The saved scheduler carries the old peak lr of each group (``base_lrs``); when ``--allow_changed_args`` let
+        a new one through, that group's base and current lr are rescaled to it, so the schedule continues at its
+        step with the new peak instead of silently keeping the old one.
         """
         super()._load_optimizer_and_scheduler(checkpoint)
         scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # unwrap accelerate's (DeepSpeed)
         if checkpoint is None or not hasattr(scheduler, "base_lrs"):
             return
-        for k, (group, old) in enumerate(zip(scheduler.optimizer.param_groups, scheduler.base_lrs)):
-            if old != self.args.learning_rate:
-                group["lr"] *= self.args.learning_rate / old
-                group["initial_lr"] = scheduler.base_lrs[k] = self.args.learning_rate
-        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+        groups = scheduler.optimizer.param_groups
+        for k, (group, old, new) in enumerate(zip(groups, scheduler.base_lrs, self.group_learning_rates(len(groups)))):
+            if old != new:
+                group["lr"] *= new / old
+                group["initial_lr"] = scheduler.base_lrs[k] = new
+        scheduler._last_lr = [group["lr"] for group in groups]
+
+    def group_learning_rates(self, num_groups: int) -> list[float]:
+        """This run's peak lr of each optimizer parameter group: ``--learning_rate`` for all of them."""
+        return [self.args.learning_rate] * num_groups
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Non-DeepSpeed resume: the LPM weights (DeepSpeed restores them from its own checkpoint)."""

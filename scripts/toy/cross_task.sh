@@ -15,17 +15,13 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
-PY="${PYTHON:-$ROOT/.venv/bin/python}"
-[ -x "$PY" ] || PY=python3
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
+# shellcheck source=scripts/toy/common.sh
+source "$ROOT/scripts/toy/common.sh"
 MODEL="${MODEL:-checkpoints/toy-llava}"
 WORK="${WORK:-outputs/cross_task}"
 BUDGET="${BUDGET:-16}"
 NUM_TRAIN="${NUM_TRAIN:-12000}"
 LPM_STEPS="${LPM_STEPS:-375}"; LPM_BATCH="${LPM_BATCH:-16}"
-THREADS="${THREADS:-$(nproc)}"
-# bf16 as the shipped LPM where the CPU multiplies bf16 natively (AVX-512 BF16 / AMX), else fp32 (7x faster on AVX2)
-if grep -qE "avx512_bf16|amx_bf16" /proc/cpuinfo; then PRECISION="${PRECISION:-}"; else PRECISION="${PRECISION:---bf16 False}"; fi
 NUM_TEST=1000
 if [ -n "${SMOKE_STEPS:-}" ]; then LPM_STEPS="$SMOKE_STEPS"; LPM_BATCH=4; fi
 DATA="$WORK/data/toy"

@@ -42,9 +42,8 @@ case "$FAMILY" in
     PRETRAIN_EPOCHS="${PRETRAIN_EPOCHS:-4}"; VQA_MINUTES="${VQA_MINUTES:-50}"; VQA_FRACTION="${VQA_FRACTION:-0.5}" ;;
   *) echo "error: --family must be llava or qwen2_5_vl, got '$FAMILY'" >&2; exit 2 ;;
 esac
-PY="${PYTHON:-$ROOT/.venv/bin/python}"
-[ -x "$PY" ] || PY=python3
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
+# shellcheck source=scripts/toy/common.sh
+source "$ROOT/scripts/toy/common.sh"
 OUT_MODEL="${OUT_MODEL:-checkpoints/toy-llava}"
 DATA_ROOT="${DATA_ROOT:-playground/data}"
 TOY_DATA="$DATA_ROOT/toy"
@@ -56,7 +55,6 @@ FOCUS_BASE="${FOCUS_BASE:-20000}"
 LPM_FRACTION="${LPM_FRACTION:-0.1}"; LPM_BATCH="${LPM_BATCH:-16}"
 METHODS="${METHODS:-none,learnpruner,vispruner,fastv,visionzip,divprune,dart,random,cls,downsample,pyramiddrop}"
 BUDGETS="${BUDGETS:-32,16,8}"
-THREADS="${THREADS:-$(nproc)}"
 mkdir -p "$WORK"
 t0=$(date +%s)
 stamp() { echo "[train_all] $1 ($(( $(date +%s) - t0 )) s elapsed)"; }

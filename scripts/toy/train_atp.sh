@@ -16,13 +16,11 @@
 #   SHIP [72]   STEPS [375] BATCH [16] (LearnPruner's toy recipe: 10% of train.json, one epoch)   LR [1e-2]
 #   LAMBDA_ATP [0.05]   LAMBDA_TARGET [0.2]   LAYERS [1,2,3]
 #   PRECISION [bf16 on a CPU with native bf16, else "--bf16 False" = fp32]
-#   SMOKE_STEPS (if set: tiny step counts, 40 test questions and no copy to MODEL/atp/, for tests)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
-PY="${PYTHON:-$ROOT/.venv/bin/python}"
-[ -x "$PY" ] || PY=python3
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
+# shellcheck source=scripts/toy/common.sh
+source "$ROOT/scripts/toy/common.sh"
 MODEL="${MODEL:-checkpoints/toy-llava}"
 WORK="${WORK:-outputs/toy_atp}"
 DATA="${DATA:-playground/data/toy}"
@@ -30,9 +28,6 @@ TARGETS="${TARGETS:-96,72,48,38}"
 SHIP="${SHIP:-72}"
 STEPS="${STEPS:-375}"; BATCH="${BATCH:-16}"; LR="${LR:-1e-2}"
 LAMBDA_ATP="${LAMBDA_ATP:-0.05}"; LAMBDA_TARGET="${LAMBDA_TARGET:-0.2}"; LAYERS="${LAYERS:-1,2,3}"
-THREADS="${THREADS:-$(nproc)}"
-if grep -qE "avx512_bf16|amx_bf16" /proc/cpuinfo; then PRECISION="${PRECISION:-}"; else PRECISION="${PRECISION:---bf16 False}"; fi
-if [ -n "${SMOKE_STEPS:-}" ]; then STEPS="$SMOKE_STEPS"; BATCH=4; fi
 if [ ! -f "$DATA/train.json" ]; then
   echo "error: $DATA/train.json not found; generate the toy data first: python -m toyworld.generate --out $DATA --seed 0" >&2
   exit 1
@@ -43,12 +38,7 @@ stamp() { echo "[toy_atp] $1 ($(( $(date +%s) - t0 )) s elapsed)"; }
 EVAL="$WORK/eval"  # the test split as the sweep reads it (eval-root/toy/...)
 mkdir -p "$EVAL"
 rm -rf "$EVAL/toy"
-if [ -n "${SMOKE_STEPS:-}" ]; then
-  mkdir -p "$EVAL/toy"; ln -s "$(cd "$DATA" && pwd)/images" "$EVAL/toy/images"
-  for name in test_questions.jsonl test_answers.jsonl; do head -40 "$DATA/$name" > "$EVAL/toy/$name"; done
-else
-  ln -s "$(cd "$DATA" && pwd)" "$EVAL/toy"
-fi
+ln -s "$(cd "$DATA" && pwd)" "$EVAL/toy"
 
 IFS=, read -r -a TARGET_LIST <<< "$TARGETS"
 for T in "${TARGET_LIST[@]}"; do
@@ -63,14 +53,12 @@ for T in "${TARGET_LIST[@]}"; do
     bash scripts/v1_5/finetune_atp.sh "$MODEL" "$WORK/t$T" > "$WORK/t$T.log" 2>&1 || { tail -20 "$WORK/t$T.log"; exit 1; }
   tr '\r' '\n' < "$WORK/t$T.log" | grep -o "{'loss'.*" | tail -1 || true
 done
-if [ -z "${SMOKE_STEPS:-}" ]; then
-  rm -rf "$MODEL/atp"; mkdir -p "$MODEL/atp"
-  cp "$WORK/t$SHIP/atp.safetensors" "$WORK/t$SHIP/atp_config.json" "$MODEL/atp/"
-  # machine-independent paths in the shipped config (informative only)
-  "$PY" -c "import json, sys; p = sys.argv[1]; c = json.load(open(p)); c.update(base_model=sys.argv[2], data_path=sys.argv[3]); json.dump(c, open(p, 'w'), indent=2)" \
-    "$MODEL/atp/atp_config.json" "$MODEL" "$DATA/train.json"
-  stamp "shipped the target-$SHIP modules in $MODEL/atp/"
-fi
+rm -rf "$MODEL/atp"; mkdir -p "$MODEL/atp"
+cp "$WORK/t$SHIP/atp.safetensors" "$WORK/t$SHIP/atp_config.json" "$MODEL/atp/"
+# machine-independent paths in the shipped config (informative only)
+"$PY" -c "import json, sys; p = sys.argv[1]; c = json.load(open(p)); c.update(base_model=sys.argv[2], data_path=sys.argv[3]); json.dump(c, open(p, 'w'), indent=2)" \
+  "$MODEL/atp/atp_config.json" "$MODEL" "$DATA/train.json"
+stamp "shipped the target-$SHIP modules in $MODEL/atp/"
 
 stamp "sweep: none, atp (its own modules per budget), atp_fixed (the same module layers), learnpruner, vispruner, pyramiddrop"
 "$PY" -m llava.eval.sweep --model-path "$MODEL" --methods none,atp,atp_fixed,learnpruner,vispruner,pyramiddrop --budgets "$TARGETS" \

@@ -14,9 +14,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
-PY="${PYTHON:-$ROOT/.venv/bin/python}"
-[ -x "$PY" ] || PY=python3
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
+# shellcheck source=scripts/toy/common.sh
+source "$ROOT/scripts/toy/common.sh"
 WORK="${WORK:-outputs/toy_video}"; IMAGE_MODEL="${IMAGE_MODEL:-checkpoints/toy-llava}"
 NUM_TRAIN="${NUM_TRAIN:-2000}"; NUM_TEST="${NUM_TEST:-300}"; SEED="${SEED:-0}"
 EPOCHS="${EPOCHS:-6}"; MINUTES="${MINUTES:-35}"; LR="${LR:-5e-4}"

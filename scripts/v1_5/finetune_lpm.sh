@@ -78,37 +78,9 @@ FILTER=()
 TAG=finetune_lpm
 # shellcheck source=scripts/v1_5/launch_common.sh
 source "$ROOT/scripts/v1_5/launch_common.sh"
-"${LAUNCH[@]}" "$ROOT/llava/train/train_lpm.py" \
-    --deepspeed "$DS_CONFIG" \
-    --model_name_or_path "$BASE" \
-    --version "$CONV_VERSION" \
-    --data_path "$DATA" \
-    --image_folder "$IMAGES" \
-    --check_images "$CHECK_IMAGES" \
-    --skip_missing_images "$SKIP_MISSING_IMAGES" \
-    --data_fraction "$DATA_FRACTION" \
-    --data_seed "$DATA_SEED" \
-    --bf16 True \
-    --output_dir "$OUTPUT_DIR" \
-    --allow_changed_args "$ALLOW_CHANGED_ARGS" \
-    --num_train_epochs "$EPOCHS" \
-    --per_device_train_batch_size "$PER_DEVICE_BATCH" \
-    --gradient_accumulation_steps "$GRAD_ACC" \
-    --learning_rate "$LR" \
-    --weight_decay 0. \
-    --warmup_steps 0.03 \
-    --lr_scheduler_type cosine \
+"${LAUNCH[@]}" "$ROOT/llava/train/train_lpm.py" "${TRAIN_ARGS[@]}" \
     --prune_loss_weight "$PRUNE_LOSS_WEIGHT" \
     --prune_target_ratio "$PRUNE_TARGET_RATIO" \
     --lpm_hidden "$LPM_HIDDEN" \
-    --model_max_length 2048 \
-    --gradient_checkpointing True \
-    --save_strategy steps \
-    --save_steps 50 \
-    --save_total_limit 3 \
-    --logging_steps 1 \
-    --dataloader_num_workers 4 \
-    --lazy_preprocess True \
-    --report_to none \
     ${FILTER[@]+"${FILTER[@]}"} \
     ${EXTRA[@]+"${EXTRA[@]}"}

@@ -1,7 +1,10 @@
 # Shared by finetune_lpm.sh and finetune_atp.sh (sourced, not run): the interpreter and launchers, the GPU count, the
 # gradient accumulation and the launcher command. Reads ROOT, GLOBAL_BATCH, PER_DEVICE_BATCH, TAG and the
 # environment variables those scripts document (NUM_GPUS, NUM_NODES, HOSTFILE, NODE_RANK, MASTER_ADDR, MASTER_PORT,
-# LAUNCHER, PYTHON, DEEPSPEED, TORCHRUN); sets PYTHON, GRAD_ACC and the LAUNCH array.
+# LAUNCHER, PYTHON, DEEPSPEED, TORCHRUN); sets PYTHON, GRAD_ACC, the LAUNCH array and TRAIN_ARGS, the flags both
+# training scripts pass (the base, data, batch, schedule, checkpointing and logging; from BASE, OUTPUT_DIR, DS_CONFIG,
+# CONV_VERSION, DATA, IMAGES, CHECK_IMAGES, SKIP_MISSING_IMAGES, DATA_FRACTION, DATA_SEED, ALLOW_CHANGED_ARGS, EPOCHS,
+# LR); the caller adds its own flags and EXTRA_ARGS after them (a later flag wins).
 
 if [ -z "${PYTHON:-}" ]; then
     if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
@@ -57,4 +60,14 @@ case "$LAUNCHER" in
         ;;
     *) echo "error: LAUNCHER must be deepspeed or torchrun, got '$LAUNCHER'" >&2; exit 1 ;;
 esac
-true  # the file is sourced under set -e: its status must not be the last test above
+TRAIN_ARGS=(
+    --deepspeed "$DS_CONFIG" --model_name_or_path "$BASE" --version "$CONV_VERSION"
+    --data_path "$DATA" --image_folder "$IMAGES" --check_images "$CHECK_IMAGES" --skip_missing_images "$SKIP_MISSING_IMAGES"
+    --data_fraction "$DATA_FRACTION" --data_seed "$DATA_SEED" --bf16 True
+    --output_dir "$OUTPUT_DIR" --allow_changed_args "$ALLOW_CHANGED_ARGS"
+    --num_train_epochs "$EPOCHS" --per_device_train_batch_size "$PER_DEVICE_BATCH" --gradient_accumulation_steps "$GRAD_ACC"
+    --learning_rate "$LR" --weight_decay 0. --warmup_steps 0.03 --lr_scheduler_type cosine
+    --model_max_length 2048 --gradient_checkpointing True
+    --save_strategy steps --save_steps 50 --save_total_limit 3
+    --logging_steps 1 --dataloader_num_workers 4 --lazy_preprocess True --report_to none
+)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from script_env import free_port, run_logged, script_env
+from transformers import TrainerCallback
 
 from learnpruner_ext.atp import ATPModules
 from llava.train.train_atp import build, parse_args, train
@@ -101,15 +102,26 @@ def test_frozen_base_two_learning_rates_and_the_target(atp_model, dataset, tmp_p
     assert len(tokens) == 12 and abs(tokens[-1] - 8) < abs(tokens[0] - 8) - 0.5, tokens
 
 
+class _StopAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step >= self.step
+
+
 @pytest.mark.parametrize("tuning", ["full", "lora"])
 def test_trainable_llm_checkpoint_resume_and_tuned_model(atp_model, dataset, tmp_path, tuning):
     """--freeze_llm False: two parameter groups (1e-4 ATP, 2e-5 LLM); checkpoints hold only the trained parts
     (llm.safetensors: every LLM weight; lora.safetensors: the LoRA matrices only); a resume continues from them
-    (plain Trainer, no DeepSpeed); the final tuned model (LoRA merged) loads with its shipped atp/ and answers."""
+    (plain Trainer, no DeepSpeed) to the weights of an uninterrupted run (1e-6); the final tuned model (LoRA merged)
+    loads with its shipped atp/ and answers."""
     out = tmp_path / "out"
     argv = _argv(atp_model, dataset, out, "--freeze_llm", "False", "--llm_tuning", tuning, "--save_strategy", "steps",
                  "--save_steps", "2", "--learning_rate", "1e-4", "--llm_learning_rate", "2e-5", "--lora_r", "4")  # fmt: skip
-    first = train(argv + ["--max_steps", "2"])
+    first, _, _ = build(*parse_args(argv + ["--max_steps", "4"]))
+    first.add_callback(_StopAt(2))  # an interrupted 4-step run: the schedule is the 4-step one
+    first.train()
     groups = first.optimizer.param_groups
     assert [g["initial_lr"] for g in groups] == [1e-4, 2e-5]
     llm_file = out / "checkpoint-2" / ("llm.safetensors" if tuning == "full" else "lora.safetensors")
@@ -123,6 +135,14 @@ def test_trainable_llm_checkpoint_resume_and_tuned_model(atp_model, dataset, tmp
     second = train(argv + ["--max_steps", "4"])
     steps = [h["step"] for h in second.state.log_history if "loss" in h]
     assert steps == [1, 2, 3, 4]  # steps 1-2 from the checkpoint's trainer_state, 3-4 run now
+    # the resume restored what was trained: the same weights as an uninterrupted 4-step run
+    straight = tmp_path / "straight"
+    train([a if a != str(out) else str(straight) for a in argv] + ["--max_steps", "4", "--save_strategy", "no"])
+    for name in ("atp.safetensors", llm_file.name):
+        resumed, uninterrupted = load_file(str(out / name)), load_file(str(straight / name))
+        assert resumed.keys() == uninterrupted.keys()
+        worst = max(float((resumed[k] - uninterrupted[k]).abs().max()) for k in resumed)
+        assert worst <= 1e-6, (name, worst)
     tuned = out / "model"
     assert (tuned / "config.json").is_file() and (tuned / "atp" / "atp.safetensors").is_file()
     image = next((dataset.parent / "images" / "coco").glob("*.png"))
